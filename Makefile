@@ -1,0 +1,44 @@
+# seedbatch: the verbs a newcomer types. `make` alone lists them.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow test-llm bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=python3.x"; exit 2; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install seedbatch with its dev tools
+
+demo: $(STAMP)  ## run jobs/demo.toml against the built-in local API (no key needed)
+	$(BIN)/seedbatch run jobs/demo.toml
+	$(BIN)/seedbatch show out/demo.parquet --rows 3
+
+test: $(STAMP)  ## the fast suite (a few minutes on 2 cores)
+	$(BIN)/pytest -q
+
+test-slow: $(STAMP)  ## the slow tier: kill/resume, memory
+	$(BIN)/pytest -q -m slow
+
+test-llm: $(STAMP)  ## a real model: llama.cpp serving Gemma 3 270M (builds llama-cpp-python once)
+	$(BIN)/pip install -q -e '.[dev,llm]'
+	$(BIN)/pytest -q -m llm -p no:cacheprovider
+
+bench: $(STAMP)  ## benchmarks against the local API; writes benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/run_all.py
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check pipeline tests benchmarks data
+	$(BIN)/mypy
+
+clean:  ## remove outputs and caches (keeps .venv)
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache benchmarks/out

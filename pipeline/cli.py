@@ -1,0 +1,319 @@
+"""The ``seedbatch`` command: parse, call the library, print, map errors to exit codes. No logic."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import SeedbatchError
+from pipeline.reader import Selection
+
+EXIT_INTERNAL = 70
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, SeedbatchError):
+        click.echo(f"seedbatch: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo(f"seedbatch: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", err=True)
+    sys.exit(EXIT_INTERNAL)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors become one line and an exit code; a traceback only with --debug."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            _fail(exc, debug)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _spec(job: str, **overrides: Any) -> Any:
+    from pipeline.spec import load_spec
+
+    return load_spec(job, overrides)
+
+
+def _selection(limit: int | None, sample: int | None, seed: int) -> Selection:
+    if limit is not None and sample is not None:
+        raise click.UsageError("use --limit or --sample, not both")
+    return Selection(limit=limit, sample=sample, sample_seed=seed)
+
+
+job_arg = click.argument("job", type=click.Path(dir_okay=False, path_type=str))
+debug_opt = click.option("--debug", is_flag=True, help="Show tracebacks.")
+
+
+def selection_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")(fn)
+    fn = click.option("--sample", type=click.IntRange(min=1), help="N random rows (fixed seed).")(fn)
+    fn = click.option("--seed", "sample_seed", type=int, default=0, show_default=True, help="Seed for --sample.")(fn)
+    return fn
+
+
+def override_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for flag, kind, text in reversed(
+        [
+            ("--input", click.Path(path_type=Path), "Input table (overrides job.input)."),
+            ("--output", click.Path(path_type=Path), "Output Parquet (overrides job.output)."),
+            ("--model", str, "Model name (overrides model.name)."),
+            ("--rpm", click.FloatRange(min=0, min_open=True), "Requests per minute."),
+            ("--tpm", click.FloatRange(min=0, min_open=True), "Tokens per minute."),
+            ("--concurrency", click.IntRange(min=1), "Requests in flight at most."),
+            ("--base-url", str, "Endpoint base URL, e.g. http://127.0.0.1:8080/v1."),
+            ("--endpoint", click.Choice(["aimlapi", "openai", "vllm", "llamacpp", "local"]), "Endpoint preset."),
+            ("--max-cost", click.FloatRange(min=0, min_open=True), "Stop issuing requests before spending more USD."),
+        ]
+    ):
+        fn = click.option(flag, type=kind, default=None, help=text)(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="seedbatch")
+def main() -> None:
+    """Run LLM chat-completion jobs over tables: rate-limited, resumable, typed Parquet out."""
+
+
+@main.command()
+@job_arg
+@override_opts
+@selection_opts
+@click.option(
+    "--retry-errors", is_flag=True, help="Re-send rows whose last answer was an error, invalid, refused or truncated."
+)
+@click.option("--fresh", is_flag=True, help="Ignore answers in the ledger and pay for every row again.")
+@click.option("--yes", is_flag=True, help="Do not ask before --fresh.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+@click.option("--progress/--no-progress", default=None, help="Live display (default: when stderr is a terminal).")
+@click.option(
+    "--progress-interval",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress log lines when not live.",
+)
+@debug_opt
+@guarded
+def run(
+    job: str,
+    limit: int | None,
+    sample: int | None,
+    sample_seed: int,
+    retry_errors: bool,
+    fresh: bool,
+    yes: bool,
+    log_format: str,
+    log_level: str,
+    progress: bool | None,
+    progress_interval: float,
+    debug: bool,
+    **overrides: Any,
+) -> None:
+    """Run JOB (a TOML file): send what the ledger lacks, write the output Parquet and manifest."""
+    from pipeline.progress import Reporter
+    from pipeline.runner import RunOptions, run_job
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr)
+    # httpx logs one INFO line per request: noise at 10k rows, and its transport's debug lines can
+    # echo request details. Our own progress and summary lines say what matters.
+    for name in ("httpx", "httpcore", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    spec = _spec(job, **overrides)
+    if fresh and not yes:
+        if not sys.stdin.isatty():
+            raise click.UsageError("--fresh re-pays every row; add --yes to confirm when not at a terminal")
+        click.confirm(f"--fresh ignores {spec.ledger_path} and pays for every row again. Continue?", abort=True)
+    live = sys.stderr.isatty() if progress is None else progress
+    with Reporter(live=live and log_format == "text", log_format=log_format) as reporter:
+        options = RunOptions(
+            selection=_selection(limit, sample, sample_seed),
+            retry_errors=retry_errors,
+            fresh=fresh,
+            progress=reporter if (live or progress is None or progress) else None,
+            progress_interval_s=0.25 if live else progress_interval,
+        )
+        summary = run_job(spec, options)
+    from pipeline.progress import snapshot
+
+    snap = snapshot(summary, 0)
+    fields = {
+        "job": summary.job,
+        "run_id": summary.run_id,
+        "rows": summary.rows_total,
+        **{f"rows_{k}": v for k, v in sorted(summary.rows_by_status.items())},
+        "from_ledger": summary.rows_from_ledger,
+        "requests_sent": summary.requests_sent,
+        "retries": summary.retries,
+        "http_429": summary.http_429,
+        "prompt_tokens": summary.prompt_tokens,
+        "completion_tokens": summary.completion_tokens,
+        "usd_spent": round(summary.usd_spent, 6),
+        "wall_s": round(summary.wall_s, 2),
+        "requests_per_s": round(summary.requests_sent / summary.wall_s, 1),
+        "exit_code": summary.exit_code,
+        "output": summary.output_path,
+    }
+    del snap
+    reporter.log("summary", fields)
+    for kind, n in sorted(summary.errors_by_kind.items()):
+        reporter.log("errors", {"kind": kind, "count": n, "example": summary.error_examples.get(kind, "")})
+    if summary.stop_reason:
+        reporter.log("stopped", {"reason": summary.stop_reason})
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@job_arg
+@override_opts
+@selection_opts
+@click.option("--retry-errors", is_flag=True, help="Count rows with errors as to be sent.")
+@debug_opt
+@guarded
+def plan(
+    job: str, limit: int | None, sample: int | None, sample_seed: int, retry_errors: bool, debug: bool, **overrides: Any
+) -> None:
+    """Show what JOB would send and cost, without sending anything."""
+    from pipeline.planning import plan_job
+
+    spec = _spec(job, **overrides)
+    p = plan_job(spec, _selection(limit, sample, sample_seed), retry_errors=retry_errors)
+    click.echo(f"job            {spec.name} ({job})")
+    click.echo(
+        f"rows           {p.rows:,} selected; {p.answered:,} already answered in the ledger; "
+        f"{p.duplicates:,} duplicates; {p.to_send:,} to send"
+    )
+    click.echo(f"input tokens   ~{p.est_prompt_tokens:,} (estimate: characters/4 + message overhead)")
+    click.echo(f"output tokens  at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)")
+    if p.est_cost_usd is not None:
+        click.echo(
+            f"cost           ~${p.est_cost_usd:.4f} expected (output at a quarter of max_tokens); "
+            f"at most ${p.max_cost_usd:.4f}"
+        )
+    else:
+        click.echo(f"cost           unknown: no price for {spec.model.name!r} (add [pricing] to the job)")
+    if p.est_minutes is not None:
+        click.echo(f"duration       ~{p.est_minutes:.1f} min, bound by {p.binding_limit}")
+    else:
+        click.echo("duration       unbounded by limits (no rpm/tpm set): depends on the server")
+
+
+@main.command()
+@job_arg
+@override_opts
+@selection_opts
+@debug_opt
+@guarded
+def status(job: str, limit: int | None, sample: int | None, sample_seed: int, debug: bool, **overrides: Any) -> None:
+    """Rows done / failed / pending for JOB, from the ledger and the input. Sends nothing."""
+    from pipeline.planning import job_status
+
+    spec = _spec(job, **overrides)
+    s = job_status(spec, _selection(limit, sample, sample_seed))
+    failed = ", ".join(f"{k}={v}" for k, v in sorted(s.failed_by_status.items()))
+    click.echo(f"job       {spec.name} ({job})")
+    click.echo(
+        f"rows      {s.rows:,} total: {s.ok:,} ok, {s.failed:,} failed{f' ({failed})' if failed else ''}, "
+        f"{s.pending:,} pending"
+    )
+    click.echo(f"tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion")
+    click.echo(f"cost      ${s.usd_spent:.6f}")
+    click.echo(f"last run  {s.last_run or 'never'}")
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--rows", "n", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--status", "only_status", default=None, help="Only rows with this status.")
+@click.option("--width", type=int, default=100, show_default=True, help="Truncate values to this many characters.")
+@debug_opt
+@guarded
+def show(output: Path, n: int, only_status: str | None, width: int, debug: bool) -> None:
+    """Print a few rows of an OUTPUT Parquet file readably."""
+    import polars as pl
+
+    from pipeline.errors import InputError
+
+    if not output.exists():
+        raise InputError(f"{output}: no such output file (run the job first)")
+    try:
+        lf = pl.scan_parquet(output)
+        if only_status:
+            lf = lf.filter(pl.col("status") == only_status)
+        df = lf.head(n).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(f"{output}: cannot read Parquet ({str(exc).splitlines()[0]})") from None
+    for i, row in enumerate(df.iter_rows(named=True)):
+        click.echo(f"── row {i + 1} " + "─" * 40)
+        for key, value in row.items():
+            if value is None:
+                continue
+            text = str(value).replace("\n", " ⏎ ")
+            click.echo(f"  {key:<22} {text[:width]}{'…' if len(text) > width else ''}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--jitter-ms", type=float, default=0.0, show_default=True)
+@click.option("--rpm", type=float, default=None, help="Server-side request limit (429 beyond it).")
+@click.option("--tpm", type=float, default=None, help="Server-side token limit.")
+@click.option("--fail-5xx", type=float, default=0.0, help="Fraction answered 5xx.")
+@click.option("--drop", type=float, default=0.0, help="Fraction of connections dropped.")
+@click.option("--hang", type=float, default=0.0, help="Fraction never answered.")
+@click.option("--invalid-json", type=float, default=0.0, help="Fraction of JSON answers broken or off-schema.")
+@click.option("--require-key-env", default=None, help="Demand the key held by this environment variable.")
+@debug_opt
+@guarded
+def serve(
+    host: str,
+    port: int,
+    latency_ms: float,
+    jitter_ms: float,
+    rpm: float | None,
+    tpm: float | None,
+    fail_5xx: float,
+    drop: float,
+    hang: float,
+    invalid_json: float,
+    require_key_env: str | None,
+    debug: bool,
+) -> None:
+    """Run the built-in local API (OpenAI/AIML-compatible) for dry runs, tests and benchmarks."""
+    import os
+
+    from pipeline.localapi import ServerConfig, run_server
+
+    config = ServerConfig(
+        latency_ms=latency_ms,
+        latency_jitter_ms=jitter_ms,
+        rpm=rpm,
+        tpm=tpm,
+        fail_5xx_rate=fail_5xx,
+        drop_rate=drop,
+        hang_rate=hang,
+        invalid_json_rate=invalid_json,
+        require_key=os.environ.get(require_key_env) if require_key_env else None,
+    )
+    run_server(config, host, port, ready=lambda url: click.echo(f"seedbatch local API on {url}", err=True))

@@ -1,0 +1,163 @@
+"""One HTTP client per run: bytes in, decoded ``Reply`` out, every failure mapped onto the error tree.
+
+The transport is injectable (``httpx.MockTransport`` in unit tests). By default requests go through
+httpx's API on aiohttp's connection pool (``httpx-aiohttp``, the route the OpenAI SDK offers for high
+concurrency): httpx's own pool costs several times more CPU per request once hundreds are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import math
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from pipeline.errors import FatalAPIError, RetryableError, RowError
+from pipeline.records import Reply
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+FATAL_STATUS = {
+    401: "the API key was rejected",
+    403: "the API key may not use this model or endpoint",
+    404: "the model or endpoint does not exist",
+}
+MAX_RETRY_AFTER_S = 600.0
+
+
+def parse_retry_after(headers: httpx.Headers | dict[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait as the server asked: ``retry-after-ms``, ``Retry-After`` seconds or HTTP date.
+
+    Nonsense (negative, NaN, unparseable) means "not said", so the caller falls back to backoff.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return min(value, MAX_RETRY_AFTER_S)
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            parsed = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        value = parsed.timestamp() - (now if now is not None else time.time())
+        value = max(value, 0.0)
+    if not math.isfinite(value) or value < 0:
+        return None
+    return min(value, MAX_RETRY_AFTER_S)
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        data = orjson.loads(response.content)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+    except (orjson.JSONDecodeError, AttributeError):
+        msg = response.text
+    msg = " ".join(str(msg or "").split())
+    return msg[:300]
+
+
+def _was_sent(exc: BaseException) -> bool:
+    """Whether the server may have received the request (and so may bill it)."""
+    if isinstance(exc, httpx.ConnectError | httpx.PoolTimeout):
+        return False
+    cause = exc.__cause__
+    if cause is not None:
+        name = type(cause).__name__
+        # aiohttp maps every ClientConnectionError to ConnectTimeout; only a failed connect was never sent.
+        return name not in {"ClientConnectorError", "ClientConnectorDNSError", "ClientConnectorCertificateError"}
+    return not isinstance(exc, httpx.ConnectTimeout)
+
+
+def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=None))
+
+
+class Client:
+    """Sends request bodies to ``{base_url}/chat/completions`` with the key from the caller."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        key_source: str = "the API key",
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"content-type": "application/json", "user-agent": "seedbatch"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.key_source = key_source
+        self._secret = api_key or None
+        self.timeout_s = timeout_s
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None),
+            transport=transport or default_transport(max_connections),
+        )
+
+    async def send(self, body: bytes) -> Reply:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._http.post(self.url, content=body)
+        except TimeoutError:
+            raise RetryableError(f"no answer within {self.timeout_s:g}s", kind="timeout", sent=True) from None
+        except httpx.TimeoutException as exc:
+            sent = _was_sent(exc)
+            kind = "timeout" if sent else "connect"
+            raise RetryableError(f"{kind}: {type(exc).__name__}", kind=kind, sent=sent) from None
+        except httpx.TransportError as exc:
+            sent = _was_sent(exc)
+            kind = "connection" if sent else "connect"
+            raise RetryableError(f"{kind} failed: {type(exc).__name__}", kind=kind, sent=sent) from None
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        status = response.status_code
+        if status == 200:
+            try:
+                data: Any = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise RetryableError("200 with a body that is not JSON", kind="bad_response", status_code=200) from None
+            if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+                raise RetryableError("200 without choices", kind="bad_response", status_code=200)
+            return Reply(data=data, latency_ms=latency_ms)
+        message = _server_message(response)
+        if self._secret and self._secret in message:
+            # Some servers quote the rejected key back; it must not reach logs or the ledger.
+            message = message.replace(self._secret, "***")
+        if status in FATAL_STATUS:
+            hint = f"; check {self.key_source}" if status in (401, 403) else "; check model.name and endpoint.base_url"
+            raise FatalAPIError(
+                f"{status} from {self.base_url}: {FATAL_STATUS[status]}{hint} (server said: {message or 'nothing'})",
+                status_code=status,
+            )
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise RetryableError(
+                f"HTTP {status}: {message}",
+                status_code=status,
+                kind=f"http_{status}",
+                retry_after=parse_retry_after(response.headers),
+            )
+        raise RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,249 @@
+"""The SQLite ledger: every paid answer by request hash, every run, and the job lock.
+
+It is the one source of truth for paid work: the output Parquet is rebuilt from it at the end of
+every run. WAL mode with ``synchronous=NORMAL`` survives a killed process (SIGKILL, OOM) without
+losing a committed answer; answers are committed in batches by the runner's flusher, and a row counts
+as done only once its batch is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import LockedError, SpecError
+from pipeline.records import Outcome, Usage
+
+ANSWER_COLUMNS = (
+    "status",
+    "content",
+    "reasoning_content",
+    "finish_reason",
+    "model",
+    "response_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "credits_used",
+    "usd_spent",
+    "error",
+    "error_kind",
+    "attempts",
+    "unconfirmed_attempts",
+    "latency_ms",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS answers (
+    request_hash TEXT PRIMARY KEY,
+    {", ".join(ANSWER_COLUMNS)},
+    run_id TEXT,
+    answered_at REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job TEXT,
+    started_at REAL,
+    ended_at REAL,
+    exit_code INTEGER,
+    summary TEXT
+);
+"""
+
+_IN_BATCH = 500
+
+
+def outcome_row(o: Outcome) -> tuple[Any, ...]:
+    u = o.usage
+    return (
+        o.status,
+        o.content,
+        o.reasoning_content,
+        o.finish_reason,
+        o.model,
+        o.response_id,
+        *u.astuple(),
+        o.error,
+        o.error_kind,
+        o.attempts,
+        o.unconfirmed_attempts,
+        o.latency_ms,
+    )
+
+
+def row_outcome(request_hash: str, r: Sequence[Any]) -> Outcome:
+    """Rebuild an ``Outcome`` from ``ANSWER_COLUMNS`` values."""
+    return Outcome(
+        request_hash=request_hash,
+        status=r[0],
+        content=r[1],
+        reasoning_content=r[2],
+        finish_reason=r[3],
+        model=r[4],
+        response_id=r[5],
+        usage=Usage(*r[6:13]),
+        error=r[13],
+        error_kind=r[14],
+        attempts=r[15] or 0,
+        unconfirmed_attempts=r[16] or 0,
+        latency_ms=r[17],
+    )
+
+
+class Ledger:
+    """One connection, used from the event loop's thread only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=10000")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise SpecError(f"{path}: cannot open ledger ({exc}); move it away or set job.ledger") from None
+        self._buffer: list[tuple[Any, ...]] = []
+        self._mapped = False
+
+    # Answers -------------------------------------------------------------------------------------
+    def known(self, hashes: Sequence[str]) -> dict[str, str]:
+        """Status of each hash already answered (absent hashes are not in the dict)."""
+        found: dict[str, str] = {}
+        for i in range(0, len(hashes), _IN_BATCH):
+            part = hashes[i : i + _IN_BATCH]
+            marks = ",".join("?" * len(part))
+            found.update(
+                self.db.execute(
+                    f"SELECT request_hash, status FROM answers WHERE request_hash IN ({marks})", part
+                ).fetchall()
+            )
+        return found
+
+    def get(self, request_hash: str) -> Outcome | None:
+        row = self.db.execute(
+            f"SELECT {', '.join(ANSWER_COLUMNS)} FROM answers WHERE request_hash = ?", (request_hash,)
+        ).fetchone()
+        return row_outcome(request_hash, row) if row else None
+
+    def add(self, outcome: Outcome, run_id: str) -> None:
+        """Buffer an answer; ``flush`` commits it. Nothing is counted done before that."""
+        self._buffer.append((outcome.request_hash, *outcome_row(outcome), run_id, time.time()))
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def flush(self) -> int:
+        if not self._buffer:
+            return 0
+        rows, self._buffer = self._buffer, []
+        marks = ",".join("?" * (len(ANSWER_COLUMNS) + 3))
+        with self._transaction():
+            self.db.executemany(f"INSERT OR REPLACE INTO answers VALUES ({marks})", rows)
+        return len(rows)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # Row map: which input row asked which request, for writing the output -------------------------
+    def map_rows(self, pairs: Sequence[tuple[int, str]]) -> None:
+        if not self._mapped:
+            self.db.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS row_map (row_number INTEGER PRIMARY KEY, request_hash TEXT)"
+            )
+            self.db.execute("DELETE FROM temp.row_map")
+            self._mapped = True
+        with self._transaction():
+            self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
+
+    def answers_for_rows(self, lo: int, hi: int) -> dict[int, tuple[str, tuple[Any, ...] | None]]:
+        """row_number → (request_hash, answer columns or None) for mapped rows in [lo, hi]."""
+        cur = self.db.execute(
+            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "
+            "FROM temp.row_map r LEFT JOIN answers a ON a.request_hash = r.request_hash "
+            "WHERE r.row_number BETWEEN ? AND ?",
+            (lo, hi),
+        )
+        return {r[0]: (r[1], tuple(r[2:]) if r[2] is not None else None) for r in cur}
+
+    def run_answers(self, run_id: str) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT request_hash FROM answers WHERE run_id = ?", (run_id,))}
+
+    # Runs ------------------------------------------------------------------------------------------
+    def start_run(self, run_id: str, job: str, started_at: float) -> None:
+        self.db.execute("INSERT INTO runs (run_id, job, started_at) VALUES (?, ?, ?)", (run_id, job, started_at))
+
+    def end_run(self, run_id: str, ended_at: float, exit_code: int, summary_json: str) -> None:
+        self.db.execute(
+            "UPDATE runs SET ended_at = ?, exit_code = ?, summary = ? WHERE run_id = ?",
+            (ended_at, exit_code, summary_json, run_id),
+        )
+
+    def last_run(self) -> tuple[str, float, float | None, int | None] | None:
+        row = self.db.execute(
+            "SELECT run_id, started_at, ended_at, exit_code FROM runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()
+        return (str(row[0]), float(row[1]), row[2], row[3]) if row else None
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.flush()
+        self.db.close()
+
+
+class JobLock:
+    """An exclusive ``flock`` on a file beside the ledger.
+
+    The kernel drops the lock when its process dies, however it dies, so a stale lock from a killed
+    run is simply taken over by the next one: no PID guessing, no cleanup step in cron.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(
+                f"{self.path}: job is already running (pid {holder}); this run exits without sending"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> JobLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,126 @@
+"""``plan`` and ``status``: what a job would send and what it has done, without sending anything."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from pipeline.ledger import Ledger
+from pipeline.reader import Selection
+from pipeline.runner import Prepared, iter_requests, prepare
+from pipeline.spec import JobSpec
+
+
+@dataclass
+class Plan:
+    rows: int
+    answered: int
+    duplicates: int
+    to_send: int
+    est_prompt_tokens: int
+    max_completion_tokens: int
+    est_cost_usd: float | None
+    max_cost_usd: float | None
+    est_minutes: float | None
+    binding_limit: str | None
+
+
+@dataclass
+class Status:
+    rows: int
+    ok: int
+    failed: int
+    pending: int
+    failed_by_status: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    usd_spent: float
+    last_run: str | None
+
+
+def _ledger(p: Prepared) -> Ledger | None:
+    return Ledger(p.spec.ledger_path) if p.spec.ledger_path.exists() else None
+
+
+def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors: bool = False) -> Plan:
+    p = prepare(spec, selection, need_key=False)
+    ledger = _ledger(p)
+    answered = duplicates = to_send = prompt = 0
+    seen: set[str] = set()
+    try:
+        for chunk in iter_requests(p):
+            known = ledger.known([r.request_hash for r in chunk]) if ledger else {}
+            for r in chunk:
+                status = known.get(r.request_hash)
+                if status is not None and (status == "ok" or not retry_errors):
+                    answered += 1
+                elif spec.job.dedupe and r.request_hash in seen:
+                    duplicates += 1
+                else:
+                    seen.add(r.request_hash)
+                    to_send += 1
+                    prompt += r.est_prompt_tokens
+    finally:
+        if ledger:
+            ledger.close()
+    completion = to_send * spec.model.max_tokens
+    cost = p.price.usd(prompt, completion) if p.price else None
+    # Typical answers use far fewer than max_tokens; the expected cost assumes a quarter of it.
+    expected = p.price.usd(prompt, completion // 4) if p.price else None
+    minutes: float | None = None
+    binding = None
+    lim = spec.limits
+    candidates = []
+    if lim.rpm:
+        candidates.append((to_send / lim.rpm, "rpm"))
+    if lim.tpm:
+        candidates.append(((prompt + completion // 4) / lim.tpm, "tpm"))
+    if candidates:
+        minutes, binding = max(candidates)
+    return Plan(p.rows, answered, duplicates, to_send, prompt, completion, expected, cost, minutes, binding)
+
+
+def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
+    p = prepare(spec, selection, need_key=False)
+    ledger = _ledger(p)
+    ok = failed = pending = 0
+    by_status: dict[str, int] = {}
+    prompt = completion = 0
+    usd = 0.0
+    last = None
+    counted: set[str] = set()
+    try:
+        if ledger is not None:
+            lr = ledger.last_run()
+            if lr:
+                started = dt.datetime.fromtimestamp(lr[1], dt.UTC).isoformat(timespec="seconds")
+                code = lr[3] if lr[3] is not None else "none (still running, or killed)"
+                last = f"{lr[0]} started {started}, exit code {code}"
+        for chunk in iter_requests(p):
+            hashes = [r.request_hash for r in chunk]
+            known = ledger.known(hashes) if ledger else {}
+            new = [h for h in known if h not in counted]
+            if ledger and new:
+                marks = ",".join("?" * len(new))
+                row = ledger.db.execute(
+                    "SELECT coalesce(sum(prompt_tokens),0), coalesce(sum(completion_tokens),0), "
+                    f"coalesce(sum(usd_spent),0) FROM answers WHERE request_hash IN ({marks})",
+                    new,
+                ).fetchone()
+                prompt += row[0]
+                completion += row[1]
+                usd += row[2]
+                counted.update(new)
+            for h in hashes:
+                status = known.get(h)
+                if status is None:
+                    pending += 1
+                elif status == "ok":
+                    ok += 1
+                else:
+                    failed += 1
+                    by_status[status] = by_status.get(status, 0) + 1
+    finally:
+        if ledger:
+            ledger.close()
+    return Status(p.rows, ok, failed, pending, by_status, prompt, completion, usd, last)

@@ -1,0 +1,179 @@
+"""Rows → request bodies and their hashes. Pure: the same row and spec always give the same bytes.
+
+The request hash is the identity of paid work: blake2b-128 over the canonical body (sorted keys,
+compact JSON), so changing the prompt, the model or a parameter re-sends exactly the rows it changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from pipeline.errors import SpecError
+from pipeline.records import Request, Row
+from pipeline.spec import JobSpec
+
+#: Characters per token for the pre-send estimate (English prose averages ~4 with BPE tokenizers).
+CHARS_PER_TOKEN = 4.0
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REQUEST = 3
+#: Flat estimates for media parts: providers bill images by tiles; we only need an order of magnitude.
+TOKENS_PER_IMAGE = 85
+TOKENS_PER_VIDEO = 200
+
+MediaBuilder = Callable[[Row], tuple[list[dict[str, Any]], str | None]]
+
+
+def template_fields(template: str, where: str) -> list[str]:
+    """Column names a template uses; rejects format specs and attribute access, which hide typos."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise SpecError(f"{where}: bad template ({exc}); write {{{{ and }}}} for literal braces") from None
+    for _, field, spec, conv in parsed:
+        if field is None:
+            continue
+        if field == "" or field.isdigit():
+            raise SpecError(f"{where}: empty or positional placeholder '{{{field}}}'; name a column like {{text}}")
+        if spec or conv or any(c in field for c in ".["):
+            raise SpecError(f"{where}: placeholder {{{field}}} must be a plain column name (no ':', '!', '.', '[')")
+        names.append(field)
+    return list(dict.fromkeys(names))
+
+
+def estimate_tokens(text: str) -> int:
+    return int(len(text) / CHARS_PER_TOKEN + 0.5)
+
+
+def structured_format(spec: JobSpec, schema: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The ``response_format`` to send and any schema instructions for the system message, per dialect."""
+    fmt = spec.output.format
+    if fmt == "text":
+        return None, None
+    if fmt == "json_object":
+        return {"type": "json_object"}, None
+    assert schema is not None
+    dialect = spec.structured_output
+    if dialect == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": spec.output.name, "schema": schema, "strict": spec.output.strict},
+        }, None
+    if dialect == "json_object_schema":
+        return {"type": "json_object", "schema": schema}, None
+    instructions = (
+        "Answer with one JSON document and nothing else. It must validate against this JSON Schema:\n"
+        + orjson.dumps(schema).decode()
+    )
+    return None, instructions
+
+
+class Renderer:
+    """Built once per job: compiled templates and the fixed part of every body."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        schema: dict[str, Any] | None = None,
+        media: MediaBuilder | None = None,
+    ) -> None:
+        self.system = spec.prompt.system
+        self.user = spec.prompt.user
+        self.media = media
+        self.media_first = spec.media.position == "before"
+        self.salted = not spec.job.dedupe
+        fields = template_fields(self.user, "prompt.user")
+        if self.system:
+            fields += template_fields(self.system, "prompt.system")
+        self.fields = list(dict.fromkeys(fields))
+        response_format, instructions = structured_format(spec, schema)
+        if instructions:
+            self.system = f"{self.system}\n\n{instructions}" if self.system else instructions
+        self.few_shot = [{"role": m.role, "content": m.content} for m in spec.prompt.few_shot]
+        m = spec.model
+        self.params: dict[str, Any] = {"model": m.name, "max_tokens": m.max_tokens}
+        for key in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "reasoning_effort"):
+            value = getattr(m, key)
+            if value is not None:
+                self.params[key] = value
+        if response_format is not None:
+            self.params["response_format"] = response_format
+        self.max_tokens = m.max_tokens
+        fixed_text = "".join(x["content"] for x in self.few_shot)
+        self.fixed_tokens = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * (len(self.few_shot) + 1 + bool(self.system))
+        self.fixed_tokens += estimate_tokens(fixed_text)
+
+    def check_columns(self, columns: Sequence[str], where: str) -> None:
+        missing = [f for f in self.fields if f not in columns]
+        if missing:
+            raise SpecError(
+                f"{where}: template uses column(s) {', '.join(repr(c) for c in missing)} not in the input; "
+                f"input has {', '.join(repr(c) for c in columns[:12])}"
+            )
+
+    def render(self, row: Row) -> Request:
+        values = row.values
+        nulls = 0
+        cells: dict[str, str] = {}
+        for name in self.fields:
+            v = values.get(name)
+            if v is None:
+                nulls += 1
+                cells[name] = ""
+            else:
+                cells[name] = v if isinstance(v, str) else str(v)
+        user_text = self.user.format_map(cells)
+        messages: list[dict[str, Any]] = []
+        text_len = len(user_text)
+        if self.system:
+            system_text = self.system.format_map(cells)
+            text_len += len(system_text)
+            messages.append({"role": "system", "content": system_text})
+        messages.extend(self.few_shot)
+        extra_tokens = 0
+        media_error = None
+        if self.media is not None:
+            parts, media_error = self.media(row)
+            if parts:
+                text_part = {"type": "text", "text": user_text}
+                content: Any = [*parts, text_part] if self.media_first else [text_part, *parts]
+                extra_tokens = sum(TOKENS_PER_IMAGE if p["type"] == "image_url" else TOKENS_PER_VIDEO for p in parts)
+            else:
+                content = user_text
+        else:
+            content = user_text
+        messages.append({"role": "user", "content": content})
+        body = orjson.dumps({**self.params, "messages": messages}, option=orjson.OPT_SORT_KEYS)
+        h = hashlib.blake2b(body, digest_size=16)
+        if self.salted:
+            h.update(b"\x00row:" + row.key.encode())
+        return Request(
+            row_index=row.index,
+            row_key=row.key,
+            body=body,
+            request_hash=h.hexdigest(),
+            est_prompt_tokens=self.fixed_tokens + int(text_len / CHARS_PER_TOKEN + 0.5) + extra_tokens,
+            max_tokens=self.max_tokens,
+            null_cells=nulls,
+            media_error=media_error,
+        )
+
+
+def with_changes(body: bytes, *, max_tokens: int | None = None, reask: tuple[str, str] | None = None) -> bytes:
+    """A follow-up attempt's body: larger ``max_tokens``, or the bad answer and its error appended."""
+    data = orjson.loads(body)
+    if max_tokens is not None:
+        data["max_tokens"] = max_tokens
+    if reask is not None:
+        answer, error = reask
+        data["messages"] = [
+            *data["messages"],
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": f"That answer is invalid: {error}. Reply with the corrected JSON only."},
+        ]
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)

@@ -1,0 +1,135 @@
+"""Small frozen values passed between stages. Data only: no I/O, no behaviour beyond derived fields.
+
+One name per concept, shared with the output columns and the README: ``request_hash`` is the identity
+of paid work, ``row_key`` the identity of an input row, ``status`` one of ``STATUSES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Every value the ``status`` column can take. ``pending`` only appears in partial outputs.
+STATUSES = ("ok", "error", "invalid_output", "refused", "truncated", "pending")
+
+#: Statuses that are final answers worth keeping; rerunning the job does not send them again.
+#: ``error`` is kept too (it was paid for or is permanent) but ``--retry-errors`` re-sends it.
+RETRYABLE_ON_REQUEST = frozenset({"error", "invalid_output", "truncated", "refused"})
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input row as plain Python values, with its position and its stable key."""
+
+    index: int
+    key: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A rendered request: the exact bytes sent and the hash that identifies the paid answer."""
+
+    row_index: int
+    row_key: str
+    body: bytes
+    request_hash: str
+    est_prompt_tokens: int
+    max_tokens: int
+    null_cells: int = 0
+    media_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens and cost of one or more attempts. ``None`` means the server did not say."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
+    credits_used: float | None = None
+    usd_spent: float | None = None
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(_add(a, b) for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[Any, ...]:
+        return (
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.reasoning_tokens,
+            self.cached_tokens,
+            self.credits_used,
+            self.usd_spent,
+        )
+
+
+def _add(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A 200 answer from the server, decoded but not yet judged."""
+
+    data: dict[str, Any]
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final, ledger-worthy result of one request (all attempts folded in)."""
+
+    request_hash: str
+    status: str
+    content: str | None = None
+    reasoning_content: str | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+    response_id: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None
+    error_kind: str | None = None
+    attempts: int = 0
+    unconfirmed_attempts: int = 0
+    latency_ms: float | None = None
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did, for the terminal, the manifest and the exit code."""
+
+    job: str
+    run_id: str
+    rows_total: int = 0
+    rows_by_status: dict[str, int] = field(default_factory=dict)
+    rows_from_ledger: int = 0
+    rows_deduplicated: int = 0
+    requests_sent: int = 0
+    retries: int = 0
+    http_429: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)
+    null_cells: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usd_spent: float = 0.0
+    credits_used: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    interrupted: bool = False
+    stop_reason: str | None = None
+    output_path: str | None = None
+    manifest_path: str | None = None
+    exit_code: int = 0
+
+    @property
+    def wall_s(self) -> float:
+        return max(self.ended_at - self.started_at, 1e-9)

@@ -1,0 +1,222 @@
+"""Concurrency, request and token pacing, retries. Knows nothing of rows, files or the ledger.
+
+Pacing is a leaky bucket (aiolimiter) holding one second of quota, so a run starts smoothly instead
+of spending a minute's quota in its first second, and a 429 lowers the rate (multiplicatively, then
+recovering slowly) instead of pausing every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from pipeline.errors import RetryableError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Seconds of quota a bucket holds: the largest burst the pacer allows.
+BUCKET_SECONDS = 1.0
+#: Token buckets hold more: one request can need more tokens than a second of TPM.
+TOKEN_BUCKET_SECONDS = 6.0
+
+
+class AdjustableLimiter(AsyncLimiter):
+    """An ``AsyncLimiter`` whose rate can change without emptying or refilling the bucket."""
+
+    def set_rate(self, per_second: float) -> None:
+        self._leak()
+        self._rate_per_sec = per_second
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    jitter_s: float = 1.0
+
+
+def backoff_wait(policy: RetryPolicy, rng: random.Random | None = None) -> Callable[[RetryCallState], float]:
+    """Tenacity wait: the server's ``Retry-After`` when given, else exponential backoff with jitter."""
+    rnd = rng or random.Random()
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableError) and exc.retry_after is not None:
+            return float(exc.retry_after) + rnd.uniform(0, min(policy.jitter_s, 0.25 + exc.retry_after * 0.1))
+        exp: float = policy.backoff_initial_s * 2.0 ** max(state.attempt_number - 1, 0)
+        return min(policy.backoff_max_s, exp) + rnd.uniform(0, policy.jitter_s)
+
+    return wait
+
+
+async def call_with_retries(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``fn`` until it succeeds, raises a non-retryable error, or tries run out (last error raised)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None and state.next_action is not None:
+            exc = state.outcome.exception()
+            assert exc is not None
+            on_retry(exc, state.next_action.sleep)
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.max_attempts),
+        wait=backoff_wait(policy, rng),
+        retry=retry_if_exception_type(RetryableError),
+        sleep=sleep,
+        reraise=True,
+        before_sleep=before_sleep,
+    )
+    return await retrying(fn)
+
+
+class Pacer:
+    """Request and token pacing shared by all workers of one run (one event loop)."""
+
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        decrease: float = 0.8,
+        recover_after_s: float = 10.0,
+    ) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.clock = clock
+        self.decrease = decrease
+        self.recover_after_s = recover_after_s
+        self.factor = 1.0
+        self.requests = AdjustableLimiter(rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS) if rpm else None
+        self.tokens = AdjustableLimiter(tpm / 60 * TOKEN_BUCKET_SECONDS, TOKEN_BUCKET_SECONDS) if tpm else None
+        self._last_decrease = -1e9
+        self._last_recover = clock()
+        self._recent: collections.deque[float] = collections.deque(maxlen=4096)
+        # Correction of the prompt-token estimate from what the server reports (ratio, EMA).
+        self.prompt_ratio = 1.0
+        self.completion_ratio = 1.0
+
+    def estimate(self, est_prompt_tokens: int, max_tokens: int) -> int:
+        """Tokens a request will count against TPM: corrected prompt estimate + expected completion."""
+        completion = max_tokens * min(self.completion_ratio, 1.0)
+        return max(1, int(est_prompt_tokens * self.prompt_ratio + completion))
+
+    async def acquire(self, tokens: int) -> None:
+        if self.requests is not None:
+            await self.requests.acquire(1)
+        if self.tokens is not None:
+            await self.tokens.acquire(min(float(tokens), self.tokens.max_rate))
+        self._recent.append(self.clock())
+
+    def observe(
+        self, est_prompt_tokens: int, max_tokens: int, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        """Fold one answer's reported usage into the estimates (EMA, so a drift is followed)."""
+        if prompt_tokens and est_prompt_tokens > 0:
+            self.prompt_ratio += 0.05 * (prompt_tokens / est_prompt_tokens - self.prompt_ratio)
+        if completion_tokens is not None and max_tokens > 0:
+            self.completion_ratio += 0.05 * (completion_tokens / max_tokens - self.completion_ratio)
+        self._maybe_recover()
+
+    def on_rate_limited(self) -> None:
+        """A 429: lower the pace once per second at most; with no limit set, start one below what got through."""
+        now = self.clock()
+        if now - self._last_decrease < 1.0:
+            return
+        self._last_decrease = now
+        self._last_recover = now
+        if self.requests is None:
+            window = [t for t in self._recent if now - t <= 10.0]
+            observed_rpm = max(len(window) / 10.0 * 60.0, 6.0)
+            self.rpm = observed_rpm
+            self.requests = AdjustableLimiter(observed_rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS)
+        self.factor = max(0.1, self.factor * self.decrease)
+        self._apply()
+
+    def _maybe_recover(self) -> None:
+        if self.factor >= 1.0:
+            return
+        now = self.clock()
+        if now - self._last_recover >= self.recover_after_s:
+            self._last_recover = now
+            self.factor = min(1.0, self.factor + 0.05)
+            self._apply()
+
+    def _apply(self) -> None:
+        if self.requests is not None and self.rpm:
+            self.requests.set_rate(self.rpm / 60 * self.factor)
+        if self.tokens is not None and self.tpm:
+            self.tokens.set_rate(self.tpm / 60 * self.factor)
+
+
+async def run_all(
+    items: Iterable[T] | AsyncIterator[T],
+    handle: Callable[[T], Awaitable[R]],
+    on_result: Callable[[T, R], Awaitable[None] | None],
+    *,
+    concurrency: int,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Feed ``items`` to ``concurrency`` workers; call ``on_result`` as each finishes.
+
+    A fixed pool of workers (not one task per item) keeps memory flat for millions of items. When
+    ``stop`` is set no new item starts; items already started run to completion. An exception from
+    ``handle`` (a fatal error) cancels the others and is raised.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
+    done = object()
+
+    async def produce() -> None:
+        # No try/finally here: if the group is cancelled, putting the end markers into a full queue
+        # nobody reads any more would hang the shutdown forever.
+        if isinstance(items, AsyncIterator):
+            async for item in items:
+                if stop is not None and stop.is_set():
+                    break
+                await queue.put(item)
+        else:
+            for item in items:
+                if stop is not None and stop.is_set():
+                    break
+                await queue.put(item)
+        for _ in range(concurrency):
+            await queue.put(done)
+
+    async def work() -> None:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if stop is not None and stop.is_set():
+                continue
+            result = await handle(item)
+            maybe = on_result(item, result)
+            if maybe is not None:
+                await maybe
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(produce())
+            for _ in range(concurrency):
+                tg.create_task(work())
+    except BaseExceptionGroup as group:
+        # The first real error (a fatal answer, a bug) is what the caller acts on, not the group.
+        first = next((e for e in group.exceptions if not isinstance(e, asyncio.CancelledError)), group.exceptions[0])
+        raise first from None

@@ -1,0 +1,305 @@
+"""The job file: strict, typed, every field documented, unknown keys rejected.
+
+A job is a TOML file. Relative paths in it are resolved against the directory the command runs in
+(the project root in every example), so ``jobs/x.toml`` can say ``input = "data/x.csv"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import SpecError
+
+DEFAULT_MODEL = "bytedance/dola-seed-2-0-lite"
+
+#: Named endpoints: base URL, the variable holding the key, the structured-output dialect.
+PRESETS: dict[str, dict[str, Any]] = {
+    "aimlapi": {
+        "base_url": "https://api.aimlapi.com/v1",
+        "api_key_env": "AIMLAPI_API_KEY",
+        "structured_output": "json_schema",
+    },
+    "openai": {
+        "base_url": "https://api.openai.com/v1",
+        "api_key_env": "OPENAI_API_KEY",
+        "structured_output": "json_schema",
+    },
+    "vllm": {
+        "base_url": "http://127.0.0.1:8000/v1",
+        "api_key_env": "VLLM_API_KEY",
+        "structured_output": "json_schema",
+        "key_required": False,
+    },
+    "llamacpp": {
+        "base_url": "http://127.0.0.1:8080/v1",
+        "api_key_env": "LLAMACPP_API_KEY",
+        "structured_output": "json_object_schema",
+        "key_required": False,
+    },
+    # The built-in local API, started in-process on a free loopback port: demo and dry runs.
+    "local": {
+        "base_url": None,
+        "api_key_env": "SEEDBATCH_LOCAL_KEY",
+        "structured_output": "json_schema",
+        "key_required": False,
+    },
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobSection(_Strict):
+    name: str | None = None
+    """Name used in logs and the manifest; defaults to the job file's stem."""
+    input: Path
+    """The prompt table: .parquet, .csv or .jsonl/.ndjson."""
+    output: Path
+    """Where the output Parquet goes; the manifest and (by default) the ledger sit beside it."""
+    id_column: str | None = None
+    """Column whose values name rows in errors and logs; row numbers are used when unset."""
+    ledger: Path | None = None
+    """SQLite ledger of paid answers; default ``<output>.ledger.sqlite``."""
+    run_output: str | None = None
+    """Also write only this run's new answers to a file: a template with {date} and {run_id}."""
+    dedupe: bool = True
+    """Send identical requests once. Turn off to sample several answers at temperature > 0 without a seed."""
+    chunk_rows: int = Field(default=10_000, ge=100, le=1_000_000)
+    """Rows read from the input at a time; bounds memory on huge inputs."""
+
+
+class ModelSection(_Strict):
+    name: str = DEFAULT_MODEL
+    """Model id sent as ``model``."""
+    max_tokens: int = Field(default=1024, ge=1)
+    """Upper bound on generated tokens (reasoning included); also the worst case for budgets."""
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0.01, le=1)
+    seed: int | None = Field(default=None, ge=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+
+class FewShot(_Strict):
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+class PromptSection(_Strict):
+    system: str | None = None
+    """System message; may use {column} placeholders like the user template."""
+    user: str
+    """User message template; {column} is replaced by the row's value ({{ and }} are literal braces)."""
+    few_shot: list[FewShot] = Field(default_factory=list)
+    """Fixed messages placed between the system message and the row's user message."""
+
+
+class MediaSection(_Strict):
+    image_columns: list[str] = Field(default_factory=list)
+    """Columns holding an image per row: http(s) URL, local path, raw bytes, or null."""
+    video_columns: list[str] = Field(default_factory=list)
+    """Columns holding a video per row, same forms as images."""
+    position: Literal["before", "after"] = "after"
+    """Where media parts go relative to the user text."""
+    detail: Literal["low", "high", "auto"] | None = None
+    """Image detail level sent with every image part."""
+    max_file_mb: float = Field(default=20.0, gt=0)
+    """Local files larger than this are a per-row error, found before sending."""
+    strict_inputs: bool = False
+    """Make a missing/unsupported/too-large media file stop the run before sending, not just mark the row."""
+
+
+class OutputSection(_Strict):
+    format: Literal["text", "json_object", "json_schema"] = "text"
+    """What the model must answer: free text, any JSON object, or JSON matching ``schema``."""
+    schema_: Path | dict[str, Any] | None = Field(default=None, alias="schema")
+    """JSON Schema: a path to a .json file or an inline table. Required for json_schema."""
+    name: str = Field(default="answer", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """``json_schema.name`` sent to the API."""
+    strict: bool = True
+    """``json_schema.strict``; when true the schema is checked for what strict mode needs."""
+    column_prefix: str = ""
+    """Prefix for the typed columns made from the schema's top-level properties."""
+    invalid_retries: int = Field(default=2, ge=0, le=10)
+    """Extra tries when an answer is not valid JSON or breaks the schema."""
+    reask_with_error: bool = False
+    """On an invalid answer, re-ask with the validation error appended instead of the same request."""
+    truncated_retries: int = Field(default=0, ge=0, le=5)
+    """Retry a truncated answer this many times, doubling max_tokens each time (capped by max_tokens_cap)."""
+    max_tokens_cap: int = Field(default=16_384, ge=1)
+    row_token_budget: int | None = Field(default=None, ge=1)
+    """Stop re-asking a row once its attempts used this many tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LimitsSection(_Strict):
+    rpm: float | None = Field(default=None, gt=0)
+    """Requests per minute; paced smoothly from the first second."""
+    tpm: float | None = Field(default=None, gt=0)
+    """Tokens per minute (prompt estimate + max_tokens, corrected by reported usage)."""
+    concurrency: int = Field(default=64, ge=1, le=20_000)
+    """Requests in flight at most."""
+    max_attempts: int = Field(default=6, ge=1, le=50)
+    """HTTP tries per request for timeouts, dropped connections, 429 and 5xx."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Per-request read timeout; reasoning answers can take minutes."""
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    """Stop issuing requests before spent + in-flight worst case would exceed this."""
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    """Longest wait between tries when the server gives no Retry-After."""
+
+
+class EndpointSection(_Strict):
+    preset: Literal["aimlapi", "openai", "vllm", "llamacpp", "local"] = "aimlapi"
+    """Named server: sets base_url, api_key_env and structured_output unless given here."""
+    base_url: str | None = None
+    api_key_env: str | None = None
+    """Environment variable holding the API key (the key itself is never in the job)."""
+    api_key_file: Path | None = None
+    """File holding the API key; used when set, else the variable."""
+    structured_output: Literal["json_schema", "json_object_schema", "instructions"] | None = None
+    """How a schema is sent: OpenAI ``json_schema``, llama.cpp ``json_object`` + schema, or in the prompt."""
+    local_latency_ms: float = Field(default=0.0, ge=0)
+    """With preset 'local': simulated model latency of the built-in server."""
+
+
+class PricingSection(_Strict):
+    input_per_million: float = Field(ge=0)
+    """USD per million prompt tokens, used when the server reports no cost."""
+    output_per_million: float = Field(ge=0)
+    """USD per million completion tokens (reasoning included)."""
+
+
+class JobSpec(_Strict):
+    job: JobSection
+    model: ModelSection = Field(default_factory=ModelSection)
+    prompt: PromptSection
+    media: MediaSection = Field(default_factory=MediaSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    endpoint: EndpointSection = Field(default_factory=EndpointSection)
+    pricing: PricingSection | None = None
+    """Price table override; a bundled table is used for known models."""
+
+    source: Path | None = Field(default=None, exclude=True)
+    """The job file this spec came from (not a TOML key)."""
+    source_sha256: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        if self.output.format == "json_schema" and self.output.schema_ is None:
+            raise ValueError("output.format = 'json_schema' needs output.schema (a file path or a table)")
+        return self
+
+    # Derived values, one place each.
+    @property
+    def name(self) -> str:
+        if self.job.name:
+            return self.job.name
+        return self.source.stem if self.source else "job"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.job.ledger or self.job.output.with_name(self.job.output.name + ".ledger.sqlite")
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.job.output.with_name(self.job.output.name + ".manifest.json")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.ledger_path.with_name(self.ledger_path.name + ".lock")
+
+    def preset_value(self, key: str) -> Any:
+        explicit = getattr(self.endpoint, key, None)
+        return explicit if explicit is not None else PRESETS[self.endpoint.preset].get(key)
+
+    @property
+    def base_url(self) -> str | None:
+        return self.preset_value("base_url")  # type: ignore[no-any-return]
+
+    @property
+    def api_key_env(self) -> str:
+        return str(self.preset_value("api_key_env"))
+
+    @property
+    def structured_output(self) -> str:
+        return str(self.preset_value("structured_output"))
+
+    @property
+    def key_required(self) -> bool:
+        return bool(PRESETS[self.endpoint.preset].get("key_required", True))
+
+
+#: CLI flag name → (section, field). One table so flags and job keys keep one name.
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "input": ("job", "input"),
+    "output": ("job", "output"),
+    "model": ("model", "name"),
+    "rpm": ("limits", "rpm"),
+    "tpm": ("limits", "tpm"),
+    "concurrency": ("limits", "concurrency"),
+    "base_url": ("endpoint", "base_url"),
+    "max_cost": ("limits", "max_cost_usd"),
+    "endpoint": ("endpoint", "preset"),
+}
+
+
+def _format_validation(err: ValidationError, path: Path | str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "schema_") or "(top level)"
+    loc = loc.replace("schema_", "schema")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see README 'Job file')"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    value = first.get("input")
+    shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+    extra = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {loc}: {msg}{shown}{extra}"
+
+
+def spec_from_dict(
+    data: dict[str, Any], source: Path | str = "<job>", overrides: dict[str, Any] | None = None
+) -> JobSpec:
+    """Validate a parsed job, applying CLI overrides first so they are checked like the file."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for flag, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = OVERRIDES[flag]
+        data.setdefault(section, {})[key] = value
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_validation(err, source)) from None
+
+
+def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job file; every problem is a one-line ``SpecError`` naming file and key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(f"{p}: job file not found (give a path like jobs/demo.toml)") from None
+    except OSError as exc:
+        raise SpecError(f"{p}: cannot read job file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{p}: not valid TOML: {exc}") from None
+    spec = spec_from_dict(data, p, overrides)
+    digest = hashlib.sha256(raw + json.dumps(overrides or {}, sort_keys=True, default=str).encode()).hexdigest()
+    return spec.model_copy(update={"source": p, "source_sha256": digest})

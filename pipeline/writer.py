@@ -1,0 +1,150 @@
+"""Input rows + ledger answers → one typed Parquet file, written atomically, chunk by chunk.
+
+The output is rebuilt from the input and the ledger at the end of every run, so it always matches
+the ledger; a crash mid-write leaves the previous output untouched (temp file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import SpecError
+
+#: The columns seedbatch adds after the input's, with their types. One name per concept: these are
+#: also the ledger's columns and the README's.
+OUTPUT_COLUMNS: dict[str, pl.DataType] = {
+    "content": pl.String(),
+    "reasoning_content": pl.String(),
+    "finish_reason": pl.String(),
+    "model": pl.String(),
+    "response_id": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "total_tokens": pl.Int64(),
+    "reasoning_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),
+    "credits_used": pl.Float64(),
+    "usd_spent": pl.Float64(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "error_kind": pl.String(),
+    "attempts": pl.Int64(),
+    "unconfirmed_attempts": pl.Int64(),
+    "latency_ms": pl.Float64(),
+    "request_hash": pl.String(),
+}
+# Order of the answer tuple the ledger returns (ledger.ANSWER_COLUMNS).
+_LEDGER_ORDER = [
+    "status",
+    "content",
+    "reasoning_content",
+    "finish_reason",
+    "model",
+    "response_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "credits_used",
+    "usd_spent",
+    "error",
+    "error_kind",
+    "attempts",
+    "unconfirmed_attempts",
+    "latency_ms",
+]
+
+AnswerLookup = Callable[[int, int], dict[int, tuple[str, tuple[Any, ...] | None]]]
+TypedColumns = Callable[[Sequence[str | None], Sequence[str]], list[pl.Series]]
+
+
+def check_output_path(path: Path, input_columns: Iterable[str]) -> None:
+    """Fail before sending when the output cannot be written or would hide an input column."""
+    clash = [c for c in input_columns if c in OUTPUT_COLUMNS]
+    if clash:
+        raise SpecError(
+            f"input column(s) {', '.join(map(repr, clash))} clash with seedbatch's output columns; rename them"
+        )
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        raise SpecError(f"{path}: job.output must end in .parquet")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot create the output folder ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise SpecError(f"{path}: output folder is not writable")
+
+
+def _answer_frame(row_numbers: Sequence[int], answers: dict[int, tuple[str, tuple[Any, ...] | None]]) -> pl.DataFrame:
+    cols: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
+    empty = (None,) * len(_LEDGER_ORDER)
+    for n in row_numbers:
+        request_hash, answer = answers.get(n, (None, None))
+        values = answer if answer is not None else ("pending", *empty[1:])
+        for name, value in zip(_LEDGER_ORDER, values, strict=True):
+            cols[name].append(value)
+        cols["request_hash"].append(request_hash)
+    return pl.DataFrame({name: pl.Series(name, cols[name], dtype=dtype) for name, dtype in OUTPUT_COLUMNS.items()})
+
+
+def write_output(
+    path: Path,
+    frames: Iterable[pl.DataFrame],
+    row_number_column: str,
+    answers_for: AnswerLookup,
+    *,
+    typed: TypedColumns | None = None,
+    keep: Callable[[str | None], bool] | None = None,
+) -> dict[str, int]:
+    """Write every input row with its answer; returns rows by status. ``keep`` filters by request hash."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer: pq.ParquetWriter | None = None
+    counts: dict[str, int] = {}
+    schema: pa.Schema | None = None
+    last: pl.DataFrame | None = None
+    try:
+        for frame in frames:
+            numbers = frame.get_column(row_number_column).to_list()
+            answers = answers_for(min(numbers), max(numbers))
+            answer = _answer_frame(numbers, answers)
+            parts = [frame.drop(row_number_column), answer]
+            if typed is not None:
+                parts.append(
+                    pl.DataFrame(typed(answer.get_column("content").to_list(), answer.get_column("status").to_list()))
+                )
+            out = pl.concat(parts, how="horizontal")
+            if keep is not None:
+                out = out.filter(pl.Series([keep(h) for h in answer.get_column("request_hash").to_list()]))
+            for status, n in out.get_column("status").value_counts().iter_rows():
+                counts[status] = counts.get(status, 0) + n
+            last = out
+            if out.height == 0:
+                continue
+            table = out.to_arrow()
+            if writer is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            writer.write_table(table.cast(schema) if table.schema != schema else table)
+        if writer is None:
+            if last is None:
+                raise SpecError(f"{path}: no rows selected; nothing to write")
+            writer = pq.ParquetWriter(tmp, last.to_arrow().schema, compression="zstd")
+        writer.close()
+        writer = None
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return counts

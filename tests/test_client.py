@@ -1,0 +1,121 @@
+"""Client: status codes onto the error tree, Retry-After, and the key never in a message."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+
+from pipeline.client import Client, parse_retry_after
+from pipeline.errors import FatalAPIError, RetryableError, RowError
+
+KEY = "sk-test-SECRET-4242"
+OK_BODY = {"id": "x", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": {}}
+
+
+def client_for(handler: httpx.MockTransport) -> Client:
+    return Client("http://api.test/v1", KEY, key_source="the key in $TEST_KEY", transport=handler)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def send_once(status: int, body: object = None, headers: dict[str, str] | None = None) -> object:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == f"Bearer {KEY}"
+        assert request.url.path == "/v1/chat/completions"
+        return httpx.Response(
+            status, json=body if body is not None else {"error": {"message": "nope"}}, headers=headers
+        )
+
+    client = client_for(httpx.MockTransport(handler))
+    try:
+        return await client.send(b"{}")
+    finally:
+        await client.aclose()
+
+
+def test_200_decodes() -> None:
+    reply = run(send_once(200, OK_BODY))
+    assert reply.data["id"] == "x"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_fatal_statuses(status: int) -> None:
+    with pytest.raises(FatalAPIError) as info:
+        run(send_once(status, {"error": {"message": f"Incorrect API key provided: {KEY}"}}))
+    assert KEY not in str(info.value)
+    if status != 404:
+        assert "$TEST_KEY" in str(info.value)
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
+def test_retryable_statuses(status: int) -> None:
+    with pytest.raises(RetryableError) as info:
+        run(send_once(status, headers={"retry-after": "3"}))
+    assert info.value.status_code == status
+    assert info.value.retry_after == 3.0
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_row_errors(status: int) -> None:
+    with pytest.raises(RowError, match=f"HTTP {status}: nope"):
+        run(send_once(status))
+
+
+def test_non_json_200_is_retryable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"<html>gateway</html>")
+
+    async def go() -> None:
+        client = client_for(httpx.MockTransport(handler))
+        with pytest.raises(RetryableError, match="not JSON"):
+            await client.send(b"{}")
+        await client.aclose()
+
+    run(go())
+
+
+def test_connect_error_is_not_sent_and_read_error_is() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("peer closed", request=request)
+
+    async def go() -> None:
+        for handler, sent in ((refuse, False), (drop, True)):
+            client = client_for(httpx.MockTransport(handler))
+            with pytest.raises(RetryableError) as info:
+                await client.send(b"{}")
+            assert info.value.sent is sent
+            await client.aclose()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after-ms": "nan", "retry-after": "4"}, 4.0),
+        ({"retry-after": "-3"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 10.0),
+        ({"retry-after": "100000"}, 600.0),
+        ({}, None),
+    ],
+)
+def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    now = 1445412480.0  # 07:28:00 GMT that day
+    got = parse_retry_after(httpx.Headers(headers), now=now)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and math.isclose(got, expected)

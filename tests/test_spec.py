@@ -1,0 +1,92 @@
+"""Job files: every bad field is one line naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SpecError
+from pipeline.spec import load_spec, spec_from_dict
+
+BASE = {"job": {"input": "in.csv", "output": "out.parquet"}, "prompt": {"user": "{text}"}}
+
+
+def with_(section: str, **values: object) -> dict[str, object]:
+    data = {k: dict(v) for k, v in BASE.items()}
+    data.setdefault(section, {}).update(values)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (with_("job", bogus=1), "job.bogus: unknown key"),
+        (with_("model", temperature=3), "model.temperature"),
+        (with_("model", top_p=0), "model.top_p"),
+        (with_("model", seed=0), "model.seed"),
+        (with_("model", max_tokens=0), "model.max_tokens"),
+        (with_("model", frequency_penalty=-2.5), "model.frequency_penalty"),
+        (with_("model", reasoning_effort="extreme"), "model.reasoning_effort"),
+        (with_("limits", rpm=-1), "limits.rpm"),
+        (with_("limits", concurrency="many"), "limits.concurrency"),
+        (with_("endpoint", preset="nope"), "endpoint.preset"),
+        (with_("output", format="json_schema"), "needs output.schema"),
+        (with_("output", name="has space"), "output.name"),
+        ({"job": {"input": "x.csv"}, "prompt": {"user": "x"}}, "job.output: required key is missing"),
+        ({"job": {"input": "x.csv", "output": "y.parquet"}}, "prompt: required key is missing"),
+    ],
+)
+def test_bad_fields_are_one_line_naming_file_and_key(data: dict[str, object], needle: str) -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(data, "jobs/x.toml")
+    message = str(info.value)
+    assert message.startswith("jobs/x.toml: ")
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_overrides_are_validated_like_the_file() -> None:
+    spec = spec_from_dict(BASE, "j.toml", {"rpm": 120, "model": "m", "input": "other.csv"})
+    assert spec.limits.rpm == 120
+    assert spec.model.name == "m"
+    assert spec.job.input == Path("other.csv")
+    with pytest.raises(SpecError, match=r"limits\.concurrency"):
+        spec_from_dict(BASE, "j.toml", {"concurrency": 0})
+
+
+def test_load_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="job file not found"):
+        load_spec(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[job\ninput=")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(bad)
+
+
+def test_defaults_and_derived_paths(tmp_path: Path) -> None:
+    path = tmp_path / "j.toml"
+    path.write_text('[job]\ninput = "a.csv"\noutput = "out/a.parquet"\n[prompt]\nuser = "{x}"\n')
+    spec = load_spec(path)
+    assert spec.name == "j"
+    assert spec.ledger_path == Path("out/a.parquet.ledger.sqlite")
+    assert spec.manifest_path == Path("out/a.parquet.manifest.json")
+    assert spec.base_url == "https://api.aimlapi.com/v1"
+    assert spec.api_key_env == "AIMLAPI_API_KEY"
+    assert spec.structured_output == "json_schema"
+    assert spec.source_sha256 and len(spec.source_sha256) == 64
+
+
+def test_presets_set_dialect_and_key_variable() -> None:
+    spec = spec_from_dict(with_("endpoint", preset="llamacpp"))
+    assert spec.structured_output == "json_object_schema"
+    assert spec.base_url == "http://127.0.0.1:8080/v1"
+    assert not spec.key_required
+    spec = spec_from_dict(with_("endpoint", preset="openai", structured_output="instructions"))
+    assert spec.structured_output == "instructions"
+    assert spec.api_key_env == "OPENAI_API_KEY"
+
+
+def test_example_jobs_load() -> None:
+    for job in sorted(Path("jobs").glob("*.toml")):
+        assert load_spec(job).prompt.user
