@@ -154,9 +154,6 @@ def run(
             progress_interval_s=0.25 if live else progress_interval,
         )
         summary = run_job(spec, options)
-    from pipeline.progress import snapshot
-
-    snap = snapshot(summary, 0)
     fields = {
         "job": summary.job,
         "run_id": summary.run_id,
@@ -170,11 +167,10 @@ def run(
         "completion_tokens": summary.completion_tokens,
         "usd_spent": round(summary.usd_spent, 6),
         "wall_s": round(summary.wall_s, 2),
-        "requests_per_s": round(summary.requests_sent / summary.wall_s, 1),
+        "requests_per_s": round(summary.requests_sent / max(summary.wall_s, 1e-3), 1),
         "exit_code": summary.exit_code,
         "output": summary.output_path,
     }
-    del snap
     reporter.log("summary", fields)
     for kind, n in sorted(summary.errors_by_kind.items()):
         reporter.log("errors", {"kind": kind, "count": n, "example": summary.error_examples.get(kind, "")})

@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 _IN_BATCH = 500
+#: Usage columns (prompt_tokens … usd_spent) of a row that reused an identical earlier row's answer.
+_REUSED_USAGE = (0, 0, 0, 0, 0, 0.0, 0.0)
 
 
 def outcome_row(o: Outcome) -> tuple[Any, ...]:
@@ -116,17 +118,20 @@ class Ledger:
         self._mapped = False
 
     # Answers -------------------------------------------------------------------------------------
-    def known(self, hashes: Sequence[str]) -> dict[str, str]:
-        """Status of each hash already answered (absent hashes are not in the dict)."""
+    def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, str]:
+        """Status of each hash already answered (absent hashes are not in the dict).
+
+        With ``run_id``, only answers from that run count (``--fresh`` ignores earlier runs, not its own).
+        """
         found: dict[str, str] = {}
         for i in range(0, len(hashes), _IN_BATCH):
-            part = hashes[i : i + _IN_BATCH]
+            part = list(hashes[i : i + _IN_BATCH])
             marks = ",".join("?" * len(part))
-            found.update(
-                self.db.execute(
-                    f"SELECT request_hash, status FROM answers WHERE request_hash IN ({marks})", part
-                ).fetchall()
-            )
+            sql = f"SELECT request_hash, status FROM answers WHERE request_hash IN ({marks})"
+            if run_id is not None:
+                sql += " AND run_id = ?"
+                part.append(run_id)
+            found.update(self.db.execute(sql, part).fetchall())
         return found
 
     def get(self, request_hash: str) -> Outcome | None:
@@ -168,20 +173,37 @@ class Ledger:
             self.db.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS row_map (row_number INTEGER PRIMARY KEY, request_hash TEXT)"
             )
+            self.db.execute("CREATE INDEX IF NOT EXISTS temp.row_map_hash ON row_map (request_hash, row_number)")
             self.db.execute("DELETE FROM temp.row_map")
             self._mapped = True
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
 
     def answers_for_rows(self, lo: int, hi: int) -> dict[int, tuple[str, tuple[Any, ...] | None]]:
-        """row_number → (request_hash, answer columns or None) for mapped rows in [lo, hi]."""
+        """row_number → (request_hash, answer columns or None) for mapped rows in [lo, hi].
+
+        A row whose request is identical to an earlier row's reused that answer without a request of
+        its own: it gets the answer with zero usage, cost and attempts, so the output's cost columns
+        sum to what was paid.
+        """
         cur = self.db.execute(
-            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "
+            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])}, "
+            "EXISTS (SELECT 1 FROM temp.row_map e WHERE e.request_hash = r.request_hash "
+            "AND e.row_number < r.row_number) "
             "FROM temp.row_map r LEFT JOIN answers a ON a.request_hash = r.request_hash "
             "WHERE r.row_number BETWEEN ? AND ?",
             (lo, hi),
         )
-        return {r[0]: (r[1], tuple(r[2:]) if r[2] is not None else None) for r in cur}
+        out: dict[int, tuple[str, tuple[Any, ...] | None]] = {}
+        for r in cur:
+            if r[2] is None:
+                out[r[0]] = (r[1], None)
+                continue
+            answer = r[2:-1]
+            if r[-1]:
+                answer = (*answer[:6], *_REUSED_USAGE, *answer[13:15], 0, 0, answer[17])
+            out[r[0]] = (r[1], tuple(answer))
+        return out
 
     def run_answers(self, run_id: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT request_hash FROM answers WHERE run_id = ?", (run_id,))}

@@ -127,7 +127,7 @@ def prepare(spec: JobSpec, selection: Selection | None = None, *, need_key: bool
         )
     if spec.endpoint.preset != "local" and not spec.base_url:
         raise SpecError(f"{spec.source or 'job'}: endpoint.base_url is not set")
-    api_key = resolve_api_key(spec) if need_key and spec.endpoint.preset != "local" else None
+    api_key = resolve_api_key(spec) if need_key else None
     return Prepared(spec, table, selection, renderer, schema, price, api_key, selected_rows(table, selection))
 
 
@@ -194,6 +194,7 @@ class _Run:
         self.check = schema_types.compile_validator(p.schema) if p.schema is not None else None
         self.expects_json = p.spec.output.format != "text"
         self.open_hashes: set[str] = set()  # in flight or answered but not yet committed
+        self.committed_since: set[str] = set()  # committed since the current chunk's ledger snapshot
         self.uncommitted: list[Outcome] = []
         self.in_flight = 0
         self.stop = asyncio.Event()
@@ -207,16 +208,21 @@ class _Run:
             if self.stop.is_set():
                 return
             self.ledger.map_rows([(r.row_index, r.request_hash) for r in chunk])
-            known = {} if self.options.fresh else self.ledger.known([r.request_hash for r in chunk])
+            # ``known`` is a snapshot: answers committed after it are remembered in ``committed_since``
+            # until the next snapshot, so an identical row later in the chunk is never sent again.
+            self.committed_since.clear()
+            hashes = [r.request_hash for r in chunk]
+            known = self.ledger.known(hashes, run_id=self.summary.run_id if self.options.fresh else None)
             for req in chunk:
                 self.summary.null_cells += req.null_cells
-                status = known.get(req.request_hash)
+                h = req.request_hash
+                status = known.get(h)
                 if status is not None and (status == "ok" or not retry):
                     self.summary.rows_from_ledger += 1
-                elif req.request_hash in self.open_hashes:
+                elif h in self.open_hashes or h in self.committed_since:
                     self.summary.rows_deduplicated += 1
                 else:
-                    self.open_hashes.add(req.request_hash)
+                    self.open_hashes.add(h)
                     yield req
 
     # One request, all its attempts -------------------------------------------------------------------
@@ -302,6 +308,7 @@ class _Run:
             last = judge(reply, expects_json=self.expects_json, check=self.check)
             paid = fill_cost(last.usage, self.p.price)
             usage = usage + paid
+            self._count_paid(paid)
             self.budget.settle(worst, paid.usd_spent or 0.0)
             self.pacer.observe(req.est_prompt_tokens, max_tokens, paid.prompt_tokens, paid.completion_tokens)
             over_budget = out.row_token_budget is not None and (usage.total_tokens or 0) >= out.row_token_budget
@@ -347,6 +354,14 @@ class _Run:
             latency,
         )
 
+    def _count_paid(self, paid: Usage) -> None:
+        """The summary counts what this run paid, as it arrives (a retried row's earlier cost is not in it)."""
+        s = self.summary
+        s.prompt_tokens += paid.prompt_tokens or 0
+        s.completion_tokens += paid.completion_tokens or 0
+        s.usd_spent += paid.usd_spent or 0.0
+        s.credits_used += paid.credits_used or 0.0
+
     def _count_error(self, kind: str, message: str) -> None:
         by_kind = self.summary.errors_by_kind
         by_kind[kind] = by_kind.get(kind, 0) + 1
@@ -369,12 +384,8 @@ class _Run:
         s = self.summary
         for o in self.uncommitted:
             self.open_hashes.discard(o.request_hash)
+            self.committed_since.add(o.request_hash)
             s.rows_by_status[o.status] = s.rows_by_status.get(o.status, 0) + 1
-            u = o.usage
-            s.prompt_tokens += u.prompt_tokens or 0
-            s.completion_tokens += u.completion_tokens or 0
-            s.usd_spent += u.usd_spent or 0.0
-            s.credits_used += u.credits_used or 0.0
         self.uncommitted = []
 
     async def flusher(self) -> None:
@@ -502,7 +513,7 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, base_url: str |
         fatal: FatalAPIError | None = None
         try:
             url = base_url or spec.base_url
-            if spec.endpoint.preset == "local" and base_url is None:
+            if spec.endpoint.preset == "local" and url is None:
                 from pipeline.localapi import LocalAPI, ServerConfig
 
                 server = LocalAPI(ServerConfig(latency_ms=spec.endpoint.local_latency_ms))

@@ -143,8 +143,11 @@ class Pacer:
         self._last_decrease = now
         self._last_recover = now
         if self.requests is None:
+            # No limit was configured: start from the rate that was getting through, measured over the
+            # last 10 s or the run's age if shorter (a young run must not read as a slow one).
             window = [t for t in self._recent if now - t <= 10.0]
-            observed_rpm = max(len(window) / 10.0 * 60.0, 6.0)
+            span = min(10.0, max(1.0, now - window[0])) if window else 10.0
+            observed_rpm = max(len(window) / span * 60.0, 6.0)
             self.rpm = observed_rpm
             self.requests = AdjustableLimiter(observed_rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS)
         self.factor = max(0.1, self.factor * self.decrease)

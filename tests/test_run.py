@@ -1,0 +1,220 @@
+"""The core run end to end: real HTTP to the local API on loopback, real Parquet, a real SQLite ledger."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.runner import EXIT_BAD_INPUT, EXIT_FATAL_API, EXIT_OK, EXIT_ROWS_FAILED
+from pipeline.writer import OUTPUT_COLUMNS
+from tests.conftest import ROOT, example_job, make_spec, reviews, run
+
+
+def test_demo_job_end_to_end(tmp_path: Path, api: LocalAPI) -> None:
+    spec = example_job("demo.toml", tmp_path, api)
+    summary = run(spec)
+    assert summary.exit_code == EXIT_OK
+    source = pl.read_csv(ROOT / "data" / "reviews.csv")
+    out = pl.read_parquet(spec.job.output)
+
+    assert out.height == source.height
+    assert out.get_column("review_id").to_list() == source.get_column("review_id").to_list()  # input order kept
+    assert out.columns[: source.width] == source.columns
+    assert dict(out.schema) == {**dict(source.schema), **OUTPUT_COLUMNS}
+    assert out.get_column("status").unique().to_list() == ["ok"]
+    assert out.get_column("content").null_count() == 0
+    paid = out.filter(pl.col("attempts") > 0)
+    assert (paid.get_column("prompt_tokens") > 0).all()
+    # A row identical to an earlier one reuses its answer: zero attempts, zero cost of its own.
+    reused = out.filter(pl.col("attempts") == 0)
+    assert reused.height == summary.rows_deduplicated
+    assert reused.get_column("usd_spent").sum() == 0
+
+    billed = api.stats()
+    # Identical rows are sent once; the output carries each paid answer's cost once.
+    assert out.get_column("usd_spent").sum() == pytest.approx(billed["usd_spent"], rel=1e-9)
+    assert out.get_column("prompt_tokens").sum() == billed["prompt_tokens"]
+    assert out.get_column("completion_tokens").sum() == billed["completion_tokens"]
+    assert summary.usd_spent == pytest.approx(billed["usd_spent"], rel=1e-9)
+    assert summary.requests_sent == billed["answered_ok"]
+    assert billed["duplicates"] == 0
+
+
+def test_null_cells_render_empty_and_are_counted(tmp_path: Path, api: LocalAPI) -> None:
+    frame = reviews(10).with_columns(
+        pl.when(pl.int_range(pl.len()) % 3 == 0).then(None).otherwise(pl.col("text")).alias("text")
+    )
+    summary = run(make_spec(tmp_path, api, frame))
+    assert summary.null_cells == 4
+    assert summary.exit_code == EXIT_OK
+
+
+def test_faults_every_row_ok_and_answered_once(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(fail_5xx_rate=0.05, drop_rate=0.02, rpm=2400, burst_s=1.0, latency_ms=5, seed=7)
+    spec = make_spec(tmp_path, api, n=160, limits={"concurrency": 32, "backoff_max_s": 1.0, "max_attempts": 10})
+    summary = run(spec)
+    out = pl.read_parquet(spec.job.output)
+    stats = api.stats()
+
+    assert out.get_column("status").value_counts().rows() == [("ok", 160)]
+    assert stats["answered_ok"] == 160
+    assert sorted(set(stats["ok_by_body_hash"].values())) == [1]  # every request answered OK exactly once
+    assert stats["rate_limited"] > 0, "the server-side limit was never reached: the test proves nothing"
+    assert stats["by_status"].get("500", 0) + stats["by_status"].get(500, 0) + stats["dropped"] > 0
+    assert summary.retries > 0
+    assert (out.get_column("attempts") >= 1).all()
+    # A dropped connection may or may not have been billed: counted, not hidden.
+    assert out.get_column("unconfirmed_attempts").sum() >= 0
+
+
+def test_bad_key_stops_at_once_and_never_prints_it(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(require_key="right-key")
+    make_spec(tmp_path, api, n=400)
+    secret = "sk-WRONG-KEY-1234567890"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""[job]
+input = "{tmp_path / "input.csv"}"
+output = "{tmp_path / "out" / "result.parquet"}"
+[prompt]
+user = "{{text}}"
+[endpoint]
+preset = "local"
+base_url = "{api.base_url}"
+"""
+    )
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["run", str(job), "--no-progress"], env={"SEEDBATCH_LOCAL_KEY": secret})
+    elapsed = time.monotonic() - started
+    assert result.exit_code == EXIT_FATAL_API, result.output
+    assert elapsed < 1.0
+    assert "SEEDBATCH_LOCAL_KEY" in result.output
+    assert secret not in result.output
+    assert api.stats()["by_status"] in ({401: api.stats()["received"]}, {"401": api.stats()["received"]})
+    assert api.stats()["received"] <= 64  # at most the requests already in flight (concurrency 64), not 400
+
+
+def test_a_400_marks_only_its_row(tmp_path: Path, api: LocalAPI) -> None:
+    frame = reviews(12).with_columns(
+        pl.when(pl.col("review_id") == "r-00005")
+        .then(pl.lit("[[status:400]] broken row"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    spec = make_spec(tmp_path, api, frame)
+    summary = run(spec)
+    out = pl.read_parquet(spec.job.output)
+    bad = out.filter(pl.col("status") != "ok")
+    assert bad.get_column("review_id").to_list() == ["r-00005"]
+    assert bad.get_column("status").item() == "error"
+    assert bad.get_column("attempts").item() == 1  # a 400 is not retried
+    assert "400" in bad.get_column("error").item()
+    assert summary.exit_code == EXIT_ROWS_FAILED
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("missing_input", "input file not found"),
+        ("corrupt_parquet", "input.parquet"),
+        ("empty_csv", "input.csv"),
+        ("missing_column", "'colour'"),
+        ("unknown_key", "job.colour"),
+        ("missing_job", "job file not found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_sent(tmp_path: Path, api: LocalAPI, case: str, expect: str) -> None:
+    csv = tmp_path / "input.csv"
+    reviews(5).write_csv(csv)
+    input_line = f'input = "{csv}"'
+    user = "{text}"
+    extra = ""
+    if case == "missing_input":
+        input_line = f'input = "{tmp_path / "nope.csv"}"'
+    elif case == "corrupt_parquet":
+        bad = tmp_path / "input.parquet"
+        bad.write_bytes(b"PAR1 this is not a parquet file")
+        input_line = f'input = "{bad}"'
+    elif case == "empty_csv":
+        csv.write_text("")
+    elif case == "missing_column":
+        user = "{colour}: {text}"
+    elif case == "unknown_key":
+        extra = 'colour = "blue"'
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""[job]
+{input_line}
+output = "{tmp_path / "out.parquet"}"
+{extra}
+[prompt]
+user = "{user}"
+[endpoint]
+preset = "local"
+base_url = "{api.base_url}"
+"""
+    )
+    code, output = _cli(["run", str(tmp_path / "absent.toml" if case == "missing_job" else job), "--no-progress"])
+    assert code == EXIT_BAD_INPUT, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith("seedbatch: error: ")
+    assert expect in lines[0]
+    assert "Traceback" not in output
+    assert api.stats()["received"] == 0
+
+
+def test_missing_key_fails_before_sending(tmp_path: Path, api: LocalAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIMLAPI_API_KEY", raising=False)
+    job = tmp_path / "job.toml"
+    reviews(3).write_csv(tmp_path / "in.csv")
+    job.write_text(
+        f"""[job]
+input = "{tmp_path / "in.csv"}"
+output = "{tmp_path / "out.parquet"}"
+[prompt]
+user = "{{text}}"
+[endpoint]
+preset = "aimlapi"
+base_url = "{api.base_url}"
+"""
+    )
+    code, output = _cli(["run", str(job)])
+    assert code == EXIT_BAD_INPUT
+    assert "AIMLAPI_API_KEY" in output
+    assert api.stats()["received"] == 0
+
+
+def test_cli_overrides_reach_the_request(tmp_path: Path, api: LocalAPI) -> None:
+    make_spec(tmp_path, api, n=7)
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""[job]
+input = "{tmp_path / "input.csv"}"
+output = "{tmp_path / "out" / "a.parquet"}"
+[prompt]
+user = "{{text}}"
+[endpoint]
+preset = "local"
+"""
+    )
+    other = tmp_path / "other.parquet"
+    code, output = _cli(
+        ["run", str(job), "--base-url", api.base_url, "--output", str(other), "--limit", "3", "--model", "m-x",
+         "--concurrency", "2", "--rpm", "6000", "--no-progress"]
+    )  # fmt: skip
+    assert code == EXIT_OK, output
+    out = pl.read_parquet(other)
+    assert out.height == 3
+    assert api.stats()["answered_ok"] == 3
