@@ -1,0 +1,250 @@
+"""Resume and never paying twice: the ledger decides what is sent; signals, locks and kills lose nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from pipeline.errors import LockedError
+from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.runner import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL
+from tests.conftest import job_dict, make_spec, reviews, run
+
+#: Columns that legitimately differ between two runs of the same job.
+TIMING = ["latency_ms", "response_id"]
+
+
+def write_job(tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, **sections: dict[str, Any]) -> Path:
+    """A job file (TOML) for a subprocess run against ``api``."""
+    frame.write_csv(tmp_path / "input.csv")
+    data = job_dict(tmp_path / "input.csv", tmp_path / "out" / "result.parquet", api.base_url, **sections)
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                lines.append(f"{key} = {value!r}".replace("'", '"') if "\n" not in value else f'{key} = """{value}"""')
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            else:
+                lines.append(f"{key} = {value}")
+    job = tmp_path / "job.toml"
+    job.write_text("\n".join(lines) + "\n")
+    return job
+
+
+def start(job: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(job: Path, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    """Run the job to its end in a subprocess (a real ``seedbatch run``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress"],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def sent(api: LocalAPI) -> int:
+    return int(api.stats()["answered_ok"])
+
+
+def test_rerun_append_edit_template_edit_other_column(tmp_path: Path, api: LocalAPI) -> None:
+    frame = reviews(40)
+    spec = make_spec(tmp_path, api, frame)
+    assert run(spec).exit_code == EXIT_OK
+    assert sent(api) == 40
+
+    api.reset()
+    summary = run(spec)
+    assert sent(api) == 0, "a finished job must send nothing"
+    assert summary.rows_from_ledger == 40
+
+    api.reset()
+    spec = make_spec(tmp_path, api, pl.concat([frame, reviews(10, start=40)]))
+    run(spec)
+    assert sent(api) == 10, "appending 10 rows sends those 10"
+
+    api.reset()
+    frame50 = pl.concat([frame, reviews(10, start=40)]).with_columns(extra=pl.lit("not in the prompt"))
+    frame50 = frame50.with_columns(
+        pl.when(pl.col("review_id") == "r-00003").then(pl.lit("edited")).otherwise(pl.col("extra")).alias("extra")
+    )
+    run(make_spec(tmp_path, api, frame50))
+    assert sent(api) == 0, "a column the prompt does not use changes no request"
+
+    api.reset()
+    edited = make_spec(tmp_path, api, frame50, prompt={"user": "Review of a {product}: {text}"})
+    run(edited)
+    assert sent(api) == 50, "a new user template changes every request"
+    out = pl.read_parquet(edited.job.output)
+    assert out.height == 50
+    assert out.get_column("extra").to_list()[3] == "edited"
+
+
+def test_identical_rows_are_sent_once_unless_dedupe_is_off(tmp_path: Path, api: LocalAPI) -> None:
+    # 150 distinct requests, each twice, the copies in other chunks than their originals.
+    frame = pl.concat([reviews(150), reviews(150)]).with_columns(review_id=pl.format("id-{}", pl.int_range(pl.len())))
+    spec = make_spec(tmp_path, api, frame, job={"chunk_rows": 100})
+    summary = run(spec)
+    assert sent(api) == 150
+    assert api.stats()["duplicates"] == 0
+    assert summary.rows_deduplicated + summary.rows_from_ledger == 150  # in flight, or already committed
+    out = pl.read_parquet(spec.job.output)
+    assert out.get_column("status").to_list() == ["ok"] * 300
+    assert out.get_column("content").to_list()[:150] == out.get_column("content").to_list()[150:]
+
+    api.reset()
+    (tmp_path / "out").rename(tmp_path / "out-1")
+    spec = make_spec(tmp_path, api, frame, job={"dedupe": False})
+    run(spec)
+    assert sent(api) == 300
+
+
+def test_retry_errors_and_fresh(tmp_path: Path, api: LocalAPI) -> None:
+    frame = reviews(6).with_columns(
+        pl.when(pl.col("review_id") == "r-00002").then(pl.lit("[[status:503]] flaky")).otherwise("text").alias("text")
+    )
+    spec = make_spec(tmp_path, api, frame, limits={"max_attempts": 2})
+    first = run(spec)
+    assert first.rows_by_status == {"ok": 5, "error": 1}
+    api.reset()
+    run(spec)
+    assert api.stats()["received"] == 0, "errors stay recorded until --retry-errors"
+    retried = run(spec, retry_errors=True)
+    assert api.stats()["received"] == 2  # the failing row only, both its attempts
+    out = pl.read_parquet(spec.job.output).filter(pl.col("review_id") == "r-00002")
+    assert out.get_column("attempts").item() == 4  # two runs' attempts add up on the row
+    assert retried.rows_by_status == {"ok": 5, "error": 1}
+    api.reset()
+    run(spec, fresh=True)
+    assert api.stats()["answered_ok"] == 5
+
+
+def test_run_output_holds_only_this_runs_answers(tmp_path: Path, api: LocalAPI) -> None:
+    template = str(tmp_path / "daily" / "labels-{date}-{run_id}.parquet")
+    spec = make_spec(tmp_path, api, reviews(8), job={"run_output": template})
+    first = run(spec)
+    spec = make_spec(tmp_path, api, pl.concat([reviews(8), reviews(3, start=8)]), job={"run_output": template})
+    second = run(spec)
+    files = sorted((tmp_path / "daily").glob("*.parquet"))
+    assert len(files) == 2
+    by_run = {f.name.split("-", 4)[-1].removesuffix(".parquet"): pl.read_parquet(f) for f in files}
+    assert by_run[first.run_id].height == 8
+    assert by_run[second.run_id].get_column("review_id").to_list() == ["r-00008", "r-00009", "r-00010"]
+
+
+def test_second_run_is_locked_out_and_a_dead_holder_is_taken_over(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(latency_ms=2000)
+    job = write_job(tmp_path, api, reviews(20))
+    first = start(job)
+    try:
+        lock = tmp_path / "out" / "result.parquet.ledger.sqlite.lock"
+        deadline = time.monotonic() + 20
+        while api.stats()["received"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = finish(job, timeout=60)
+        assert second.returncode == EXIT_LOCKED, second.stderr
+        assert b"already running" in second.stderr
+        assert lock.read_text() == str(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+    api.config = ServerConfig()
+    third = finish(job, timeout=60)
+    assert third.returncode == EXIT_OK, third.stderr
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").get_column("status").unique().to_list() == ["ok"]
+
+
+def test_lock_in_process_raises_locked(tmp_path: Path, api: LocalAPI) -> None:
+    from pipeline.ledger import JobLock
+
+    spec = make_spec(tmp_path, api, reviews(3))
+    with JobLock(spec.lock_path), pytest.raises(LockedError):
+        run(spec)
+
+
+def test_sigterm_writes_partial_output_and_resume_completes(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(latency_ms=300)
+    job = write_job(tmp_path, api, reviews(300), limits={"concurrency": 8, "backoff_max_s": 0.5})
+    proc = start(job, "--log-format", "json")
+    deadline = time.monotonic() + 30
+    while api.stats()["answered_ok"] < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PARTIAL, err
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    counts = dict(out.get_column("status").value_counts().rows())
+    assert out.height == 300
+    assert counts.get("pending", 0) > 0
+    assert counts.get("ok", 0) >= 40
+    assert set(counts) <= {"ok", "pending"}
+    assert b"SIGTERM" in err
+
+    api.config = ServerConfig()
+    before = api.stats()["answered_ok"]
+    resumed = finish(job, timeout=120)
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    stats = api.stats()
+    assert stats["answered_ok"] - before == counts["pending"]  # only what was pending is sent
+    assert stats["duplicates"] == 0
+    assert pl.read_parquet(tmp_path / "out" / "result.parquet").get_column("status").unique().to_list() == ["ok"]
+
+
+@pytest.mark.slow
+def test_kill_test_many_sigkills_no_answer_paid_twice(tmp_path: Path, api: LocalAPI) -> None:
+    """SIGKILL at random moments, resume each time; compare with an uninterrupted run."""
+    rows, kills = 3000, 12
+    api.config = ServerConfig(latency_ms=150, latency_jitter_ms=100, seed=3)
+    concurrency = 64
+    job = write_job(tmp_path, api, reviews(rows), limits={"concurrency": concurrency})
+    rng = random.Random(11)
+    killed = 0
+    while killed < kills:
+        proc = start(job)
+        time.sleep(rng.uniform(0.8, 3.0))
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed += 1
+    final = finish(job, timeout=300)
+    assert final.returncode == EXIT_OK, final.stderr
+    stats = api.stats()
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert killed >= 10
+    assert out.height == rows
+    assert out.get_column("status").unique().to_list() == ["ok"]
+    # Answers the server gave but the killed run never committed are paid again: at most what was in
+    # flight (plus the last flush interval) at each kill.
+    duplicates = stats["duplicates"]
+    assert duplicates <= killed * concurrency
+    print(f"\nkill test: {killed} SIGKILLs, {rows} rows, {duplicates} requests answered twice, "
+          f"{stats['answered_ok']} answered in all")  # fmt: skip
+
+    # The same job uninterrupted gives the same output on every non-timing column.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    api.reset()
+    api.config = ServerConfig(seed=3)
+    reference_job = write_job(clean, api, reviews(rows), limits={"concurrency": concurrency})
+    assert finish(reference_job, timeout=300).returncode == EXIT_OK  # fmt: skip
+    reference = pl.read_parquet(clean / "out" / "result.parquet")
+    keep = [c for c in out.columns if c not in TIMING and c not in ("attempts", "unconfirmed_attempts")]
+    assert out.select(keep).equals(reference.select(keep))
