@@ -93,7 +93,9 @@ class Renderer:
         self.fields = list(dict.fromkeys(fields))
         response_format, instructions = structured_format(spec, schema)
         if instructions:
-            self.system = f"{self.system}\n\n{instructions}" if self.system else instructions
+            # The system text is a template: the schema's braces must stay literal.
+            literal = instructions.replace("{", "{{").replace("}", "}}")
+            self.system = f"{self.system}\n\n{literal}" if self.system else literal
         self.few_shot = [{"role": m.role, "content": m.content} for m in spec.prompt.few_shot]
         m = spec.model
         self.params: dict[str, Any] = {"model": m.name, "max_tokens": m.max_tokens}

@@ -74,6 +74,24 @@ def open_input(path: Path) -> InputTable:
     return InputTable(path, fmt, tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
 
 
+def check_id_column(table: InputTable, column: str) -> None:
+    """Row keys name paid work when ``job.dedupe`` is off: every row needs its own, non-null id."""
+    lf = _scan(table.path, table.format)
+    try:
+        counts = lf.select(nulls=pl.col(column).null_count(), repeated=pl.col(column).is_duplicated().sum()).collect()
+        nulls, repeated = counts.row(0)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"{table.path}: cannot read id column {column!r}: {str(exc).splitlines()[0]}") from None
+    if nulls:
+        raise InputError(f"{table.path}: job.id_column {column!r} is empty on {nulls} row(s); every row needs an id")
+    if repeated:
+        example = lf.filter(pl.col(column).is_duplicated()).select(pl.col(column).first()).collect().item()
+        raise InputError(
+            f"{table.path}: job.id_column {column!r} repeats values (e.g. {example!r} on {repeated} rows); "
+            "ids must be unique when job.dedupe = false"
+        )
+
+
 def selected_indices(total: int, selection: Selection) -> list[int] | None:
     """Original row numbers kept by a sample, sorted so output keeps input order; None keeps all."""
     if selection.sample is None:

@@ -30,7 +30,16 @@ from pipeline.costs import Price, fill_cost, price_for, worst_case_usd
 from pipeline.errors import FatalAPIError, RetryableError, RowError, SpecError
 from pipeline.ledger import JobLock, Ledger
 from pipeline.prompts import Renderer, with_changes
-from pipeline.reader import ROW_NUMBER, InputTable, Selection, open_input, read_frames, read_rows, selected_rows
+from pipeline.reader import (
+    ROW_NUMBER,
+    InputTable,
+    Selection,
+    check_id_column,
+    open_input,
+    read_frames,
+    read_rows,
+    selected_rows,
+)
 from pipeline.records import Outcome, Request, RunSummary, Usage
 from pipeline.scheduler import Pacer, RetryPolicy, call_with_retries, run_all
 from pipeline.spec import JobSpec
@@ -110,6 +119,8 @@ def prepare(spec: JobSpec, selection: Selection | None = None, *, need_key: bool
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
     if spec.job.id_column and spec.job.id_column not in table.columns:
         raise SpecError(f"{spec.source or 'job'}: job.id_column {spec.job.id_column!r} is not an input column")
+    if spec.job.id_column and not spec.job.dedupe:
+        check_id_column(table, spec.job.id_column)
     if builder is not None:
         builder.check_columns(table.columns, str(spec.source or "job"))
     check_output_path(spec.job.output, table.columns)

@@ -66,6 +66,7 @@ def make_spec(
     tmp_path: Path, api: LocalAPI | None, frame: pl.DataFrame | None = None, *, n: int = 30, **sections: dict[str, Any]
 ) -> JobSpec:
     """Write ``frame`` (default: ``n`` reviews) as CSV and return a validated job on the local API."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     input_path = tmp_path / "input.csv"
     (frame if frame is not None else reviews(n)).write_csv(input_path)
     data = job_dict(input_path, tmp_path / "out" / "result.parquet", api.base_url if api else None, **sections)
