@@ -103,7 +103,10 @@ def main() -> None:
 @click.option("--yes", is_flag=True, help="Do not ask before --fresh.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
 )
 @click.option("--progress/--no-progress", default=None, help="Live display (default: when stderr is a terminal).")
 @click.option(

@@ -38,7 +38,9 @@ MISSING_MODEL = "missing-model"
 #: AIML credits per dollar, from the reference response (6653 credits = $0.0033265).
 CREDITS_PER_USD = 2_000_000
 PER_MESSAGE_TOKENS = 4
-PRIMING_TOKENS = 3
+#: The chat template's own tokens, fitted to the reference response: "Hi! What do you think about
+#: mankind?" (9 tokens) was billed as 57 prompt tokens, so 57 - 9 - 4 (one message) = 44 per request.
+PRIMING_TOKENS = 44
 IMAGE_TOKENS = 85
 VIDEO_TOKENS = 200
 MAX_BODY_BYTES = 64 * 1024 * 1024

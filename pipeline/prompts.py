@@ -20,7 +20,10 @@ from pipeline.spec import JobSpec
 #: Characters per token for the pre-send estimate (English prose averages ~4 with BPE tokenizers).
 CHARS_PER_TOKEN = 4.0
 TOKENS_PER_MESSAGE = 4
-TOKENS_PER_REQUEST = 3
+#: The chat template's tokens per request. The API reference's example bills 57 prompt tokens for a
+#: 9-token message: 44 besides the message's own 4. Other servers use fewer; over-estimating by a few
+#: dozen tokens only makes budgets and TPM pacing conservative.
+TOKENS_PER_REQUEST = 44
 #: Flat estimates for media parts: providers bill images by tiles; we only need an order of magnitude.
 TOKENS_PER_IMAGE = 85
 TOKENS_PER_VIDEO = 200
@@ -87,9 +90,10 @@ class Renderer:
         self.media = media
         self.media_first = spec.media.position == "before"
         self.salted = not spec.job.dedupe
-        fields = template_fields(self.user, "prompt.user")
+        source = f"{spec.source}: " if spec.source else ""
+        fields = template_fields(self.user, f"{source}prompt.user")
         if self.system:
-            fields += template_fields(self.system, "prompt.system")
+            fields += template_fields(self.system, f"{source}prompt.system")
         self.fields = list(dict.fromkeys(fields))
         response_format, instructions = structured_format(spec, schema)
         if instructions:

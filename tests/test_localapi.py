@@ -20,7 +20,7 @@ import jsonschema
 import orjson
 import pytest
 
-from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.localapi import PRIMING_TOKENS, LocalAPI, ServerConfig
 
 KEY = "sk-local-SECRET-9137"
 MODEL = "bytedance/dola-seed-2-0-lite"
@@ -440,7 +440,7 @@ def test_usage_and_meta(serve: Any) -> None:
     }
     data = post(client, payload).json()
     usage, message = data["usage"], data["choices"][0]["message"]
-    assert usage["prompt_tokens"] == 3 + 4 + 2 * 4 + 3 + 85 + 200
+    assert usage["prompt_tokens"] == 3 + 4 + 2 * 4 + PRIMING_TOKENS + 85 + 200
     reasoning = ntok(message["reasoning_content"])
     assert usage["completion_tokens_details"] == {"reasoning_tokens": reasoning}
     assert usage["completion_tokens"] == ntok(message["content"]) + reasoning
