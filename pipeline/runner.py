@@ -385,7 +385,9 @@ class _Run:
             return
         self.ledger.add(outcome, self.summary.run_id)
         self.uncommitted.append(outcome)
-        if self.ledger.buffered >= FLUSH_ROWS:
+        # Commit at least every half-concurrency answers too: a SIGKILL then loses fewer answers than
+        # there are requests in flight, whatever the latency.
+        if self.ledger.buffered >= min(FLUSH_ROWS, max(16, self.spec.limits.concurrency // 2)):
             self.flush()
 
     def flush(self) -> None:
