@@ -64,7 +64,7 @@ debug_opt = click.option("--debug", is_flag=True, help="Show tracebacks.")
 def selection_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")(fn)
     fn = click.option("--sample", type=click.IntRange(min=1), help="N random rows (fixed seed).")(fn)
-    fn = click.option("--seed", "sample_seed", type=int, default=0, show_default=True, help="Seed for --sample.")(fn)
+    fn = click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed for --sample.")(fn)
     return fn
 
 

@@ -230,7 +230,7 @@ def test_status_reads_the_ledger_without_sending(tmp_path: Path, api: LocalAPI) 
 
 def test_limit_and_sample_try_a_few_rows(tmp_path: Path, api: LocalAPI) -> None:
     job = write_job(tmp_path, api, reviews(100))
-    result = CliRunner().invoke(main, ["run", str(job), "--sample", "7", "--seed", "3", "--no-progress"])
+    result = CliRunner().invoke(main, ["run", str(job), "--sample", "7", "--sample-seed", "3", "--no-progress"])
     assert result.exit_code == EXIT_OK, result.output
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert out.height == 7
