@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from pipeline.records import RunSummary
@@ -80,9 +81,10 @@ def render_table(s: dict[str, Any]) -> Table:
     t = Table.grid(padding=(0, 2))
     pct = 100.0 * s["rows_done"] / s["rows_total"] if s["rows_total"] else 100.0
     eta = f"{s['eta_s']:.0f}s" if s["eta_s"] is not None else "?"
-    t.add_row("[bold]rows[/]", f"{s['rows_done']:,}/{s['rows_total']:,} ({pct:.1f}%)", "[bold]ETA[/]", eta)
+    bar = ProgressBar(total=max(s["rows_total"], 1), completed=s["rows_done"], width=40)
+    t.add_row("[bold]rows[/]", bar, f"{s['rows_done']:,}/{s['rows_total']:,} ({pct:.1f}%)", f"ETA {eta}")
     t.add_row("in flight", f"{s['in_flight']:,}", "requests/s", f"{s['requests_per_s']:.1f}")
     t.add_row("tokens/s", f"{s['tokens_per_s']:.0f}", "USD spent", f"${s['usd_spent']:.4f}")
     errors = ", ".join(f"{k}={v}" for k, v in s["errors_by_kind"].items()) or "none"
-    t.add_row("retries", str(s["retries"]), "errors", errors)
+    t.add_row("retries", f"{s['retries']} (429s: {s['http_429']})", "errors", errors)
     return t
