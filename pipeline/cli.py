@@ -80,6 +80,7 @@ def override_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
             ("--base-url", str, "Endpoint base URL, e.g. http://127.0.0.1:8080/v1."),
             ("--endpoint", click.Choice(["aimlapi", "openai", "vllm", "llamacpp", "local"]), "Endpoint preset."),
             ("--max-cost", click.FloatRange(min=0, min_open=True), "Stop issuing requests before spending more USD."),
+            ("--strict-inputs/--no-strict-inputs", bool, "Stop before sending if any media file is missing or bad."),
         ]
     ):
         fn = click.option(flag, type=kind, default=None, help=text)(fn)

@@ -28,7 +28,8 @@ TOKENS_PER_REQUEST = 44
 TOKENS_PER_IMAGE = 85
 TOKENS_PER_VIDEO = 200
 
-MediaBuilder = Callable[[Row], tuple[list[dict[str, Any]], str | None]]
+#: A row's media parts by column (None for a null cell) and its media error; see ``media.MediaBuilder.cells``.
+MediaBuilder = Callable[[Row], tuple[dict[str, dict[str, Any] | None], str | None]]
 
 
 def template_fields(template: str, where: str) -> list[str]:
@@ -47,6 +48,30 @@ def template_fields(template: str, where: str) -> list[str]:
             raise SpecError(f"{where}: placeholder {{{field}}} must be a plain column name (no ':', '!', '.', '[')")
         names.append(field)
     return list(dict.fromkeys(names))
+
+
+def split_template(template: str, media_columns: Sequence[str]) -> list[str | tuple[str]]:
+    """The user template cut at media placeholders: text templates and ``(column,)`` slots, in order.
+
+    With ``media.position = "inline"`` a media column named in the template (``{photo}``) marks where its
+    image goes, so one message can interleave several images with text.
+    """
+    pieces: list[str | tuple[str]] = []
+    text = ""
+    for literal, field, _, _ in string.Formatter().parse(template):
+        text += literal.replace("{", "{{").replace("}", "}}")
+        if field is None:
+            continue
+        if field in media_columns:
+            if text:
+                pieces.append(text)
+            pieces.append((field,))
+            text = ""
+        else:
+            text += f"{{{field}}}"
+    if text:
+        pieces.append(text)
+    return pieces
 
 
 def estimate_tokens(text: str) -> int:
@@ -92,6 +117,17 @@ class Renderer:
         self.salted = not spec.job.dedupe
         source = f"{spec.source}: " if spec.source else ""
         fields = template_fields(self.user, f"{source}prompt.user")
+        media_columns = [*spec.media.image_columns, *spec.media.video_columns]
+        self.pieces: list[str | tuple[str]] | None = None
+        if spec.media.position == "inline" and media_columns:
+            unplaced = [c for c in media_columns if c not in fields]
+            if unplaced:
+                raise SpecError(
+                    f"prompt.user: media.position = 'inline' needs a placeholder for each media column; "
+                    f"add {', '.join('{' + c + '}' for c in unplaced)} where the media should go"
+                )
+            self.pieces = split_template(self.user, media_columns)
+            fields = [f for f in fields if f not in media_columns]  # never format a path or bytes as text
         if self.system:
             fields += template_fields(self.system, f"{source}prompt.system")
         self.fields = list(dict.fromkeys(fields))
@@ -133,7 +169,8 @@ class Renderer:
                 cells[name] = ""
             else:
                 cells[name] = v if isinstance(v, str) else str(v)
-        user_text = self.user.format_map(cells)
+        pieces = [p if isinstance(p, tuple) else p.format_map(cells) for p in self.pieces or [self.user]]
+        user_text = "".join(p for p in pieces if isinstance(p, str))
         messages: list[dict[str, Any]] = []
         text_len = len(user_text)
         if self.system:
@@ -143,21 +180,29 @@ class Renderer:
         messages.extend(self.few_shot)
         extra_tokens = 0
         media_error = None
+        content: Any = user_text
         if self.media is not None:
-            parts, media_error = self.media(row)
-            if parts:
+            by_column, media_error = self.media(row)
+            nulls += sum(p is None for p in by_column.values())
+            parts = [p for p in by_column.values() if p is not None]
+            extra_tokens = sum(TOKENS_PER_IMAGE if p["type"] == "image_url" else TOKENS_PER_VIDEO for p in parts)
+            if self.pieces is not None and parts:
+                content = [
+                    {"type": "text", "text": p} if isinstance(p, str) else by_column[p[0]]
+                    for p in pieces
+                    if p != "" and (isinstance(p, str) or by_column.get(p[0]) is not None)
+                ]
+            elif parts:
                 text_part = {"type": "text", "text": user_text}
-                content: Any = [*parts, text_part] if self.media_first else [text_part, *parts]
-                extra_tokens = sum(TOKENS_PER_IMAGE if p["type"] == "image_url" else TOKENS_PER_VIDEO for p in parts)
-            else:
-                content = user_text
-        else:
-            content = user_text
+                content = [*parts, text_part] if self.media_first else [text_part, *parts]
         messages.append({"role": "user", "content": content})
         body = orjson.dumps({**self.params, "messages": messages}, option=orjson.OPT_SORT_KEYS)
         h = hashlib.blake2b(body, digest_size=16)
         if self.salted:
             h.update(b"\x00row:" + row.key.encode())
+        if media_error:
+            # A row whose media failed sends nothing; its hash must not collide with a text-only row's.
+            h.update(b"\x00media_error:" + media_error.encode())
         return Request(
             row_index=row.index,
             row_key=row.key,

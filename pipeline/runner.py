@@ -115,7 +115,7 @@ def prepare(spec: JobSpec, selection: Selection | None = None, *, need_key: bool
     schema = load_schema(spec)
     table = open_input(spec.job.input)
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
-    renderer = Renderer(spec, schema, builder.parts if builder else None)
+    renderer = Renderer(spec, schema, builder.cells if builder else None)
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
     if spec.job.id_column and spec.job.id_column not in table.columns:
         raise SpecError(f"{spec.source or 'job'}: job.id_column {spec.job.id_column!r} is not an input column")
@@ -123,6 +123,9 @@ def prepare(spec: JobSpec, selection: Selection | None = None, *, need_key: bool
         check_id_column(table, spec.job.id_column)
     if builder is not None:
         builder.check_columns(table.columns, str(spec.source or "job"))
+        if spec.media.strict_inputs:  # stat + 16 bytes per file, so a bad file stops the run before any request
+            size = min(spec.job.chunk_rows, media.CHUNK_ROWS)
+            builder.require_clean(read_rows(table, selection, size, builder.column_names, spec.job.id_column))
     check_output_path(spec.job.output, table.columns)
     if schema is not None:
         schema_types.check_column_clash(
@@ -146,7 +149,7 @@ def iter_requests(p: Prepared, chunk_rows: int | None = None) -> Iterator[list[R
     columns = [*p.renderer.fields, *p.spec.media.image_columns, *p.spec.media.video_columns]
     size = chunk_rows or p.spec.job.chunk_rows
     if p.spec.media.image_columns or p.spec.media.video_columns:
-        size = min(size, 256)  # media bytes live in the request bodies: keep few chunks of them
+        size = min(size, media.CHUNK_ROWS)  # media bytes live in the request bodies: keep few chunks of them
     for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column):
         yield [p.renderer.render(r) for r in rows]
 

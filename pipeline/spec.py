@@ -108,14 +108,14 @@ class MediaSection(_Strict):
     """Columns holding an image per row: http(s) URL, local path, raw bytes, or null."""
     video_columns: list[str] = Field(default_factory=list)
     """Columns holding a video per row, same forms as images."""
-    position: Literal["before", "after"] = "after"
-    """Where media parts go relative to the user text."""
+    position: Literal["before", "after", "inline"] = "after"
+    """Where media goes: before or after the user text, or "inline" at each {column} placeholder in prompt.user."""
     detail: Literal["low", "high", "auto"] | None = None
     """Image detail level sent with every image part."""
     max_file_mb: float = Field(default=20.0, gt=0)
     """Local files larger than this are a per-row error, found before sending."""
     strict_inputs: bool = False
-    """Make a missing/unsupported/too-large media file stop the run before sending, not just mark the row."""
+    """Check every media cell before sending; any missing/unsupported/too-large file stops the run (exit 2)."""
 
 
 class OutputSection(_Strict):
@@ -253,6 +253,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "base_url": ("endpoint", "base_url"),
     "max_cost": ("limits", "max_cost_usd"),
     "endpoint": ("endpoint", "preset"),
+    "strict_inputs": ("media", "strict_inputs"),
 }
 
 
