@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import SpecError
+from pipeline.ledger import ANSWER_COLUMNS as _LEDGER_ORDER
 
 #: The columns seedbatch adds after the input's, with their types. One name per concept: these are
 #: also the ledger's columns and the README's.
@@ -41,27 +42,6 @@ OUTPUT_COLUMNS: dict[str, pl.DataType] = {
     "latency_ms": pl.Float64(),
     "request_hash": pl.String(),
 }
-# Order of the answer tuple the ledger returns (ledger.ANSWER_COLUMNS).
-_LEDGER_ORDER = [
-    "status",
-    "content",
-    "reasoning_content",
-    "finish_reason",
-    "model",
-    "response_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "credits_used",
-    "usd_spent",
-    "error",
-    "error_kind",
-    "attempts",
-    "unconfirmed_attempts",
-    "latency_ms",
-]
 
 AnswerLookup = Callable[[int, int], dict[int, tuple[str, tuple[Any, ...] | None]]]
 TypedColumns = Callable[[Sequence[str | None], Sequence[str]], list[pl.Series]]
