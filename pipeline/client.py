@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import re
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ FATAL_STATUS = {
     404: "the model or endpoint does not exist",
 }
 MAX_RETRY_AFTER_S = 600.0
+#: A 500 that is really a 422: llama-cpp-python's error handler turns request validation errors into 500s.
+_REQUEST_VALIDATION = re.compile(r"^\d+ validation errors?: .*'loc': \('body',")
 
 
 def parse_retry_after(headers: httpx.Headers | dict[str, str], now: float | None = None) -> float | None:
@@ -159,6 +162,10 @@ class Client:
                 f"{status} from {self.base_url}: {FATAL_STATUS[status]}{hint} (server said: {message or 'nothing'})",
                 status_code=status,
             )
+        if status == 500 and _REQUEST_VALIDATION.search(message):
+            # llama-cpp-python answers a request its schema rejects (e.g. response_format json_schema)
+            # with 500 "N validation error(s): ... 'loc': ('body', ...)": the same bytes fail again.
+            raise RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request")
         if status in RETRYABLE_STATUS or status >= 500:
             raise RetryableError(
                 f"HTTP {status}: {message}",

@@ -33,11 +33,20 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 
+#: Presets that are servers you run: their tokens cost nothing unless the job has [pricing].
+SELF_HOSTED = ("llamacpp", "vllm")
+
+
 def price_for(spec: JobSpec) -> Price | None:
     if spec.pricing is not None:
         return Price(spec.pricing.input_per_million, spec.pricing.output_per_million)
-    if spec.endpoint.preset in ("llamacpp", "vllm", "local") and spec.model.name not in DEFAULT_PRICES:
-        # Self-hosted servers: the compute is yours; price them at zero unless the job says otherwise.
+    if spec.endpoint.preset in SELF_HOSTED:
+        # Your own server bills nothing per token, whatever model.name says: `seedbatch run
+        # jobs/label_reviews.toml --endpoint llamacpp` keeps the job's hosted model name, which
+        # llama.cpp ignores, and must not be priced as that provider's model.
+        return Price(0.0, 0.0)
+    if spec.endpoint.preset == "local" and spec.model.name not in DEFAULT_PRICES:
+        # The built-in local API imitates a provider: known models keep their table price for the demo.
         return Price(0.0, 0.0)
     return DEFAULT_PRICES.get(spec.model.name)
 

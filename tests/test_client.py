@@ -119,3 +119,18 @@ def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> N
         assert got is None
     else:
         assert got is not None and math.isclose(got, expected)
+
+
+def test_llamacpp_request_validation_500_is_a_row_error() -> None:
+    # llama-cpp-python 0.3.x's answer to response_format {"type": "json_schema", ...}: a 500, not a 422.
+    message = (
+        "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+        "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}\n\n"
+        '  File "llama_cpp/server/app.py", line 376, in create_chat_completion\n    POST /v1/chat/completions'
+    )
+    body = {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}}
+    with pytest.raises(RowError, match="Input should be 'text' or 'json_object'") as info:
+        run(send_once(500, body))
+    assert info.value.kind == "http_500_invalid_request"
+    with pytest.raises(RetryableError):  # any other 500 is still the server's fault
+        run(send_once(500, {"error": {"message": "CUDA out of memory", "type": "internal_server_error"}}))

@@ -131,3 +131,11 @@ def test_worst_case_usd() -> None:
     # Never below what the reference example actually cost with its max_tokens.
     prompt, completion, _, usd = reference_numbers()
     assert worst_case_usd(prompt, completion, DEFAULT_PRICES[DEFAULT_MODEL]) >= usd * 0.99
+
+
+@pytest.mark.parametrize("preset", ["llamacpp", "vllm"])
+def test_own_server_is_free_even_under_a_hosted_models_name(preset: str) -> None:
+    # `seedbatch run jobs/label_reviews.toml --endpoint llamacpp` keeps the job's AIML model name.
+    spec = make_spec(endpoint={"preset": preset})
+    assert spec.model.name in DEFAULT_PRICES
+    assert price_for(spec) == Price(0.0, 0.0)
