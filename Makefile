@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-llm bench lint clean
+.PHONY: help install demo test test-slow test-llm test-ray bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,9 +29,20 @@ test: $(STAMP)  ## the fast suite (a few minutes on 2 cores)
 test-slow: $(STAMP)  ## the slow tier: kill/resume, memory
 	$(BIN)/pytest -q -m slow
 
-test-llm: $(STAMP)  ## a real model: llama.cpp serving Gemma 3 270M (builds llama-cpp-python once)
-	$(BIN)/pip install -q -e '.[dev,llm]'
-	$(BIN)/pytest -q -m llm -p no:cacheprovider
+$(VENV)/.installed-llm: pyproject.toml $(STAMP)
+	@echo "installing the llm extra; the first time builds llama.cpp from source (about 10 min on 2 cores)"
+	$(BIN)/pip install --progress-bar off -e '.[dev,llm]'
+	@touch $@
+
+test-llm: $(VENV)/.installed-llm  ## a real model: llama.cpp serving Gemma 3 270M (builds llama-cpp-python once)
+	$(BIN)/pytest -q -m llm -p no:cacheprovider tests/test_llm.py
+
+$(VENV)/.installed-ray: pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,ray]'
+	@touch $@
+
+test-ray: $(VENV)/.installed-ray  ## the Ray executor on a local Ray instance (installs the ray extra once)
+	$(BIN)/pytest -q -m ray -p no:cacheprovider tests/test_ray.py
 
 bench: $(STAMP)  ## benchmarks against the local API; writes benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run_all.py

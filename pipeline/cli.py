@@ -81,6 +81,9 @@ def override_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
             ("--endpoint", click.Choice(["aimlapi", "openai", "vllm", "llamacpp", "local"]), "Endpoint preset."),
             ("--max-cost", click.FloatRange(min=0, min_open=True), "Stop issuing requests before spending more USD."),
             ("--strict-inputs/--no-strict-inputs", bool, "Stop before sending if any media file is missing or bad."),
+            ("--executor", click.Choice(["local", "ray"]), "Send from this process or from a Ray cluster."),
+            ("--ray-address", str, "Ray cluster to join (executor.address), e.g. ray://head:10001 or auto."),
+            ("--workers", click.IntRange(min=1), "Ray shards: row ranges sent in parallel (executor.workers)."),
         ]
     ):
         fn = click.option(flag, type=kind, default=None, help=text)(fn)

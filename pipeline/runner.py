@@ -40,7 +40,7 @@ from pipeline.reader import (
     read_rows,
     selected_rows,
 )
-from pipeline.records import Outcome, Request, RunSummary, Usage
+from pipeline.records import Outcome, Request, Row, RunSummary, Usage
 from pipeline.scheduler import Pacer, RetryPolicy, call_with_retries, run_all
 from pipeline.spec import JobSpec
 from pipeline.validator import Judgement, judge, parse_document
@@ -70,6 +70,16 @@ class Prepared:
     price: Price | None
     api_key: str | None
     rows: int
+    row_range: RowRange | None = None
+    """Only these positions among the selected rows (one shard of a Ray run); None: all of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowRange:
+    """Positions ``[start, stop)`` among a run's selected rows: the part of the job one shard sends."""
+
+    start: int
+    stop: int
 
 
 def load_schema(spec: JobSpec) -> dict[str, Any] | None:
@@ -150,8 +160,30 @@ def iter_requests(p: Prepared, chunk_rows: int | None = None) -> Iterator[list[R
     size = chunk_rows or p.spec.job.chunk_rows
     if p.spec.media.image_columns or p.spec.media.video_columns:
         size = min(size, media.CHUNK_ROWS)  # media bytes live in the request bodies: keep few chunks of them
-    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column):
+    if p.row_range is None:
+        chunks = read_rows(p.table, p.selection, size, columns, p.spec.job.id_column)
+    else:
+        chunks = _rows_in_range(p, p.row_range, size, columns)
+    for rows in chunks:
         yield [p.renderer.render(r) for r in rows]
+
+
+def _rows_in_range(p: Prepared, rng: RowRange, size: int, columns: Sequence[str]) -> Iterator[list[Row]]:
+    """``read_rows`` for one shard: frames before the range are skipped before the costly dict conversion."""
+    id_column = p.spec.job.id_column
+    wanted = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
+    pos = 0
+    for frame in read_frames(p.table, p.selection, size, wanted):
+        lo, pos = pos, pos + frame.height
+        if pos <= rng.start:
+            continue
+        if lo >= rng.stop:
+            return
+        part = frame.slice(max(rng.start - lo, 0), min(pos, rng.stop) - max(lo, rng.start))
+        numbers = part.get_column(ROW_NUMBER).to_list()
+        keys: list[Any] = part.get_column(id_column).to_list() if id_column else numbers
+        values = part.select(wanted).to_dicts() if wanted else [{} for _ in numbers]
+        yield [Row(index=n, key=str(k), values=v) for n, k, v in zip(numbers, keys, values, strict=True)]
 
 
 def new_run_id() -> str:
@@ -193,17 +225,45 @@ class RunOptions:
     transport: httpx.AsyncBaseTransport | None = None
 
 
-class _Run:
-    """State of one run; methods are the pieces ``run_job`` composes."""
+def make_pacer(spec: JobSpec) -> Pacer:
+    """The job's pacer: its own buckets, or a bucket shared with other processes (``limits.shared_limiter``)."""
+    limits = spec.limits
+    if limits.shared_limiter is None:
+        return Pacer(limits.rpm, limits.tpm)
+    from pipeline.shared_limits import SqliteQuota, default_limits_file
 
-    def __init__(self, p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary) -> None:
+    path = limits.shared_limiter_file or default_limits_file()
+    return Pacer(limits.rpm, limits.tpm, quota=SqliteQuota(limits.shared_limiter, path, limits.rpm, limits.tpm))
+
+
+def budget_stop_reason(spent: float, limit: float | None) -> str:
+    return f"budget: stopped issuing at ${spent:.4f} spent of limits.max_cost_usd = {limit}"
+
+
+class _Run:
+    """State of one run (or of one shard of a Ray run); methods are the pieces ``run_job`` composes.
+
+    ``pacer`` and ``budget`` are injected by the Ray executor so that every shard takes from the
+    cluster's one RPM/TPM and one budget instead of holding its own.
+    """
+
+    def __init__(
+        self,
+        p: Prepared,
+        ledger: Ledger,
+        options: RunOptions,
+        summary: RunSummary,
+        *,
+        pacer: Pacer | None = None,
+        budget: Budget | None = None,
+    ) -> None:
         self.p = p
         self.spec = p.spec
         self.ledger = ledger
         self.options = options
         self.summary = summary
-        self.pacer = Pacer(p.spec.limits.rpm, p.spec.limits.tpm)
-        self.budget = Budget(p.spec.limits.max_cost_usd)
+        self.pacer = pacer or make_pacer(p.spec)
+        self.budget = budget or Budget(p.spec.limits.max_cost_usd)
         self.policy = RetryPolicy(max_attempts=p.spec.limits.max_attempts, backoff_max_s=p.spec.limits.backoff_max_s)
         self.check = schema_types.compile_validator(p.schema) if p.schema is not None else None
         self.expects_json = p.spec.output.format != "text"
@@ -513,6 +573,34 @@ def exit_code_for(summary: RunSummary) -> int:
     return EXIT_OK
 
 
+#: Sends what the ledger lacks for ``Prepared``: commits every answer to ``Ledger`` and maps every
+#: selected row to its request hash there (for the output), counts into ``RunSummary``, sets its
+#: ``stop_reason`` on a fatal error or the budget. The last argument is the endpoint's base URL.
+Executor = Callable[[Prepared, Ledger, RunOptions, RunSummary, str], None]
+
+
+def execute_local(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+    """The default executor: this process, one event loop, ``limits.concurrency`` workers."""
+    run = _Run(p, ledger, options, summary)
+    try:
+        asyncio.run(run.main(url))
+    except FatalAPIError as exc:
+        summary.stop_reason = f"fatal: {exc}"
+        return
+    if run.budget_hit:
+        summary.stop_reason = budget_stop_reason(run.budget.spent, run.budget.limit)
+
+
+def executor_for(spec: JobSpec) -> Executor:
+    """``executor.kind``'s executor; Ray is imported only when asked for (it is an optional extra)."""
+    if spec.executor.kind == "ray":
+        from pipeline.ray_executor import execute_ray, require_ray
+
+        require_ray(spec)
+        return execute_ray
+    return execute_local
+
+
 def run_job(spec: JobSpec, options: RunOptions | None = None, *, base_url: str | None = None) -> RunSummary:
     """Run a job to completion (or to a clean stop) and return what happened.
 
@@ -521,12 +609,16 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, base_url: str |
     """
     options = options or RunOptions()
     p = prepare(spec, options.selection)
+    execute = executor_for(spec)
     summary = RunSummary(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
     with JobLock(spec.lock_path):
         ledger = Ledger(spec.ledger_path)
+        if spec.shards_dir.exists():  # a Ray run died before merging its shards: their answers are paid for
+            from pipeline.ray_executor import merge_leftover_shards
+
+            merge_leftover_shards(spec.shards_dir, ledger)
         ledger.start_run(summary.run_id, spec.name, summary.started_at)
         server = None
-        fatal: FatalAPIError | None = None
         try:
             url = base_url or spec.base_url
             if spec.endpoint.preset == "local" and url is None:
@@ -535,17 +627,7 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, base_url: str |
                 server = LocalAPI(ServerConfig(latency_ms=spec.endpoint.local_latency_ms))
                 url = server.start()
             assert url is not None
-            run = _Run(p, ledger, options, summary)
-            try:
-                asyncio.run(run.main(url))
-            except FatalAPIError as exc:
-                fatal = exc
-                summary.stop_reason = f"fatal: {exc}"
-            if run.budget_hit and fatal is None:
-                summary.stop_reason = (
-                    f"budget: stopped issuing at ${run.budget.spent:.4f} spent "
-                    f"of limits.max_cost_usd = {run.budget.limit}"
-                )
+            execute(p, ledger, options, summary, url)
             counts = write_output(
                 spec.job.output,
                 read_frames(p.table, p.selection, spec.job.chunk_rows),

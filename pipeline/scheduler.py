@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -109,8 +109,25 @@ async def call_with_retries(
     return await retrying(fn)
 
 
+class Quota(Protocol):
+    """RPM/TPM held outside this event loop: shared by processes (a SQLite file) or a cluster (a Ray actor).
+
+    ``pipeline.shared_limits.SqliteQuota`` and ``pipeline.ray_executor.RayQuota`` implement it.
+    """
+
+    async def take(self, tokens: float) -> None:
+        """Wait until one request counting ``tokens`` tokens may be sent."""
+
+    def set_factor(self, factor: float) -> None:
+        """Pace at ``factor`` × the configured limits (lowered after 429s, recovered slowly)."""
+
+
 class Pacer:
-    """Request and token pacing shared by all workers of one run (one event loop)."""
+    """Request and token pacing shared by all workers of one run (one event loop).
+
+    With a ``quota`` the limits are held there instead of in this process's own buckets, so several
+    processes on one key keep its RPM/TPM together; 429 handling (the factor) stays the same.
+    """
 
     def __init__(
         self,
@@ -120,6 +137,7 @@ class Pacer:
         clock: Callable[[], float] = time.monotonic,
         decrease: float = 0.8,
         recover_after_s: float = 10.0,
+        quota: Quota | None = None,
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
@@ -127,8 +145,12 @@ class Pacer:
         self.decrease = decrease
         self.recover_after_s = recover_after_s
         self.factor = 1.0
-        self.requests = AdjustableLimiter(rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS) if rpm else None
-        self.tokens = AdjustableLimiter(tpm / 60 * TOKEN_BUCKET_SECONDS, TOKEN_BUCKET_SECONDS) if tpm else None
+        self.quota = quota
+        local = quota is None
+        self.requests = AdjustableLimiter(rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS) if rpm and local else None
+        self.tokens = (
+            AdjustableLimiter(tpm / 60 * TOKEN_BUCKET_SECONDS, TOKEN_BUCKET_SECONDS) if tpm and local else None
+        )
         self._primed = False
         self._last_decrease = -1e9
         self._last_recover = clock()
@@ -156,6 +178,8 @@ class Pacer:
     async def acquire(self, tokens: int) -> None:
         if not self._primed:
             self._prime()
+        if self.quota is not None:
+            await self.quota.take(float(tokens) if self.tpm else 0.0)
         if self.requests is not None:
             await self.requests.acquire(1)
         if self.tokens is not None:
@@ -179,7 +203,7 @@ class Pacer:
             return
         self._last_decrease = now
         self._last_recover = now
-        if self.requests is None:
+        if self.requests is None and self.rpm is None:
             # No limit was configured: start from the rate that was getting through, measured over the
             # last 10 s or the run's age if shorter (a young run must not read as a slow one).
             window = [t for t in self._recent if now - t <= 10.0]
@@ -200,6 +224,8 @@ class Pacer:
             self._apply()
 
     def _apply(self) -> None:
+        if self.quota is not None:
+            self.quota.set_factor(self.factor)
         if self.requests is not None and self.rpm:
             self.requests.set_rate(self.rpm / 60 * self.factor)
         if self.tokens is not None and self.tpm:

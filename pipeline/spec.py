@@ -158,6 +158,10 @@ class LimitsSection(_Strict):
     """Stop issuing requests before spent + in-flight worst case would exceed this."""
     backoff_max_s: float = Field(default=60.0, gt=0)
     """Longest wait between tries when the server gives no Retry-After."""
+    shared_limiter: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    """Name of an RPM/TPM bucket shared by every job on this machine naming it (one key, one limit)."""
+    shared_limiter_file: Path | None = None
+    """SQLite file holding shared buckets; default ``~/.cache/seedbatch/limits.sqlite``."""
 
 
 class EndpointSection(_Strict):
@@ -181,6 +185,15 @@ class PricingSection(_Strict):
     """USD per million completion tokens (reasoning included)."""
 
 
+class ExecutorSection(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    """Where requests are sent from: this process, or tasks on a Ray cluster (``pip install 'seedbatch[ray]'``)."""
+    address: str | None = None
+    """Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); unset: $RAY_ADDRESS, else a local Ray."""
+    workers: int = Field(default=2, ge=1, le=10_000)
+    """Shards: the selected rows are split into this many row ranges, one Ray task each."""
+
+
 class JobSpec(_Strict):
     job: JobSection
     model: ModelSection = Field(default_factory=ModelSection)
@@ -191,6 +204,7 @@ class JobSpec(_Strict):
     endpoint: EndpointSection = Field(default_factory=EndpointSection)
     pricing: PricingSection | None = None
     """Price table override; a bundled table is used for known models."""
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
 
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""
@@ -200,6 +214,12 @@ class JobSpec(_Strict):
     def _check(self) -> JobSpec:
         if self.output.format == "json_schema" and self.output.schema_ is None:
             raise ValueError("output.format = 'json_schema' needs output.schema (a file path or a table)")
+        if self.limits.shared_limiter is not None and self.limits.rpm is None and self.limits.tpm is None:
+            raise ValueError("limits.shared_limiter shares limits.rpm/limits.tpm: set at least one of them")
+        if self.limits.shared_limiter is not None and self.executor.kind == "ray":
+            raise ValueError(
+                "limits.shared_limiter is for local runs; a Ray run already holds one limit for the whole cluster"
+            )
         return self
 
     # Derived values, one place each.
@@ -220,6 +240,11 @@ class JobSpec(_Strict):
     @property
     def lock_path(self) -> Path:
         return self.ledger_path.with_name(self.ledger_path.name + ".lock")
+
+    @property
+    def shards_dir(self) -> Path:
+        """Where a Ray run's shards keep their own ledgers until they are merged into the main one."""
+        return self.ledger_path.with_name(self.ledger_path.name + ".shards")
 
     def preset_value(self, key: str) -> Any:
         explicit = getattr(self.endpoint, key, None)
@@ -254,6 +279,9 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "max_cost": ("limits", "max_cost_usd"),
     "endpoint": ("endpoint", "preset"),
     "strict_inputs": ("media", "strict_inputs"),
+    "executor": ("executor", "kind"),
+    "ray_address": ("executor", "address"),
+    "workers": ("executor", "workers"),
 }
 
 

@@ -69,16 +69,12 @@ def test_plan_estimates_input_tokens_within_15_percent(tmp_path: Path, api: Loca
 
 
 def test_plan_command_prints_the_figures(tmp_path: Path, api: LocalAPI) -> None:
-    spec = make_spec(tmp_path, api, reviews(50), limits={"rpm": 60})
-    result = CliRunner().invoke(main, ["plan", str(tmp_path / "job.toml")] if False else ["--help"])
-    assert result.exit_code == 0
     job = write_job(tmp_path, api, reviews(50), limits={"rpm": 60})
     result = CliRunner().invoke(main, ["plan", str(job)])
     assert result.exit_code == 0, result.output
     for text in ("50 selected", "50 to send", "input tokens", "cost", "bound by rpm"):
         assert text in result.output
     assert api.stats()["received"] == 0
-    del spec
 
 
 def test_budget_stops_before_overshoot_and_a_raised_budget_continues(tmp_path: Path, api: LocalAPI) -> None:
@@ -113,9 +109,11 @@ def test_manifest_has_what_a_monitor_reads(tmp_path: Path, api: LocalAPI) -> Non
     spec = make_spec(tmp_path, api, reviews(12))
     summary = run(spec)
     manifest = json.loads(spec.manifest_path.read_text())
-    for key in ("job_file_sha256", "seedbatch_version", "started_at", "ended_at", "rows_by_status", "requests_sent",
-                "retries", "prompt_tokens", "completion_tokens", "usd_spent", "http_429", "exit_code", "run_id"):  # fmt: skip
-        assert key in manifest, key
+    expected = {
+        "job_file_sha256", "seedbatch_version", "started_at", "ended_at", "rows_by_status", "requests_sent",
+        "retries", "prompt_tokens", "completion_tokens", "usd_spent", "http_429", "exit_code", "run_id",
+    }  # fmt: skip
+    assert expected <= set(manifest)
     assert manifest["rows_by_status"] == {"ok": 12}
     assert manifest["exit_code"] == EXIT_OK
     assert manifest["requests_sent"] == 12
@@ -175,24 +173,20 @@ def test_the_key_never_leaves_the_process(tmp_path: Path, api: LocalAPI) -> None
     assert not [o for o in outputs if secret.encode() in o]
 
 
+HEAD = '[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\n'
+PROMPT = '[prompt]\nuser = "{text}"\n'
+LOCAL = '[endpoint]\npreset = "local"\n'
 BAD_CONFIGS = [
     ("[job]\ninput = 3", "job.input"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\n[prompt]\nuser = "{text}"\n[model]\ntemperature = 9',
-     "model.temperature"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\n[prompt]\nuser = "{text}"\n[limits]\nrpm = -1',
-     "limits.rpm"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\n[prompt]\nuser = "{text}"\n[endpoint]\npreset = "x"',
-     "endpoint.preset"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.csv"\n[prompt]\nuser = "{text}"\n[endpoint]\npreset = "local"',
-     ".parquet"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\n[prompt]\nuser = "{text"\n[endpoint]\npreset = "local"',
-     "prompt.user"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\n[prompt]\nuser = "{text}"\n[output]\nformat = "json_schema"',
-     "output.schema"),
+    (HEAD + PROMPT + "[model]\ntemperature = 9", "model.temperature"),
+    (HEAD + PROMPT + "[limits]\nrpm = -1", "limits.rpm"),
+    (HEAD + PROMPT + '[endpoint]\npreset = "x"', "endpoint.preset"),
+    (HEAD.replace("x.parquet", "x.csv") + PROMPT + LOCAL, ".parquet"),
+    (HEAD + '[prompt]\nuser = "{text"\n' + LOCAL, "prompt.user"),
+    (HEAD + PROMPT + '[output]\nformat = "json_schema"', "output.schema"),
     ("[job\n", "not valid TOML"),
-    ('[job]\ninput = "data/reviews.csv"\noutput = "out/x.parquet"\nid_column = "nope"\n[prompt]\nuser = "{text}"\n'
-     '[endpoint]\npreset = "local"', "'nope'"),
-]  # fmt: skip
+    (HEAD + 'id_column = "nope"\n' + PROMPT + LOCAL, "'nope'"),
+]
 
 
 @pytest.mark.parametrize(("toml", "expect"), BAD_CONFIGS)

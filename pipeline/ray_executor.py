@@ -1,0 +1,490 @@
+"""``executor.kind = "ray"``: one job on a Ray cluster, sharded by row range, one limit for the cluster.
+
+The driver (``run_job``) does what it does for a local run (prepare, lock, main ledger, output); only the
+sending is different (``execute_ray``):
+
+- The selected rows are split into ``executor.workers`` row ranges. Each range is one Ray task
+  (``run_shard``) running the same ``_Run`` as a local run, so pacing, retries, validation and the
+  ledger discipline are one code path.
+- Each shard commits to its own SQLite file, ``<ledger>.shards/<k>.sqlite`` (one writer per file, no
+  lock contention across nodes), and counts answers already in the main ledger as known. It also keeps
+  the shard's row → request-hash map, so the driver never renders requests itself.
+- Every shard's ``Pacer`` takes from one ``ClusterLimits`` actor (RPM, TPM) and every shard's budget
+  leases from it, so the job's limits hold for the cluster, not per worker.
+- A task killed mid-shard is retried by Ray (``max_retries``) and resumes from its shard ledger: only
+  answers in flight or not yet flushed (0.2 s) when it died are paid again.
+- When the tasks end, the driver merges the shard ledgers into the main ledger and deletes them; a
+  driver that dies first leaves them for the next run of the job (local or Ray) to merge.
+
+Ray is imported only inside functions: a local run never needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pipeline.errors import FatalAPIError, SpecError
+from pipeline.ledger import ANSWER_COLUMNS, Ledger
+from pipeline.reader import Selection
+from pipeline.records import Outcome, RunSummary
+from pipeline.runner import (
+    Budget,
+    Prepared,
+    RowRange,
+    RunOptions,
+    _Run,
+    budget_stop_reason,
+    prepare,
+)
+from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS, Pacer
+from pipeline.shared_limits import ReservationBucket, reserve
+
+INSTALL_HINT = "pip install 'seedbatch[ray]'"
+#: Ray retries of a shard whose worker died (killed, OOM, node lost); each resumes from the shard ledger.
+SHARD_RETRIES = 3
+#: Seconds between a shard's heartbeats to the limits actor (progress up, stop requests down).
+HEARTBEAT_S = 0.5
+#: Budget leases: this fraction of ``max_cost_usd`` per shard at a time, so few calls reach the actor
+#: and little budget sits unused in one shard while another is refused.
+LEASE_FRACTION = 0.1
+
+
+def require_ray(spec: Any) -> None:
+    """A one-line ``SpecError`` (exit 2, nothing sent) when the job asks for Ray and it is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise SpecError(f"{spec.source or 'job'}: executor.kind = 'ray' needs Ray: {INSTALL_HINT}") from None
+
+
+# ---------------------------------------------------------------------------------------- shard ledgers
+
+
+class ShardLedger(Ledger):
+    """One shard's own ledger file; answers in the job's main ledger count as already known.
+
+    The row map is a real table here (not a temp one): the driver reads it to write the output.
+    """
+
+    def __init__(self, path: Path, main_path: Path) -> None:
+        super().__init__(path)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS shard_rows (row_number INTEGER PRIMARY KEY, request_hash TEXT) WITHOUT ROWID"
+        )
+        self.main = Ledger(main_path)  # read only here: the driver writes it only after every shard ended
+
+    def known(self, hashes: Any, run_id: str | None = None) -> dict[str, str]:
+        found = self.main.known(hashes, run_id)
+        found.update(super().known(hashes, run_id))  # the shard's answers are newer
+        return found
+
+    def get(self, request_hash: str) -> Outcome | None:
+        return super().get(request_hash) or self.main.get(request_hash)
+
+    def map_rows(self, pairs: Any) -> None:
+        with self._transaction():
+            self.db.executemany("INSERT OR REPLACE INTO shard_rows VALUES (?, ?)", pairs)
+
+    def close(self) -> None:
+        super().close()
+        self.main.close()
+
+
+_ALL_COLUMNS = ("request_hash", *ANSWER_COLUMNS, "run_id", "answered_at")
+#: Newer answer wins: a shard's answer replaces the main ledger's only if it was answered later.
+_MERGE_SQL = (
+    f"INSERT INTO main.answers ({', '.join(_ALL_COLUMNS)}) SELECT {', '.join(_ALL_COLUMNS)} FROM shard.answers "
+    "WHERE true ON CONFLICT (request_hash) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ALL_COLUMNS[1:])
+    + " WHERE excluded.answered_at >= answers.answered_at"
+)
+
+
+def merge_shard(path: Path, ledger: Ledger, *, rows: bool) -> int:
+    """Copy a shard ledger's answers (and with ``rows`` its row map) into ``ledger``; returns answers copied."""
+    db = ledger.db
+    ledger.flush()
+    db.execute("ATTACH DATABASE ? AS shard", (str(path),))
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM shard.sqlite_master WHERE type = 'table'")}
+        if "answers" not in tables:
+            return 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            copied = int(db.execute(_MERGE_SQL).rowcount)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if rows and "shard_rows" in tables:
+            cur = db.execute("SELECT row_number, request_hash FROM shard.shard_rows")
+            while batch := cur.fetchmany(50_000):
+                ledger.map_rows(batch)
+        return copied
+    finally:
+        db.execute("DETACH DATABASE shard")
+
+
+def merge_leftover_shards(shards_dir: Path, ledger: Ledger) -> int:
+    """Answers a Ray run paid for but never merged (its driver died): into the main ledger, then delete."""
+    copied = 0
+    for path in sorted(shards_dir.glob("*.sqlite")):
+        copied += merge_shard(path, ledger, rows=False)
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    return copied
+
+
+def split_rows(rows: int, shards: int) -> list[RowRange]:
+    """``shards`` contiguous, near-equal row ranges (fewer when there are fewer rows than shards)."""
+    shards = max(1, min(shards, rows))
+    bounds = [rows * k // shards for k in range(shards + 1)]
+    return [RowRange(bounds[k], bounds[k + 1]) for k in range(shards)]
+
+
+# ---------------------------------------------------------------------------------------- the actor
+
+
+class ClusterLimits:
+    """The job's one RPM/TPM and one budget, for every shard on every node (a Ray actor).
+
+    Pacing is the reservation bucket of ``shared_limits``; the actor's clock is the only one that
+    matters, and it answers with relative waits, so node clocks need not agree. It also relays stop
+    requests from the driver and progress from the shards.
+    """
+
+    def __init__(self, rpm: float | None, tpm: float | None, budget_usd: float | None) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.factor = 1.0
+        self.requests = ReservationBucket(BUCKET_SECONDS)
+        self.tokens = ReservationBucket(TOKEN_BUCKET_SECONDS)
+        self.budget_usd = budget_usd
+        self.leased = 0.0
+        self.stop_requested = False
+        self.progress: dict[int, dict[str, Any]] = {}
+
+    def reserve(self, tokens: float) -> tuple[bool, float]:
+        parts: list[tuple[ReservationBucket, float, float]] = []
+        if self.rpm:
+            parts.append((self.requests, self.rpm / 60 * self.factor, 1.0))
+        if self.tpm and tokens > 0:
+            parts.append((self.tokens, self.tpm / 60 * self.factor, tokens))
+        return reserve(parts, time.monotonic()) if parts else (True, 0.0)
+
+    def set_factor(self, factor: float) -> None:
+        self.factor = factor
+
+    def lease(self, want: float) -> float:
+        """Up to ``want`` USD of the budget for one shard; 0 once it is all leased."""
+        if self.budget_usd is None:
+            return want
+        grant = max(0.0, min(want, self.budget_usd - self.leased))
+        self.leased += grant
+        return grant
+
+    def give_back(self, amount: float) -> None:
+        self.leased = max(0.0, self.leased - amount)
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def heartbeat(self, shard: int, progress: dict[str, Any]) -> bool:
+        """A shard's counters so far; returns whether the driver asked every shard to stop."""
+        self.progress[shard] = progress
+        return self.stop_requested
+
+    def all_progress(self) -> dict[int, dict[str, Any]]:
+        return self.progress
+
+
+class RayQuota:
+    """``scheduler.Quota`` backed by the ``ClusterLimits`` actor: one reservation in flight per shard."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self._turn: asyncio.Lock | None = None
+
+    async def take(self, tokens: float) -> None:
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        async with self._turn:
+            while True:
+                ok, wait = await self.actor.reserve.remote(tokens)
+                if ok:
+                    break
+                await asyncio.sleep(wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def set_factor(self, factor: float) -> None:
+        self.actor.set_factor.remote(factor)
+
+
+class LeasedBudget(Budget):
+    """A shard's budget: leases from the actor's one budget, so the job's ``max_cost_usd`` holds in sum.
+
+    ``reserve`` is synchronous in ``_Run``; a lease is a short blocking call made once per
+    ``LEASE_FRACTION`` of the budget, not per request.
+    """
+
+    def __init__(self, actor: Any, total: float) -> None:
+        super().__init__(limit=0.0)
+        self.actor = actor
+        self.chunk = total * LEASE_FRACTION
+
+    def reserve(self, amount: float) -> bool:
+        import ray
+
+        assert self.limit is not None
+        short = self.spent + self.reserved + amount - self.limit
+        if short > 0:
+            self.limit += float(ray.get(self.actor.lease.remote(max(short, self.chunk))))
+        return super().reserve(amount)
+
+    def unused(self) -> float:
+        assert self.limit is not None
+        return max(0.0, self.limit - self.spent - self.reserved)
+
+
+# ---------------------------------------------------------------------------------------- one shard
+
+
+@dataclass
+class ShardTask:
+    """What a shard needs; plain data, so Ray can ship it (the API key is not in it)."""
+
+    spec: Any  # JobSpec
+    selection: Selection
+    row_range: RowRange
+    index: int
+    run_id: str
+    base_url: str
+    cwd: str
+    retry_errors: bool = False
+    fresh: bool = False
+
+
+def shard_path(shards_dir: Path, index: int) -> Path:
+    return shards_dir / f"{index:04d}.sqlite"
+
+
+def _progress_fields(s: RunSummary, in_flight: int) -> dict[str, Any]:
+    return {
+        "rows_by_status": dict(s.rows_by_status),
+        "rows_from_ledger": s.rows_from_ledger,
+        "rows_deduplicated": s.rows_deduplicated,
+        "requests_sent": s.requests_sent,
+        "retries": s.retries,
+        "http_429": s.http_429,
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "usd_spent": s.usd_spent,
+        "errors_by_kind": dict(s.errors_by_kind),
+        "in_flight": in_flight,
+    }
+
+
+def run_shard(task: ShardTask, limits: Any) -> RunSummary:
+    """One Ray task: send what the main and shard ledgers lack for ``task.row_range``.
+
+    The worker resolves the API key itself (its environment or ``endpoint.api_key_file``), so the key
+    never travels through Ray. Relative paths in the job mean what they mean on the driver: the shard
+    runs in the driver's directory when it exists here.
+    """
+    with contextlib.suppress(OSError):
+        os.chdir(task.cwd)
+    spec = task.spec
+    shards_dir = spec.shards_dir.resolve()
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    (shards_dir / f"{task.index:04d}.pid").write_text(str(os.getpid()))
+    rows = task.row_range.stop - task.row_range.start
+    p = replace(prepare(spec, task.selection), row_range=task.row_range, rows=rows)
+    summary = RunSummary(job=spec.name, run_id=task.run_id, rows_total=p.rows, started_at=time.time())
+    options = RunOptions(
+        selection=task.selection, retry_errors=task.retry_errors, fresh=task.fresh, install_signal_handlers=False
+    )
+    ledger = ShardLedger(shard_path(shards_dir, task.index), spec.ledger_path.resolve())
+    budget = LeasedBudget(limits, spec.limits.max_cost_usd) if spec.limits.max_cost_usd is not None else None
+    quota = RayQuota(limits) if (spec.limits.rpm or spec.limits.tpm) else None
+    pacer = Pacer(spec.limits.rpm, spec.limits.tpm, quota=quota)
+    run = _Run(p, ledger, options, summary, pacer=pacer, budget=budget)
+
+    async def heartbeats() -> None:
+        while True:
+            if await limits.heartbeat.remote(task.index, _progress_fields(summary, run.in_flight)):
+                run.stop.set()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def main() -> None:
+        beat = asyncio.create_task(heartbeats())
+        try:
+            await run.main(task.base_url)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    try:
+        asyncio.run(main())
+    except FatalAPIError as exc:
+        summary.stop_reason = f"fatal: {exc}"
+    finally:
+        ledger.close()
+        if isinstance(budget, LeasedBudget):
+            limits.give_back.remote(budget.unused())
+    if run.budget_hit and summary.stop_reason is None:
+        summary.stop_reason = "budget"
+    summary.ended_at = time.time()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- the driver
+
+
+def _add_into(total: RunSummary, part: dict[str, Any]) -> None:
+    """Add one shard's counters (``_progress_fields`` or a whole summary as a dict) into ``total``."""
+    for key in (
+        "rows_from_ledger",
+        "rows_deduplicated",
+        "requests_sent",
+        "retries",
+        "http_429",
+        "null_cells",
+        "prompt_tokens",
+        "completion_tokens",
+        "usd_spent",
+        "credits_used",
+    ):
+        value = part.get(key)
+        if value is not None:
+            setattr(total, key, getattr(total, key) + value)
+    for kind, n in (part.get("errors_by_kind") or {}).items():
+        total.errors_by_kind[kind] = total.errors_by_kind.get(kind, 0) + n
+    for kind, text in (part.get("error_examples") or {}).items():
+        total.error_examples.setdefault(kind, text)
+    for status, n in (part.get("rows_by_status") or {}).items():
+        total.rows_by_status[status] = total.rows_by_status.get(status, 0) + n
+
+
+@contextlib.contextmanager
+def _signals(enabled: bool, caught: list[int]) -> Any:
+    """SIGINT/SIGTERM on the driver become a stop request (first) or a hard stop (second)."""
+    if not enabled:
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+    """``runner.Executor`` for Ray: shards as tasks, then their ledgers merged into ``ledger``."""
+    import ray
+
+    spec = p.spec
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=spec.executor.address, log_to_driver=True, include_dashboard=False)
+        started_ray = True
+    shards_dir = spec.shards_dir.resolve()
+    shutil.rmtree(shards_dir, ignore_errors=True)  # run_job merged any leftovers before
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    limits: Any = (
+        ray.remote(num_cpus=0)(ClusterLimits)
+        .options(max_concurrency=1)
+        .remote(spec.limits.rpm, spec.limits.tpm, spec.limits.max_cost_usd)
+    )
+    shard_remote = ray.remote(max_retries=SHARD_RETRIES, retry_exceptions=False)(run_shard)
+    ranges = split_rows(p.rows, spec.executor.workers)
+    cwd = os.getcwd()
+    refs = {
+        shard_remote.remote(
+            ShardTask(spec, p.selection, rng, k, summary.run_id, url, cwd, options.retry_errors, options.fresh),
+            limits,
+        ): k
+        for k, rng in enumerate(ranges)
+    }
+    results: dict[int, RunSummary] = {}
+    failures: list[str] = []
+    caught: list[int] = []
+    stop_deadline: float | None = None
+    last_progress = 0.0
+    try:
+        with _signals(options.install_signal_handlers, caught):
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
+                for ref in done:
+                    try:
+                        result: RunSummary = ray.get(ref)
+                    except Exception as exc:  # a shard that failed for good: its rows stay pending
+                        failures.append(f"shard {refs[ref]}: {str(exc).strip().splitlines()[-1]}")
+                        continue
+                    results[refs[ref]] = result
+                    if result.stop_reason and stop_deadline is None:  # fatal or budget: stop the others
+                        limits.request_stop.remote()
+                        stop_deadline = time.monotonic() + options.grace_s
+                if caught and stop_deadline is None:
+                    summary.interrupted = True
+                    summary.stop_reason = f"signal {signal.Signals(caught[0]).name}"
+                    limits.request_stop.remote()
+                    stop_deadline = time.monotonic() + options.grace_s
+                if pending and stop_deadline is not None and (time.monotonic() > stop_deadline or len(caught) > 1):
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    ray.wait(pending, num_returns=len(pending), timeout=10)
+                    break
+                now = time.monotonic()
+                if options.progress and now - last_progress >= options.progress_interval_s:
+                    last_progress = now
+                    _report(options, summary, ray.get(limits.all_progress.remote()))
+    finally:
+        for part in results.values():
+            _add_into(summary, asdict(part))
+        summary.rows_by_status = {}  # counted again from the output by run_job
+        for k in range(len(ranges)):
+            path = shard_path(shards_dir, k)
+            if path.exists():
+                merge_shard(path, ledger, rows=True)
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        ray.kill(limits)
+        if started_ray:
+            ray.shutdown()
+    reasons = [r.stop_reason for r in results.values() if r.stop_reason]
+    fatal = next((r for r in reasons if r.startswith("fatal")), None)
+    if fatal is not None:
+        summary.stop_reason = fatal
+    elif "budget" in reasons and summary.stop_reason is None:
+        summary.stop_reason = budget_stop_reason(summary.usd_spent, spec.limits.max_cost_usd)
+    elif failures and summary.stop_reason is None:
+        summary.stop_reason = f"ray: {len(failures)} shard(s) failed: {failures[0]}"
+    if failures:
+        summary.errors_by_kind["shard_failed"] = len(failures)
+        summary.error_examples.setdefault("shard_failed", failures[0][:300])
+
+
+def _report(options: RunOptions, summary: RunSummary, progress: dict[int, dict[str, Any]]) -> None:
+    """The live panel / progress lines from the shards' last heartbeats."""
+    assert options.progress is not None
+    view = RunSummary(
+        job=summary.job, run_id=summary.run_id, rows_total=summary.rows_total, started_at=summary.started_at
+    )
+    for fields in progress.values():
+        _add_into(view, fields)
+    options.progress(view, sum(int(f.get("in_flight", 0)) for f in progress.values()))
