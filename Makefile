@@ -44,7 +44,7 @@ $(VENV)/.installed-ray: pyproject.toml $(STAMP)
 test-ray: $(VENV)/.installed-ray  ## the Ray executor on a local Ray instance (installs the ray extra once)
 	$(BIN)/pytest -q -m ray -p no:cacheprovider tests/test_ray.py
 
-bench: $(STAMP)  ## benchmarks against the local API; writes benchmarks/RESULTS.md
+bench: $(VENV)/.installed-ray  ## benchmarks against the local API (and 2 Ray workers); writes benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)  ## ruff and mypy
