@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
-_IN_BATCH = 500
+_IN_BATCH = 5000
 #: Usage columns (prompt_tokens … usd_spent) of a row that reused an identical earlier row's answer.
 _REUSED_USAGE = (0, 0, 0, 0, 0, 0.0, 0.0)
 
@@ -116,6 +116,7 @@ class Ledger:
             raise SpecError(f"{path}: cannot open ledger ({exc}); move it away or set job.ledger") from None
         self._buffer: list[tuple[Any, ...]] = []
         self._mapped = False
+        self._reused: dict[str, int] | None = None  # computed once the row map is complete
 
     # Answers -------------------------------------------------------------------------------------
     def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, str]:
@@ -173,11 +174,33 @@ class Ledger:
             self.db.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS row_map (row_number INTEGER PRIMARY KEY, request_hash TEXT)"
             )
-            self.db.execute("CREATE INDEX IF NOT EXISTS temp.row_map_hash ON row_map (request_hash, row_number)")
             self.db.execute("DELETE FROM temp.row_map")
             self._mapped = True
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
+
+    def usage_of_mapped(self) -> tuple[int, int, float]:
+        """Prompt tokens, completion tokens and USD of the answers the mapped rows asked, each once."""
+        if not self._mapped:
+            return 0, 0, 0.0
+        row = self.db.execute(
+            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(usd_spent), 0) "
+            "FROM answers WHERE request_hash IN (SELECT request_hash FROM temp.row_map)"
+        ).fetchone()
+        return int(row[0]), int(row[1]), float(row[2])
+
+    def reused_rows(self) -> dict[str, int]:
+        """Hashes asked by more than one mapped row → the first such row.
+
+        One grouped scan once the map is complete (an index kept up to date during 1M inserts cost more
+        than the scan), and small: only repeated requests are in it.
+        """
+        if not self._mapped:
+            return {}
+        cur = self.db.execute(
+            "SELECT request_hash, MIN(row_number) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
+        )
+        return {h: n for h, n in cur}
 
     def answers_for_rows(self, lo: int, hi: int) -> dict[int, tuple[str, tuple[Any, ...] | None]]:
         """row_number → (request_hash, answer columns or None) for mapped rows in [lo, hi].
@@ -186,23 +209,24 @@ class Ledger:
         its own: it gets the answer with zero usage, cost and attempts, so the output's cost columns
         sum to what was paid.
         """
+        if self._reused is None:
+            self._reused = self.reused_rows()
+        reused = self._reused
         cur = self.db.execute(
-            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])}, "
-            "EXISTS (SELECT 1 FROM temp.row_map e WHERE e.request_hash = r.request_hash "
-            "AND e.row_number < r.row_number) "
+            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "
             "FROM temp.row_map r LEFT JOIN answers a ON a.request_hash = r.request_hash "
             "WHERE r.row_number BETWEEN ? AND ?",
             (lo, hi),
         )
         out: dict[int, tuple[str, tuple[Any, ...] | None]] = {}
         for r in cur:
+            n, h = r[0], r[1]
             if r[2] is None:
-                out[r[0]] = (r[1], None)
-                continue
-            answer = r[2:-1]
-            if r[-1]:
-                answer = (*answer[:6], *_REUSED_USAGE, *answer[13:15], 0, 0, answer[17])
-            out[r[0]] = (r[1], tuple(answer))
+                out[n] = (h, None)
+            elif h in reused and reused[h] != n:
+                out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, r[19]))
+            else:
+                out[n] = (h, r[2:])
         return out
 
     def run_answers(self, run_id: str) -> set[str]:

@@ -88,7 +88,6 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
     prompt = completion = 0
     usd = 0.0
     last = None
-    counted: set[str] = set()
     try:
         if ledger is not None:
             lr = ledger.last_run()
@@ -99,18 +98,8 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
         for chunk in iter_requests(p):
             hashes = [r.request_hash for r in chunk]
             known = ledger.known(hashes) if ledger else {}
-            new = [h for h in known if h not in counted]
-            if ledger and new:
-                marks = ",".join("?" * len(new))
-                row = ledger.db.execute(
-                    "SELECT coalesce(sum(prompt_tokens),0), coalesce(sum(completion_tokens),0), "
-                    f"coalesce(sum(usd_spent),0) FROM answers WHERE request_hash IN ({marks})",
-                    new,
-                ).fetchone()
-                prompt += row[0]
-                completion += row[1]
-                usd += row[2]
-                counted.update(new)
+            if ledger is not None:
+                ledger.map_rows([(r.row_index, r.request_hash) for r in chunk])
             for h in hashes:
                 status = known.get(h)
                 if status is None:
@@ -120,6 +109,10 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
                 else:
                     failed += 1
                     by_status[status] = by_status.get(status, 0) + 1
+        if ledger is not None:
+            # Each distinct request's usage once, however many rows asked it: summed by SQLite over the
+            # row map, so memory does not grow with the input.
+            prompt, completion, usd = ledger.usage_of_mapped()
     finally:
         if ledger:
             ledger.close()

@@ -159,25 +159,23 @@ class Renderer:
             )
 
     def render(self, row: Row) -> Request:
+        # The hot loop of a run (and of every rerun, which must hash each row): kept lean on purpose.
         values = row.values
-        nulls = 0
-        cells: dict[str, str] = {}
-        for name in self.fields:
-            v = values.get(name)
-            if v is None:
-                nulls += 1
-                cells[name] = ""
-            else:
-                cells[name] = v if isinstance(v, str) else str(v)
-        pieces = [p if isinstance(p, tuple) else p.format_map(cells) for p in self.pieces or [self.user]]
-        user_text = "".join(p for p in pieces if isinstance(p, str))
-        messages: list[dict[str, Any]] = []
+        cells = {name: _cell(values.get(name)) for name in self.fields}
+        nulls = sum(1 for name in self.fields if values.get(name) is None)
+        if self.pieces is None:
+            pieces: list[str | tuple[str]] = []
+            user_text = self.user.format_map(cells)
+        else:
+            pieces = [p if isinstance(p, tuple) else p.format_map(cells) for p in self.pieces]
+            user_text = "".join(p for p in pieces if isinstance(p, str))
         text_len = len(user_text)
         if self.system:
             system_text = self.system.format_map(cells)
             text_len += len(system_text)
-            messages.append({"role": "system", "content": system_text})
-        messages.extend(self.few_shot)
+            messages: list[dict[str, Any]] = [{"role": "system", "content": system_text}, *self.few_shot]
+        else:
+            messages = [*self.few_shot]
         extra_tokens = 0
         media_error = None
         content: Any = user_text
@@ -213,6 +211,13 @@ class Renderer:
             null_cells=nulls,
             media_error=media_error,
         )
+
+
+def _cell(value: Any) -> str:
+    """A cell as prompt text: null renders empty (and is counted by the caller)."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
 
 
 def with_changes(body: bytes, *, max_tokens: int | None = None, reask: tuple[str, str] | None = None) -> bytes:

@@ -65,16 +65,18 @@ def check_output_path(path: Path, input_columns: Iterable[str]) -> None:
         raise SpecError(f"{path}: output folder is not writable")
 
 
+_PENDING = ("pending", *(None,) * (len(_LEDGER_ORDER) - 1))
+
+
 def _answer_frame(row_numbers: Sequence[int], answers: dict[int, tuple[str, tuple[Any, ...] | None]]) -> pl.DataFrame:
-    cols: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
-    empty = (None,) * len(_LEDGER_ORDER)
+    # Row tuples into polars in one call: a per-cell Python loop here cost 5 s of a 1M-row rewrite.
+    rows = []
     for n in row_numbers:
         request_hash, answer = answers.get(n, (None, None))
-        values = answer if answer is not None else ("pending", *empty[1:])
-        for name, value in zip(_LEDGER_ORDER, values, strict=True):
-            cols[name].append(value)
-        cols["request_hash"].append(request_hash)
-    return pl.DataFrame({name: pl.Series(name, cols[name], dtype=dtype) for name, dtype in OUTPUT_COLUMNS.items()})
+        rows.append((*(answer if answer is not None else _PENDING), request_hash))
+    schema = {name: OUTPUT_COLUMNS[name] for name in (*_LEDGER_ORDER, "request_hash")}
+    frame = pl.DataFrame(rows, schema=schema, orient="row", strict=False)
+    return frame.select(OUTPUT_COLUMNS.keys())
 
 
 def write_output(
