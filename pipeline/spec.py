@@ -72,8 +72,9 @@ class JobSection(_Strict):
     """Also write only this run's new answers to a file: a template with {date} and {run_id}."""
     dedupe: bool = True
     """Send identical requests once. Turn off to sample several answers at temperature > 0 without a seed."""
-    chunk_rows: int = Field(default=10_000, ge=100, le=1_000_000)
-    """Rows read from the input at a time; bounds memory on huge inputs."""
+    chunk_rows: int = Field(default=2_000, ge=100, le=1_000_000)
+    """Rows read from the input at a time; bounds memory on huge inputs (2,000: 271 MB peak RSS on the 100k-row
+    benchmark where 10,000 gave 420 MB, at the same speed)."""
 
 
 class ModelSection(_Strict):
