@@ -135,6 +135,29 @@ class Ledger:
             found.update(self.db.execute(sql, part).fetchall())
         return found
 
+    def known_usage(self, hashes: Sequence[str]) -> dict[str, tuple[str, int, int, float]]:
+        """Status, prompt tokens, completion tokens and USD of each hash already answered, in one lookup."""
+        found: dict[str, tuple[str, int, int, float]] = {}
+        for i in range(0, len(hashes), _IN_BATCH):
+            part = list(hashes[i : i + _IN_BATCH])
+            marks = ",".join("?" * len(part))
+            cur = self.db.execute(
+                "SELECT request_hash, status, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), "
+                f"coalesce(usd_spent, 0) FROM answers WHERE request_hash IN ({marks})",
+                part,
+            )
+            found.update((r[0], r[1:]) for r in cur)
+        return found
+
+    def repeated_hashes(self) -> dict[str, int]:
+        """Hashes asked by more than one mapped row → how many rows asked them."""
+        if not self._mapped:
+            return {}
+        cur = self.db.execute(
+            "SELECT request_hash, COUNT(*) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
+        )
+        return {h: n for h, n in cur}
+
     def get(self, request_hash: str) -> Outcome | None:
         row = self.db.execute(
             f"SELECT {', '.join(ANSWER_COLUMNS)} FROM answers WHERE request_hash = ?", (request_hash,)
@@ -178,16 +201,6 @@ class Ledger:
             self._mapped = True
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
-
-    def usage_of_mapped(self) -> tuple[int, int, float]:
-        """Prompt tokens, completion tokens and USD of the answers the mapped rows asked, each once."""
-        if not self._mapped:
-            return 0, 0, 0.0
-        row = self.db.execute(
-            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(usd_spent), 0) "
-            "FROM answers WHERE request_hash IN (SELECT request_hash FROM temp.row_map)"
-        ).fetchone()
-        return int(row[0]), int(row[1]), float(row[2])
 
     def reused_rows(self) -> dict[str, int]:
         """Hashes asked by more than one mapped row → the first such row.

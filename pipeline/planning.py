@@ -97,22 +97,30 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
                 last = f"{lr[0]} started {started}, exit code {code}"
         for chunk in iter_requests(p):
             hashes = [r.request_hash for r in chunk]
-            known = ledger.known(hashes) if ledger else {}
+            known = ledger.known_usage(hashes) if ledger else {}
             if ledger is not None:
                 ledger.map_rows([(r.row_index, r.request_hash) for r in chunk])
             for h in hashes:
-                status = known.get(h)
-                if status is None:
+                answer = known.get(h)
+                if answer is None:
                     pending += 1
-                elif status == "ok":
+                    continue
+                status, p_tokens, c_tokens, cost = answer
+                prompt, completion, usd = prompt + p_tokens, completion + c_tokens, usd + cost
+                if status == "ok":
                     ok += 1
                 else:
                     failed += 1
                     by_status[status] = by_status.get(status, 0) + 1
         if ledger is not None:
-            # Each distinct request's usage once, however many rows asked it: summed by SQLite over the
-            # row map, so memory does not grow with the input.
-            prompt, completion, usd = ledger.usage_of_mapped()
+            # Each distinct request was paid once, however many rows asked it: take the repeats back out.
+            # The row map lives in SQLite, so memory does not grow with the input.
+            repeated = ledger.repeated_hashes()
+            for h, answer in ledger.known_usage(list(repeated)).items():
+                extra = repeated[h] - 1
+                prompt -= answer[1] * extra
+                completion -= answer[2] * extra
+                usd -= answer[3] * extra
     finally:
         if ledger:
             ledger.close()

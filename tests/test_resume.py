@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.errors import LockedError
 from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.planning import job_status
 from pipeline.runner import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL
 from tests.conftest import job_dict, make_spec, reviews, run
 
@@ -108,6 +109,9 @@ def test_identical_rows_are_sent_once_unless_dedupe_is_off(tmp_path: Path, api: 
     out = pl.read_parquet(spec.job.output)
     assert out.get_column("status").to_list() == ["ok"] * 300
     assert out.get_column("content").to_list()[:150] == out.get_column("content").to_list()[150:]
+    status = job_status(spec)  # each paid request counted once, however many rows asked it
+    assert (status.ok, status.prompt_tokens) == (300, api.stats()["prompt_tokens"])
+    assert status.usd_spent == pytest.approx(api.stats()["usd_spent"])
 
     api.reset()
     (tmp_path / "out").rename(tmp_path / "out-1")
