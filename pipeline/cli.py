@@ -306,8 +306,11 @@ def serve(
     """Run the built-in local API (OpenAI/AIML-compatible) for dry runs, tests and benchmarks."""
     import os
 
+    from pipeline.errors import SpecError
     from pipeline.localapi import ServerConfig, run_server
 
+    if require_key_env and not os.environ.get(require_key_env):
+        raise SpecError(f"--require-key-env {require_key_env}: that environment variable is not set")
     config = ServerConfig(
         latency_ms=latency_ms,
         latency_jitter_ms=jitter_ms,

@@ -231,3 +231,10 @@ def test_limit_and_sample_try_a_few_rows(tmp_path: Path, api: LocalAPI) -> None:
     ids = out.get_column("review_id").to_list()
     assert ids != [f"r-{i:05d}" for i in range(7)]  # random rows, not the first seven
     assert api.stats()["answered_ok"] == 7
+
+
+def test_serve_refuses_a_key_variable_that_is_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEEDBATCH_TEST_UNSET_KEY", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--require-key-env", "SEEDBATCH_TEST_UNSET_KEY"])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "SEEDBATCH_TEST_UNSET_KEY" in result.output
