@@ -503,4 +503,7 @@ def test_image_job_memory_is_bounded_by_requests_in_flight(tmp_path: Path, local
         f"{probe['before_kb'] / 1024:.0f} MiB after start-up ({growth / total:.0%} of the images); "
         f"run {wall:.1f}s, images made in {made:.1f}s"
     )
-    assert growth < 0.5 * total  # holding every image at once would be >= 100% (>= 133% as base64 bodies)
+    # Holding every image at once would be >= 100% of their bytes (>= 133% as base64 bodies). Typical runs
+    # grow by 28-34%; one run in a fresh venv grew by 63% (glibc keeps freed 130 KB buffers in its heap
+    # once its mmap threshold has risen), so the bound sits below "all of them", not at the typical figure.
+    assert growth < 1.0 * total

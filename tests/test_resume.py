@@ -168,7 +168,7 @@ def test_second_run_is_locked_out_and_a_dead_holder_is_taken_over(tmp_path: Path
         assert lock.read_text() == str(first.pid)
     finally:
         first.kill()
-        first.wait()
+        first.communicate()
     api.config = ServerConfig()
     third = finish(job, timeout=60)
     assert third.returncode == EXIT_OK, third.stderr
@@ -214,19 +214,22 @@ def test_sigterm_writes_partial_output_and_resume_completes(tmp_path: Path, api:
 @pytest.mark.slow
 def test_kill_test_many_sigkills_no_answer_paid_twice(tmp_path: Path, api: LocalAPI) -> None:
     """SIGKILL at random moments, resume each time; compare with an uninterrupted run."""
+    # ~20 s of sending in all (3,000 rows x 0.2 s / 32 in flight), each life 0.6-2.0 s including ~0.5 s of
+    # start-up: twelve kills fit with room to spare.
     rows, kills = 3000, 12
-    api.config = ServerConfig(latency_ms=150, latency_jitter_ms=100, seed=3)
-    concurrency = 64
+    api.config = ServerConfig(latency_ms=200, latency_jitter_ms=100, seed=3)
+    concurrency = 32
     job = write_job(tmp_path, api, reviews(rows), limits={"concurrency": concurrency})
     rng = random.Random(11)
     killed = 0
     while killed < kills:
         proc = start(job)
-        time.sleep(rng.uniform(0.8, 3.0))
+        time.sleep(rng.uniform(0.6, 2.0))
         if proc.poll() is not None:
+            proc.communicate()
             break
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # reap it and close its pipes
         killed += 1
     final = finish(job, timeout=300)
     assert final.returncode == EXIT_OK, final.stderr
