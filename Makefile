@@ -26,7 +26,7 @@ demo: $(STAMP)  ## run jobs/demo.toml against the built-in local API (no key nee
 test: $(STAMP)  ## the fast suite (a few minutes on 2 cores)
 	$(BIN)/pytest -q
 
-test-slow: $(STAMP)  ## the slow tier: kill/resume, memory
+test-slow: $(STAMP)  ## the slow tier: the kill test (12 SIGKILLs, then resume)
 	$(BIN)/pytest -q -m slow
 
 $(VENV)/.installed-llm: pyproject.toml $(STAMP)
