@@ -73,6 +73,32 @@ def make_spec(
     return spec_from_dict(data, tmp_path / "job.toml")
 
 
+def to_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Enough TOML for job files: sections of strings, numbers and booleans."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                lines.append(f"{key} = {value!r}".replace("'", '"') if "\n" not in value else f'{key} = """{value}"""')
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            else:
+                lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def write_job(tmp_path: Path, api: LocalAPI | None, frame: pl.DataFrame, **sections: dict[str, Any]) -> Path:
+    """``frame`` as input.csv and a job file (TOML) for a CLI or subprocess run against ``api``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    frame.write_csv(tmp_path / "input.csv")
+    output = tmp_path / "out" / "result.parquet"
+    data = job_dict(tmp_path / "input.csv", output, api.base_url if api else None, **sections)
+    job = tmp_path / "job.toml"
+    job.write_text(to_toml(data))
+    return job
+
+
 def example_job(name: str, tmp_path: Path, api: LocalAPI, **sections: dict[str, Any]) -> JobSpec:
     """A job file from jobs/, pointed at the local API and at tmp_path for its output."""
     data = tomllib.loads((ROOT / "jobs" / name).read_text())

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from PIL import Image
 
 from pipeline import media
 from pipeline.errors import InputError
-from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.localapi import LocalAPI
 from pipeline.media import MediaBuilder, MediaProblem
 from pipeline.records import Row
 from pipeline.runner import RunOptions, prepare, run_job
@@ -83,16 +82,6 @@ def job(tmp_path: Path, frame: pl.DataFrame, **sections: dict[str, Any]) -> JobS
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return spec_from_dict(data)
-
-
-@pytest.fixture
-def local_api() -> Iterator[LocalAPI]:
-    server = LocalAPI(ServerConfig())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def run(spec: JobSpec, api: LocalAPI) -> Any:
@@ -285,17 +274,17 @@ def test_hash_follows_file_content_not_path(tmp_path: Path) -> None:
     assert as_bytes.request_hash == renderer.render(row("p1", id="p1", img=str(moved))).request_hash
 
 
-def test_rerun_resends_changed_file_not_renamed_one(tmp_path: Path, local_api: LocalAPI) -> None:
+def test_rerun_resends_changed_file_not_renamed_one(tmp_path: Path, api: LocalAPI) -> None:
     paths = [tmp_path / f"img-{i}.png" for i in range(3)]
     for i, p in enumerate(paths):
         p.write_bytes(image_bytes("PNG", seed=i))
     spec = job(tmp_path, pl.DataFrame({"id": ["a", "b", "c"], "img": [str(p) for p in paths]}))
-    assert run(spec, local_api).requests_sent == 3
+    assert run(spec, api).requests_sent == 3
     renamed = tmp_path / "renamed.png"
     paths[0].rename(renamed)  # same bytes, new name
     paths[1].write_bytes(image_bytes("PNG", seed=99))  # same name, new bytes
     spec = job(tmp_path, pl.DataFrame({"id": ["a", "b", "c"], "img": [str(renamed), str(paths[1]), str(paths[2])]}))
-    again = run(spec, local_api)
+    again = run(spec, api)
     assert (again.requests_sent, again.rows_from_ledger) == (1, 2)
     assert f"[image:{sha12(image_bytes('PNG', seed=99))}]" in output(spec)["b"]["content"]
 
@@ -303,7 +292,7 @@ def test_rerun_resends_changed_file_not_renamed_one(tmp_path: Path, local_api: L
 # ---------------------------------------------------------------- end to end against the local API
 
 
-def test_image_job_end_to_end(tmp_path: Path, local_api: LocalAPI) -> None:
+def test_image_job_end_to_end(tmp_path: Path, api: LocalAPI) -> None:
     """Paths, raw bytes (a Parquet binary column), URLs, nulls and a missing file in one job."""
     png, jpeg, raw = image_bytes("PNG", seed=1), image_bytes("JPEG", seed=2), image_bytes("WEBP", seed=3)
     (tmp_path / "a.png").write_bytes(png)
@@ -318,7 +307,7 @@ def test_image_job_end_to_end(tmp_path: Path, local_api: LocalAPI) -> None:
         schema={"id": pl.String, "img": pl.String, "raw": pl.Binary},
     )
     spec = job(tmp_path, frame, media={"image_columns": ["img", "raw"], "detail": "high"})
-    summary = run(spec, local_api)
+    summary = run(spec, api)
     out = output(spec)
     assert summary.requests_sent == 5  # the missing file's row is never sent
     assert f"[image:{sha12(png)}]" in out["path"]["content"]
@@ -330,7 +319,7 @@ def test_image_job_end_to_end(tmp_path: Path, local_api: LocalAPI) -> None:
     assert out["missing"]["error"] == f"row 'missing': column 'img': image file not found: {tmp_path / 'gone.png'}"
     assert out["missing"]["error_kind"] == "media"
     assert summary.exit_code == 1
-    assert local_api.stats()["received"] == 5
+    assert api.stats()["received"] == 5
 
 
 def test_example_job_runs_against_local_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,15 +346,15 @@ def test_example_images_are_small() -> None:
 
 
 @NEEDS_DIFF
-def test_strict_inputs_stops_before_any_request(tmp_path: Path, local_api: LocalAPI) -> None:
+def test_strict_inputs_stops_before_any_request(tmp_path: Path, api: LocalAPI) -> None:
     good = tmp_path / "ok.png"
     good.write_bytes(image_bytes("PNG"))
     ids = [f"p{i}" for i in range(300)]  # more than one chunk: the bad row is in the last one
     cells = [str(good)] * 299 + [str(tmp_path / "gone.png")]
     spec = job(tmp_path, pl.DataFrame({"id": ids, "img": cells}), media={"strict_inputs": True})
     with pytest.raises(InputError, match=r"row 'p299': column 'img': image file not found: .*gone\.png"):
-        run(spec, local_api)
-    assert local_api.stats()["received"] == 0
+        run(spec, api)
+    assert api.stats()["received"] == 0
     assert not spec.ledger_path.exists()
 
 
@@ -411,9 +400,9 @@ def test_inline_position_places_images_at_placeholders(tmp_path: Path) -> None:
 
 
 @NEEDS_DIFF
-def test_null_media_cells_are_counted(tmp_path: Path, local_api: LocalAPI) -> None:
+def test_null_media_cells_are_counted(tmp_path: Path, api: LocalAPI) -> None:
     spec = job(tmp_path, pl.DataFrame({"id": ["a", "b"], "img": [None, "https://e.com/x.png"]}))
-    assert run(spec, local_api).null_cells == 1
+    assert run(spec, api).null_cells == 1
 
 
 @NEEDS_DIFF
@@ -469,7 +458,7 @@ print(json.dumps({"before_kb": before, "peak_kb": peak, "sent": summary.requests
 
 @NEEDS_DIFF  # with 256-row media chunks (before the change) RSS keeps climbing: 155/273/320 MB at 2k/4k/6k rows
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc (Linux)")
-def test_image_job_memory_is_bounded_by_requests_in_flight(tmp_path: Path, local_api: LocalAPI) -> None:
+def test_image_job_memory_is_bounded_by_requests_in_flight(tmp_path: Path, api: LocalAPI) -> None:
     """4,000 rows of ~100 KB images (~400 MB, ~540 MB as base64): the run's memory grows by a small part of it."""
     n = 4000
     started = time.perf_counter()
@@ -483,7 +472,7 @@ def test_image_job_memory_is_bounded_by_requests_in_flight(tmp_path: Path, local
         """[model]\nmax_tokens = 64\n[prompt]\nuser = "Describe product {id}."\n"""
         """[media]\nimage_columns = ["img"]\n[limits]\nconcurrency = 16\n"""
         # The server runs in this process, not the probe's: its buffers are not the pipeline's memory.
-        f"""[endpoint]\npreset = "vllm"\nbase_url = "{local_api.base_url}"\n"""
+        f"""[endpoint]\npreset = "vllm"\nbase_url = "{api.base_url}"\n"""
     )
     started = time.perf_counter()
     done = subprocess.run(

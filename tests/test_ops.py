@@ -19,8 +19,7 @@ from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job
 from pipeline.runner import EXIT_BAD_INPUT, EXIT_FATAL_API, EXIT_OK, EXIT_PARTIAL, EXIT_ROWS_FAILED
 from pipeline.spec import load_spec
-from tests.conftest import ROOT, example_job, make_spec, reviews, run
-from tests.test_resume import write_job
+from tests.conftest import ROOT, example_job, make_spec, reviews, run, write_job
 
 
 def test_progress_is_a_json_line_when_not_a_terminal(tmp_path: Path, api: LocalAPI) -> None:

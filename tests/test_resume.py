@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pytest
@@ -18,29 +17,10 @@ from pipeline.errors import LockedError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import job_status
 from pipeline.runner import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL
-from tests.conftest import job_dict, make_spec, reviews, run
+from tests.conftest import make_spec, reviews, run, write_job
 
 #: Columns that legitimately differ between two runs of the same job.
 TIMING = ["latency_ms", "response_id"]
-
-
-def write_job(tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, **sections: dict[str, Any]) -> Path:
-    """A job file (TOML) for a subprocess run against ``api``."""
-    frame.write_csv(tmp_path / "input.csv")
-    data = job_dict(tmp_path / "input.csv", tmp_path / "out" / "result.parquet", api.base_url, **sections)
-    lines: list[str] = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, str):
-                lines.append(f"{key} = {value!r}".replace("'", '"') if "\n" not in value else f'{key} = """{value}"""')
-            elif isinstance(value, bool):
-                lines.append(f"{key} = {str(value).lower()}")
-            else:
-                lines.append(f"{key} = {value}")
-    job = tmp_path / "job.toml"
-    job.write_text("\n".join(lines) + "\n")
-    return job
 
 
 def start(job: Path, *args: str) -> subprocess.Popen[bytes]:
