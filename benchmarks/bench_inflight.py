@@ -9,8 +9,8 @@ from __future__ import annotations
 from common import (
     OUT,
     BenchResult,
-    Sample,
     Server,
+    admitted_rate,
     answer_window,
     clean_job,
     client_cmd,
@@ -25,10 +25,6 @@ NAME = "inflight"
 TITLE = "Many requests in flight (slow server at the RPM limit)"
 
 RPM = 6000.0
-
-
-def _admitted(s: Sample) -> int:
-    return s.received - s.rate_limited
 
 
 def run(quick: bool) -> BenchResult:
@@ -56,16 +52,15 @@ def run(quick: bool) -> BenchResult:
         stats = server.stats()
     require_ok(run_, "inflight")
     result.commands += [f"server: {server.command}", f"client: {run_.command}"]
-    first = next((s for s in samples if _admitted(s) > 0), None)
-    last = next((s for s in samples if _admitted(s) >= rows), None)
-    if first is None or last is None or last.t <= first.t:
+    measured = admitted_rate(samples, rows)
+    if measured is None:
         result.add("achieved RPM ÷ limit", "not measurable", "≥ 0.95", False)
         return result
-    rate = (_admitted(last) - _admitted(first)) / (last.t - first.t) * 60.0
+    rate, seconds = measured
     peak_open = max(s.received - s.answered_ok - s.rate_limited for s in samples)
     result.add(
         "achieved requests/min ÷ limit (server-side, admitted)",
-        f"{pct(rate / RPM)} ({rate:,.0f}/min over {last.t - first.t:.1f} s)",
+        f"{pct(rate / RPM)} ({rate:,.0f}/min over {seconds:.1f} s)",
         "≥ 0.95",
         rate / RPM >= 0.95,
     )

@@ -12,9 +12,10 @@ import importlib.util
 
 from common import (
     OUT,
+    STORM_FRACTION,
     BenchResult,
-    Sample,
     Server,
+    admitted_rate,
     clean_job,
     client_cmd,
     make_reviews,
@@ -33,17 +34,6 @@ RPM = 6000.0
 WORKERS = 2
 CONCURRENCY = 64  # per shard: 2 x 64 in flight cover 100 requests/s at 300 ms
 # A 429 "storm": more than 1% of requests refused.
-STORM_FRACTION = 0.01
-
-
-def _admitted_rate(samples: list[Sample], n: int) -> tuple[float, float] | None:
-    """(requests/min admitted by the server, window seconds) from first admission to the n-th."""
-    first = next((s for s in samples if s.received - s.rate_limited > 0), None)
-    last = next((s for s in samples if s.received - s.rate_limited >= n), None)
-    if first is None or last is None or last.t <= first.t:
-        return None
-    done = (last.received - last.rate_limited) - (first.received - first.rate_limited)
-    return done / (last.t - first.t) * 60.0, last.t - first.t
 
 
 def run(quick: bool) -> BenchResult:
@@ -71,7 +61,7 @@ def run(quick: bool) -> BenchResult:
         stats = server.stats()
     require_ok(client, "ray")
     result.commands += [f"server: {server.command}", f"client: {client.command}"]
-    measured = _admitted_rate(samples, rows)
+    measured = admitted_rate(samples, rows)
     if measured is None:
         result.add("RPM: achieved ÷ limit", "not measurable (no admissions seen)", "0.95 to 1.00", False)
         return result

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from common import (
     OUT,
+    STORM_FRACTION,
     BenchResult,
-    Sample,
     Server,
+    admitted_rate,
     answer_window,
     clean_job,
     client_cmd,
@@ -33,17 +34,6 @@ TPM = 3_000_000.0
 PAD_SENTENCES = 150  # ~1,000 prompt tokens per row: the token limit binds long before the request limit
 TPM_MAX_TOKENS = 16
 # A 429 "storm": more than 1% of requests refused.
-STORM_FRACTION = 0.01
-
-
-def _admitted_rate(samples: list[Sample], n: int) -> tuple[float, float] | None:
-    """(requests/min admitted by the server, window seconds) from first admission to the n-th."""
-    first = next((s for s in samples if s.received - s.rate_limited > 0), None)
-    last = next((s for s in samples if s.received - s.rate_limited >= n), None)
-    if first is None or last is None or last.t <= first.t:
-        return None
-    done = (last.received - last.rate_limited) - (first.received - first.rate_limited)
-    return done / (last.t - first.t) * 60.0, last.t - first.t
 
 
 def run_rpm(result: BenchResult, rows: int) -> None:
@@ -58,7 +48,7 @@ def run_rpm(result: BenchResult, rows: int) -> None:
         stats = server.stats()
     require_ok(run, "rpm")
     result.commands += [f"server: {server.command}", f"client: {run.command}"]
-    measured = _admitted_rate(samples, rows)
+    measured = admitted_rate(samples, rows)
     if measured is None:
         result.add("RPM: achieved ÷ limit", "not measurable (no admissions seen)", "≥ 0.97", False)
         return

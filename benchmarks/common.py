@@ -231,6 +231,20 @@ def answer_window(samples: Sequence[Sample], total_ok: int) -> tuple[Sample, Sam
     return first, last
 
 
+#: More 429s than this fraction of the rows is a storm (the pacer failed to hold the limit).
+STORM_FRACTION = 0.01
+
+
+def admitted_rate(samples: Sequence[Sample], n: int) -> tuple[float, float] | None:
+    """(requests/min admitted by the server, window seconds) from its first admission to the ``n``-th."""
+    first = next((s for s in samples if s.received - s.rate_limited > 0), None)
+    last = next((s for s in samples if s.received - s.rate_limited >= n), None)
+    if first is None or last is None or last.t <= first.t:
+        return None
+    done = (last.received - last.rate_limited) - (first.received - first.rate_limited)
+    return done / (last.t - first.t) * 60.0, last.t - first.t
+
+
 # ------------------------------------------------------------------------------------------- client
 
 
