@@ -34,12 +34,11 @@ from typing import Any
 
 from pipeline.errors import FatalAPIError, SpecError
 from pipeline.ledger import ANSWER_COLUMNS, Ledger
-from pipeline.reader import Selection
+from pipeline.reader import RowRange, Selection
 from pipeline.records import Outcome, RunSummary
 from pipeline.runner import (
     Budget,
     Prepared,
-    RowRange,
     RunOptions,
     _Run,
     budget_stop_reason,

@@ -166,16 +166,39 @@ def _parquet_frames(
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class RowRange:
+    """Positions ``[start, stop)`` among a run's selected rows: the part of the job one shard sends."""
+
+    start: int
+    stop: int
+
+
 def read_rows(
     table: InputTable,
     selection: Selection,
     chunk_rows: int,
     columns: Sequence[str],
     id_column: str | None,
+    row_range: RowRange | None = None,
 ) -> Iterator[list[Row]]:
-    """Rows as plain Python values (only ``columns``), one list per chunk, for the hot loop."""
+    """Rows as plain Python values (only ``columns``), one list per chunk, for the hot loop.
+
+    With ``row_range`` only those positions among the selected rows; frames before it are skipped
+    before the costly conversion to dicts.
+    """
     wanted = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
-    for frame in read_frames(table, selection, chunk_rows, wanted):
+    pos = 0
+    for chunk in read_frames(table, selection, chunk_rows, wanted):
+        frame = chunk
+        if row_range is not None:
+            lo, pos = pos, pos + chunk.height
+            if pos <= row_range.start:
+                continue
+            if lo >= row_range.stop:
+                return
+            start = max(row_range.start, lo)
+            frame = chunk.slice(start - lo, min(pos, row_range.stop) - start)
         numbers = frame.get_column(ROW_NUMBER).to_list()
         keys: list[Any] = frame.get_column(id_column).to_list() if id_column else numbers
         values = frame.select(wanted).to_dicts() if wanted else [{} for _ in numbers]

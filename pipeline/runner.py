@@ -33,6 +33,7 @@ from pipeline.prompts import Renderer, with_changes
 from pipeline.reader import (
     ROW_NUMBER,
     InputTable,
+    RowRange,
     Selection,
     check_id_column,
     open_input,
@@ -40,7 +41,7 @@ from pipeline.reader import (
     read_rows,
     selected_rows,
 )
-from pipeline.records import Outcome, Request, Row, RunSummary, Usage
+from pipeline.records import Outcome, Request, RunSummary, Usage
 from pipeline.scheduler import Pacer, RetryPolicy, call_with_retries, run_all
 from pipeline.spec import JobSpec
 from pipeline.validator import Judgement, judge, parse_document
@@ -72,14 +73,6 @@ class Prepared:
     rows: int
     row_range: RowRange | None = None
     """Only these positions among the selected rows (one shard of a Ray run); None: all of them."""
-
-
-@dataclass(frozen=True, slots=True)
-class RowRange:
-    """Positions ``[start, stop)`` among a run's selected rows: the part of the job one shard sends."""
-
-    start: int
-    stop: int
 
 
 def load_schema(spec: JobSpec) -> dict[str, Any] | None:
@@ -160,30 +153,8 @@ def iter_requests(p: Prepared, chunk_rows: int | None = None) -> Iterator[list[R
     size = chunk_rows or p.spec.job.chunk_rows
     if p.spec.media.image_columns or p.spec.media.video_columns:
         size = min(size, media.CHUNK_ROWS)  # media bytes live in the request bodies: keep few chunks of them
-    if p.row_range is None:
-        chunks = read_rows(p.table, p.selection, size, columns, p.spec.job.id_column)
-    else:
-        chunks = _rows_in_range(p, p.row_range, size, columns)
-    for rows in chunks:
+    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column, p.row_range):
         yield [p.renderer.render(r) for r in rows]
-
-
-def _rows_in_range(p: Prepared, rng: RowRange, size: int, columns: Sequence[str]) -> Iterator[list[Row]]:
-    """``read_rows`` for one shard: frames before the range are skipped before the costly dict conversion."""
-    id_column = p.spec.job.id_column
-    wanted = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
-    pos = 0
-    for frame in read_frames(p.table, p.selection, size, wanted):
-        lo, pos = pos, pos + frame.height
-        if pos <= rng.start:
-            continue
-        if lo >= rng.stop:
-            return
-        part = frame.slice(max(rng.start - lo, 0), min(pos, rng.stop) - max(lo, rng.start))
-        numbers = part.get_column(ROW_NUMBER).to_list()
-        keys: list[Any] = part.get_column(id_column).to_list() if id_column else numbers
-        values = part.select(wanted).to_dicts() if wanted else [{} for _ in numbers]
-        yield [Row(index=n, key=str(k), values=v) for n, k, v in zip(numbers, keys, values, strict=True)]
 
 
 def new_run_id() -> str:

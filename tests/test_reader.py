@@ -10,6 +10,7 @@ import pytest
 from pipeline.errors import InputError
 from pipeline.reader import (
     ROW_NUMBER,
+    RowRange,
     Selection,
     open_input,
     read_frames,
@@ -272,3 +273,14 @@ def test_corrupt_data_pages_are_an_input_error_while_reading(tmp_path: Path) -> 
             pass
     assert str(info.value).startswith(f"{bad}: failed while reading: ")
     assert "\n" not in str(info.value)
+
+
+def test_read_rows_in_a_row_range_keeps_only_those_positions(tmp_path: Path) -> None:
+    """One Ray shard's part of the input: positions [150, 420) of 500 rows, read 100 at a time."""
+    p = tmp_path / "rows.parquet"
+    pl.DataFrame({"id": [f"r{i}" for i in range(500)], "text": ["t"] * 500}).write_parquet(p)
+    chunks = list(read_rows(open_input(p), Selection(), 100, ["text"], "id", RowRange(150, 420)))
+    rows = [r for c in chunks for r in c]
+    assert [r.index for r in rows] == list(range(150, 420))
+    assert rows[0].key == "r150"
+    assert len(chunks) == 4  # frames before 150 and after 420 are not converted
