@@ -119,44 +119,40 @@ class Ledger:
         self._reused: dict[str, int] | None = None  # computed once the row map is complete
 
     # Answers -------------------------------------------------------------------------------------
+    def _lookup(self, hashes: Sequence[str], columns: str, run_id: str | None = None) -> Iterator[tuple[Any, ...]]:
+        """``(request_hash, *columns)`` of the answered ``hashes``, looked up in batches of ``_IN_BATCH``."""
+        for i in range(0, len(hashes), _IN_BATCH):
+            part = list(hashes[i : i + _IN_BATCH])
+            sql = f"SELECT request_hash, {columns} FROM answers WHERE request_hash IN ({','.join('?' * len(part))})"
+            if run_id is not None:
+                sql += " AND run_id = ?"
+                part.append(run_id)
+            yield from self.db.execute(sql, part)
+
     def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, str]:
         """Status of each hash already answered (absent hashes are not in the dict).
 
         With ``run_id``, only answers from that run count (``--fresh`` ignores earlier runs, not its own).
         """
-        found: dict[str, str] = {}
-        for i in range(0, len(hashes), _IN_BATCH):
-            part = list(hashes[i : i + _IN_BATCH])
-            marks = ",".join("?" * len(part))
-            sql = f"SELECT request_hash, status FROM answers WHERE request_hash IN ({marks})"
-            if run_id is not None:
-                sql += " AND run_id = ?"
-                part.append(run_id)
-            found.update(self.db.execute(sql, part).fetchall())
-        return found
+        return {r[0]: r[1] for r in self._lookup(hashes, "status", run_id)}
 
     def known_usage(self, hashes: Sequence[str]) -> dict[str, tuple[str, int, int, float]]:
         """Status, prompt tokens, completion tokens and USD of each hash already answered, in one lookup."""
-        found: dict[str, tuple[str, int, int, float]] = {}
-        for i in range(0, len(hashes), _IN_BATCH):
-            part = list(hashes[i : i + _IN_BATCH])
-            marks = ",".join("?" * len(part))
-            cur = self.db.execute(
-                "SELECT request_hash, status, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), "
-                f"coalesce(usd_spent, 0) FROM answers WHERE request_hash IN ({marks})",
-                part,
-            )
-            found.update((r[0], r[1:]) for r in cur)
-        return found
+        columns = "status, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), coalesce(usd_spent, 0)"
+        return {r[0]: r[1:] for r in self._lookup(hashes, columns)}
 
-    def repeated_hashes(self) -> dict[str, int]:
-        """Hashes asked by more than one mapped row → how many rows asked them."""
+    def repeated_hashes(self) -> dict[str, tuple[int, int]]:
+        """Hashes asked by more than one mapped row → (the first such row, how many rows asked it).
+
+        One grouped scan once the map is complete (an index kept up to date during 1M inserts cost more
+        than the scan), and small: only repeated requests are in it.
+        """
         if not self._mapped:
             return {}
         cur = self.db.execute(
-            "SELECT request_hash, COUNT(*) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
+            "SELECT request_hash, MIN(row_number), COUNT(*) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
         )
-        return {h: n for h, n in cur}
+        return {h: (first, n) for h, first, n in cur}
 
     def get(self, request_hash: str) -> Outcome | None:
         row = self.db.execute(
@@ -202,19 +198,6 @@ class Ledger:
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
 
-    def reused_rows(self) -> dict[str, int]:
-        """Hashes asked by more than one mapped row → the first such row.
-
-        One grouped scan once the map is complete (an index kept up to date during 1M inserts cost more
-        than the scan), and small: only repeated requests are in it.
-        """
-        if not self._mapped:
-            return {}
-        cur = self.db.execute(
-            "SELECT request_hash, MIN(row_number) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
-        )
-        return {h: n for h, n in cur}
-
     def answers_for_rows(self, lo: int, hi: int) -> dict[int, tuple[str, tuple[Any, ...] | None]]:
         """row_number → (request_hash, answer columns or None) for mapped rows in [lo, hi].
 
@@ -223,7 +206,7 @@ class Ledger:
         sum to what was paid.
         """
         if self._reused is None:
-            self._reused = self.reused_rows()
+            self._reused = {h: first for h, (first, _) in self.repeated_hashes().items()}
         reused = self._reused
         cur = self.db.execute(
             f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "

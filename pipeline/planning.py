@@ -117,7 +117,7 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
             # The row map lives in SQLite, so memory does not grow with the input.
             repeated = ledger.repeated_hashes()
             for h, answer in ledger.known_usage(list(repeated)).items():
-                extra = repeated[h] - 1
+                extra = repeated[h][1] - 1
                 prompt -= answer[1] * extra
                 completion -= answer[2] * extra
                 usd -= answer[3] * extra
