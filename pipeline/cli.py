@@ -15,16 +15,34 @@ from pipeline import __version__
 from pipeline.errors import SeedbatchError
 from pipeline.reader import Selection
 
+EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
+def _say_error(kind: str, message: str, exit_code: int, log_format: str) -> None:
+    """One line on stderr: plain text, or a JSON object when the run logs JSON (cron log shippers)."""
+    message = " ".join(message.split())
+    if log_format == "json":
+        import orjson
+
+        line = orjson.dumps({"event": kind, "message": message, "exit_code": exit_code}).decode()
+    else:
+        line = f"seedbatch: {kind.replace('_', ' ')}: {message}"
+    click.echo(line, err=True)
+
+
+def _fail(exc: BaseException, debug: bool, log_format: str = "text") -> None:
     if debug:
         traceback.print_exception(exc)
     if isinstance(exc, SeedbatchError):
-        click.echo(f"seedbatch: error: {exc}", err=True)
+        _say_error("error", str(exc), exc.exit_code, log_format)
         sys.exit(exc.exit_code)
-    click.echo(f"seedbatch: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", err=True)
+    if isinstance(exc, click.ClickException):  # a wrong flag: the user's to fix, not a bug
+        _say_error("error", exc.format_message(), EXIT_USAGE, log_format)
+        sys.exit(EXIT_USAGE)
+    _say_error(
+        "internal_error", f"{type(exc).__name__}: {exc} (rerun with --debug for a traceback)", EXIT_INTERNAL, log_format
+    )
     sys.exit(EXIT_INTERNAL)
 
 
@@ -35,10 +53,10 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         debug = bool(kwargs.get("debug"))
         try:
             return fn(*args, **kwargs)
-        except (SystemExit, KeyboardInterrupt):
+        except (SystemExit, KeyboardInterrupt, click.exceptions.Abort):
             raise
         except Exception as exc:
-            _fail(exc, debug)
+            _fail(exc, debug, str(kwargs.get("log_format") or "text"))
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -206,6 +224,13 @@ def plan(
         f"rows           {p.rows:,} selected; {p.answered:,} already answered in the ledger; "
         f"{p.duplicates:,} duplicates; {p.to_send:,} to send"
     )
+    if p.too_long or p.skipped:
+        click.echo(
+            f"not sent       {p.too_long:,} too long for the context ({spec.context_tokens:,} tokens with max_tokens); "
+            f"{p.skipped:,} with every placeholder empty (prompt.send_empty = true sends them)"
+            if spec.context_tokens
+            else f"not sent       {p.skipped:,} with every placeholder empty (prompt.send_empty = true sends them)"
+        )
     click.echo(f"input tokens   ~{p.est_prompt_tokens:,} (estimate: characters/4 + message overhead)")
     click.echo(f"output tokens  at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)")
     if p.est_cost_usd is not None:
@@ -264,6 +289,11 @@ def show(output: Path, n: int, only_status: str | None, width: int, debug: bool)
         if only_status:
             lf = lf.filter(pl.col("status") == only_status)
         df = lf.head(n).collect()
+        if df.height == 0 and only_status:
+            counts = pl.scan_parquet(output).group_by("status").len().sort("status").collect()
+            found = ", ".join(f"{s}={c}" for s, c in counts.iter_rows()) or "none"
+            click.echo(f"no rows with status {only_status!r} in {output} (statuses there: {found})")
+            return
     except pl.exceptions.PolarsError as exc:
         raise InputError(f"{output}: cannot read Parquet ({str(exc).splitlines()[0]})") from None
     for i, row in enumerate(df.iter_rows(named=True)):

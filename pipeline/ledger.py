@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.errors import LockedError, SpecError
 from pipeline.records import Outcome, Usage
+from pipeline.spec import LOCAL_ENDPOINT, LOCAL_MODEL
 
 ANSWER_COLUMNS = (
     "status",
@@ -41,13 +42,18 @@ ANSWER_COLUMNS = (
     "latency_ms",
 )
 
-_SCHEMA = f"""
+_ANSWERS = f"""
 CREATE TABLE IF NOT EXISTS answers (
-    request_hash TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
     {", ".join(ANSWER_COLUMNS)},
     run_id TEXT,
-    answered_at REAL
-) WITHOUT ROWID;
+    answered_at REAL,
+    PRIMARY KEY (endpoint, request_hash)
+) WITHOUT ROWID;"""
+#: Every column of ``answers`` in table order (a merge copies them all).
+ALL_COLUMNS = ("endpoint", "request_hash", *ANSWER_COLUMNS, "run_id", "answered_at")
+_SCHEMA = f"""{_ANSWERS}
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     job TEXT,
@@ -100,20 +106,56 @@ def row_outcome(request_hash: str, r: Sequence[Any]) -> Outcome:
     )
 
 
-class Ledger:
-    """One connection, used from the event loop's thread only."""
+def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
+    """A ledger from before answers were keyed by endpoint: give each old answer its endpoint.
 
-    def __init__(self, path: Path) -> None:
+    Answers whose ``model`` is the built-in local API's are the local API's; every other old answer is
+    taken to come from the endpoint of the job that opens the ledger first (the README says so).
+    """
+    columns = [r[1] for r in db.execute("PRAGMA table_info(answers)")]
+    if not columns or "endpoint" in columns:
+        return
+    old = ", ".join(c for c in ALL_COLUMNS if c != "endpoint")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE answers RENAME TO answers_unkeyed")
+        db.execute(_ANSWERS)
+        db.execute(
+            f"INSERT INTO answers (endpoint, {old}) SELECT CASE WHEN model = ? THEN ? ELSE ? END, {old} "
+            "FROM answers_unkeyed",
+            (LOCAL_MODEL, LOCAL_ENDPOINT, endpoint),
+        )
+        db.execute("DROP TABLE answers_unkeyed")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class Ledger:
+    """One connection, used from the event loop's thread only.
+
+    ``endpoint`` (``JobSpec.endpoint_key``) scopes every read and write: the same request sent to
+    another server is other paid work, and an answer is never reused across endpoints.
+    """
+
+    def __init__(self, path: Path, endpoint: str) -> None:
         self.path = path
+        self.endpoint = endpoint
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=10000")
+            _migrate_unkeyed(self.db, endpoint)
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise SpecError(f"{path}: cannot open ledger ({exc}); move it away or set job.ledger") from None
+        except OSError as exc:
+            raise SpecError(
+                f"{path}: cannot create the ledger ({exc.strerror}); set job.ledger to a writable place"
+            ) from None
         self._buffer: list[tuple[Any, ...]] = []
         self._mapped = False
         self._reused: dict[str, int] | None = None  # computed once the row map is complete
@@ -122,19 +164,20 @@ class Ledger:
     def _lookup(self, hashes: Sequence[str], columns: str, run_id: str | None = None) -> Iterator[tuple[Any, ...]]:
         """``(request_hash, *columns)`` of the answered ``hashes``, looked up in batches of ``_IN_BATCH``."""
         for i in range(0, len(hashes), _IN_BATCH):
-            part = list(hashes[i : i + _IN_BATCH])
-            sql = f"SELECT request_hash, {columns} FROM answers WHERE request_hash IN ({','.join('?' * len(part))})"
+            part = [self.endpoint, *hashes[i : i + _IN_BATCH]]
+            marks = ",".join("?" * (len(part) - 1))
+            sql = f"SELECT request_hash, {columns} FROM answers WHERE endpoint = ? AND request_hash IN ({marks})"
             if run_id is not None:
                 sql += " AND run_id = ?"
                 part.append(run_id)
             yield from self.db.execute(sql, part)
 
-    def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, str]:
-        """Status of each hash already answered (absent hashes are not in the dict).
+    def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, tuple[str, str | None]]:
+        """Status and error kind of each hash already answered (absent hashes are not in the dict).
 
         With ``run_id``, only answers from that run count (``--fresh`` ignores earlier runs, not its own).
         """
-        return {r[0]: r[1] for r in self._lookup(hashes, "status", run_id)}
+        return {r[0]: (r[1], r[2]) for r in self._lookup(hashes, "status, error_kind", run_id)}
 
     def known_usage(self, hashes: Sequence[str]) -> dict[str, tuple[str, int, int, float]]:
         """Status, prompt tokens, completion tokens and USD of each hash already answered, in one lookup."""
@@ -156,13 +199,14 @@ class Ledger:
 
     def get(self, request_hash: str) -> Outcome | None:
         row = self.db.execute(
-            f"SELECT {', '.join(ANSWER_COLUMNS)} FROM answers WHERE request_hash = ?", (request_hash,)
+            f"SELECT {', '.join(ANSWER_COLUMNS)} FROM answers WHERE endpoint = ? AND request_hash = ?",
+            (self.endpoint, request_hash),
         ).fetchone()
         return row_outcome(request_hash, row) if row else None
 
     def add(self, outcome: Outcome, run_id: str) -> None:
         """Buffer an answer; ``flush`` commits it. Nothing is counted done before that."""
-        self._buffer.append((outcome.request_hash, *outcome_row(outcome), run_id, time.time()))
+        self._buffer.append((self.endpoint, outcome.request_hash, *outcome_row(outcome), run_id, time.time()))
 
     @property
     def buffered(self) -> int:
@@ -172,7 +216,7 @@ class Ledger:
         if not self._buffer:
             return 0
         rows, self._buffer = self._buffer, []
-        marks = ",".join("?" * (len(ANSWER_COLUMNS) + 3))
+        marks = ",".join("?" * len(ALL_COLUMNS))
         with self._transaction():
             self.db.executemany(f"INSERT OR REPLACE INTO answers VALUES ({marks})", rows)
         return len(rows)
@@ -210,9 +254,9 @@ class Ledger:
         reused = self._reused
         cur = self.db.execute(
             f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "
-            "FROM temp.row_map r LEFT JOIN answers a ON a.request_hash = r.request_hash "
+            "FROM temp.row_map r LEFT JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash "
             "WHERE r.row_number BETWEEN ? AND ?",
-            (lo, hi),
+            (self.endpoint, lo, hi),
         )
         out: dict[int, tuple[str, tuple[Any, ...] | None]] = {}
         for r in cur:
@@ -226,7 +270,9 @@ class Ledger:
         return out
 
     def run_answers(self, run_id: str) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT request_hash FROM answers WHERE run_id = ?", (run_id,))}
+        sql = "SELECT request_hash FROM answers WHERE endpoint = ? AND run_id = ?"
+        cur = self.db.execute(sql, (self.endpoint, run_id))
+        return {r[0] for r in cur}
 
     # Runs ------------------------------------------------------------------------------------------
     def start_run(self, run_id: str, job: str, started_at: float) -> None:
@@ -262,8 +308,14 @@ class JobLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SpecError(
+                f"{self.path}: cannot create the job's lock file ({exc.strerror}); make its folder writable "
+                "or set job.ledger to a writable place"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

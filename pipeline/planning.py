@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.ledger import Ledger
 from pipeline.reader import Selection
+from pipeline.records import needs_sending
 from pipeline.runner import Prepared, iter_requests, prepare
 from pipeline.spec import JobSpec
 
@@ -17,6 +18,8 @@ class Plan:
     answered: int
     duplicates: int
     to_send: int
+    too_long: int
+    skipped: int
     est_prompt_tokens: int
     max_completion_tokens: int
     est_cost_usd: float | None
@@ -39,20 +42,22 @@ class Status:
 
 
 def _ledger(p: Prepared) -> Ledger | None:
-    return Ledger(p.spec.ledger_path) if p.spec.ledger_path.exists() else None
+    return Ledger(p.spec.ledger_path, p.spec.endpoint_key) if p.spec.ledger_path.exists() else None
 
 
 def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors: bool = False) -> Plan:
     p = prepare(spec, selection, need_key=False)
     ledger = _ledger(p)
-    answered = duplicates = to_send = prompt = 0
+    answered = duplicates = to_send = prompt = too_long = skipped = 0
     seen: set[str] = set()
     try:
         for chunk in iter_requests(p):
             known = ledger.known([r.request_hash for r in chunk]) if ledger else {}
             for r in chunk:
-                status = known.get(r.request_hash)
-                if status is not None and (status == "ok" or not retry_errors):
+                if r.not_sent is not None:
+                    too_long += r.not_sent.status == "too_long"
+                    skipped += r.not_sent.status == "skipped"
+                elif not needs_sending(known.get(r.request_hash), retry_errors=retry_errors):
                     answered += 1
                 elif spec.job.dedupe and r.request_hash in seen:
                     duplicates += 1
@@ -77,7 +82,9 @@ def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors:
         candidates.append(((prompt + completion // 4) / lim.tpm, "tpm"))
     if candidates:
         minutes, binding = max(candidates)
-    return Plan(p.rows, answered, duplicates, to_send, prompt, completion, expected, cost, minutes, binding)
+    return Plan(
+        p.rows, answered, duplicates, to_send, too_long, skipped, prompt, completion, expected, cost, minutes, binding
+    )
 
 
 def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import SpecError
-from pipeline.records import Request, Row
+from pipeline.records import NotSent, Request, Row
 from pipeline.spec import JobSpec
 
 #: Characters per token for the pre-send estimate (English prose averages ~4 with BPE tokenizers).
@@ -42,6 +42,11 @@ def template_fields(template: str, where: str) -> list[str]:
     for _, field, spec, conv in parsed:
         if field is None:
             continue
+        if any(c in field for c in "\"' :,"):
+            raise SpecError(
+                f"{where}: '{{{field}' is not a column placeholder; to write literal braces (e.g. JSON) in a "
+                "template, double them: {{ and }}"
+            )
         if field == "" or field.isdigit():
             raise SpecError(f"{where}: empty or positional placeholder '{{{field}}}'; name a column like {{text}}")
         if spec or conv or any(c in field for c in ".["):
@@ -146,9 +151,18 @@ class Renderer:
         if response_format is not None:
             self.params["response_format"] = response_format
         self.max_tokens = m.max_tokens
+        self.context_tokens = spec.context_tokens
+        self.send_empty = spec.prompt.send_empty
+        self.media_columns = media_columns
         fixed_text = "".join(x["content"] for x in self.few_shot)
         self.fixed_tokens = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * (len(self.few_shot) + 1 + bool(self.system))
         self.fixed_tokens += estimate_tokens(fixed_text)
+
+    def _empty(self, cells: dict[str, str], parts: list[dict[str, Any]]) -> bool:
+        """Every placeholder null or blank (and no media): the answer could only be invented."""
+        if self.send_empty or not (self.fields or self.media_columns) or parts:
+            return False
+        return not any(v.strip() for v in cells.values())
 
     def check_columns(self, columns: Sequence[str], where: str) -> None:
         missing = [f for f in self.fields if f not in columns]
@@ -179,6 +193,7 @@ class Renderer:
         extra_tokens = 0
         media_error = None
         content: Any = user_text
+        parts: list[dict[str, Any]] = []
         if self.media is not None:
             by_column, media_error = self.media(row)
             nulls += sum(p is None for p in by_column.values())
@@ -201,15 +216,33 @@ class Renderer:
         if media_error:
             # A row whose media failed sends nothing; its hash must not collide with a text-only row's.
             h.update(b"\x00media_error:" + media_error.encode())
+        est = self.fixed_tokens + int(text_len / CHARS_PER_TOKEN + 0.5) + extra_tokens
+        not_sent = None
+        if media_error:
+            not_sent = NotSent("error", media_error, "media")
+        elif self._empty(cells, parts):
+            not_sent = NotSent(
+                "skipped",
+                f"every placeholder ({', '.join(self.fields + self.media_columns)}) is null or empty; "
+                "not sent (prompt.send_empty = true sends such rows)",
+                "empty",
+            )
+        elif self.context_tokens is not None and est + self.max_tokens > self.context_tokens:
+            not_sent = NotSent(
+                "too_long",
+                f"prompt ~{est:,} tokens + max_tokens {self.max_tokens:,} exceeds the model's context of "
+                f"{self.context_tokens:,} tokens (model.context_tokens); not sent",
+                "too_long",
+            )
         return Request(
             row_index=row.index,
             row_key=row.key,
             body=body,
             request_hash=h.hexdigest(),
-            est_prompt_tokens=self.fixed_tokens + int(text_len / CHARS_PER_TOKEN + 0.5) + extra_tokens,
+            est_prompt_tokens=est,
             max_tokens=self.max_tokens,
             null_cells=nulls,
-            media_error=media_error,
+            not_sent=not_sent,
         )
 
 

@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Any
 
 from pipeline.errors import FatalAPIError, SpecError
-from pipeline.ledger import ANSWER_COLUMNS, Ledger
+from pipeline.ledger import ALL_COLUMNS, Ledger
 from pipeline.reader import RowRange, Selection
 from pipeline.records import Outcome, RunSummary
 from pipeline.runner import (
@@ -74,14 +74,14 @@ class ShardLedger(Ledger):
     The row map is a real table here (not a temp one): the driver reads it to write the output.
     """
 
-    def __init__(self, path: Path, main_path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, main_path: Path, endpoint: str) -> None:
+        super().__init__(path, endpoint)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS shard_rows (row_number INTEGER PRIMARY KEY, request_hash TEXT) WITHOUT ROWID"
         )
-        self.main = Ledger(main_path)  # read only here: the driver writes it only after every shard ended
+        self.main = Ledger(main_path, endpoint)  # read only here: the driver writes it only after every shard ended
 
-    def known(self, hashes: Any, run_id: str | None = None) -> dict[str, str]:
+    def known(self, hashes: Any, run_id: str | None = None) -> dict[str, tuple[str, str | None]]:
         found = self.main.known(hashes, run_id)
         found.update(super().known(hashes, run_id))  # the shard's answers are newer
         return found
@@ -98,12 +98,11 @@ class ShardLedger(Ledger):
         self.main.close()
 
 
-_ALL_COLUMNS = ("request_hash", *ANSWER_COLUMNS, "run_id", "answered_at")
 #: Newer answer wins: a shard's answer replaces the main ledger's only if it was answered later.
 _MERGE_SQL = (
-    f"INSERT INTO main.answers ({', '.join(_ALL_COLUMNS)}) SELECT {', '.join(_ALL_COLUMNS)} FROM shard.answers "
-    "WHERE true ON CONFLICT (request_hash) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _ALL_COLUMNS[1:])
+    f"INSERT INTO main.answers ({', '.join(ALL_COLUMNS)}) SELECT {', '.join(ALL_COLUMNS)} FROM shard.answers "
+    "WHERE true ON CONFLICT (endpoint, request_hash) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ALL_COLUMNS[2:])
     + " WHERE excluded.answered_at >= answers.answered_at"
 )
 
@@ -311,7 +310,7 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
     options = RunOptions(
         selection=task.selection, retry_errors=task.retry_errors, fresh=task.fresh, install_signal_handlers=False
     )
-    ledger = ShardLedger(shard_path(shards_dir, task.index), spec.ledger_path.resolve())
+    ledger = ShardLedger(shard_path(shards_dir, task.index), spec.ledger_path.resolve(), spec.endpoint_key)
     budget = LeasedBudget(limits, spec.limits.max_cost_usd) if spec.limits.max_cost_usd is not None else None
     quota = RayQuota(limits) if (spec.limits.rpm or spec.limits.tpm) else None
     pacer = Pacer(spec.limits.rpm, spec.limits.tpm, quota=quota)

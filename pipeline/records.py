@@ -9,12 +9,49 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Every value the ``status`` column can take. ``pending`` only appears in partial outputs.
-STATUSES = ("ok", "error", "invalid_output", "refused", "truncated", "pending")
+#: Every value the ``status`` column can take. ``pending`` only appears in partial outputs;
+#: ``skipped`` (every placeholder null or empty) and ``too_long`` (over the context window) were never sent.
+STATUSES = ("ok", "error", "invalid_output", "refused", "truncated", "too_long", "skipped", "pending")
 
-#: Statuses that are final answers worth keeping; rerunning the job does not send them again.
-#: ``error`` is kept too (it was paid for or is permanent) but ``--retry-errors`` re-sends it.
-RETRYABLE_ON_REQUEST = frozenset({"error", "invalid_output", "truncated", "refused"})
+#: Statuses decided before sending, from the row and the job's settings alone: worked out again on every
+#: run (free), so a changed setting (``prompt.send_empty``, ``model.context_tokens``) takes effect at once.
+NOT_SENT = frozenset({"too_long", "skipped"})
+
+#: Error kinds of a request that gave up on a passing condition (server down, timeouts, 5xx, 429): the
+#: next run sends it again by itself. Final answers (ok, refused, invalid after re-asks, 4xx) wait for
+#: ``--retry-errors``.
+TRANSIENT_KINDS = frozenset(
+    {"timeout", "connect", "connection", "stall", "bad_response", "http_408", "http_409", "http_429"}
+)
+
+
+def is_transient(error_kind: str | None) -> bool:
+    if error_kind is None:
+        return False
+    if error_kind in TRANSIENT_KINDS:
+        return True
+    return error_kind.startswith("http_5") and error_kind[5:].isdigit()
+
+
+def needs_sending(known: tuple[str, str | None] | None, *, retry_errors: bool) -> bool:
+    """Whether a request with this ledger entry (status, error kind) is sent: one rule for run and plan."""
+    if known is None:
+        return True
+    status, kind = known
+    if status == "ok":
+        return False
+    if status in NOT_SENT or (status == "error" and is_transient(kind)):
+        return True
+    return retry_errors
+
+
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """Why a request is answered without sending it: a status, a message and an error kind."""
+
+    status: str
+    error: str
+    error_kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +74,8 @@ class Request:
     est_prompt_tokens: int
     max_tokens: int
     null_cells: int = 0
-    media_error: str | None = None
+    not_sent: NotSent | None = None
+    """Set when the request must not be sent (bad media, every placeholder empty, over the context)."""
 
 
 @dataclass(frozen=True, slots=True)

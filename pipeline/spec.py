@@ -1,7 +1,9 @@
 """The job file: strict, typed, every field documented, unknown keys rejected.
 
-A job is a TOML file. Relative paths in it are resolved against the directory the command runs in
-(the project root in every example), so ``jobs/x.toml`` can say ``input = "data/x.csv"``.
+A job is a TOML file. Relative paths written in it are resolved against the job file's own folder, so
+a cron entry that runs from ``/`` reads the same files as a run from the project root
+(``jobs/x.toml`` says ``input = "../data/x.csv"``). Paths given as CLI flags are relative to the
+current directory, as any command-line path is.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import SpecError
 
 DEFAULT_MODEL = "bytedance/dola-seed-2-0-lite"
+#: The model name the built-in local API answers with; a ledger written before answers were keyed by
+#: endpoint knows its local answers by it.
+LOCAL_MODEL = "seed-2-0-lite-local"
+#: The ledger's name for answers from the built-in local API (``preset = "local"`` with no base_url).
+LOCAL_ENDPOINT = "local"
 
 #: Named endpoints: base URL, the variable holding the key, the structured-output dialect.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -25,11 +33,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "base_url": "https://api.aimlapi.com/v1",
         "api_key_env": "AIMLAPI_API_KEY",
         "structured_output": "json_schema",
+        "context_tokens": 262_144,  # dola-seed-2-0-lite: ~256K (see ../shared/api)
     },
     "openai": {
         "base_url": "https://api.openai.com/v1",
         "api_key_env": "OPENAI_API_KEY",
         "structured_output": "json_schema",
+        "context_tokens": 128_000,
     },
     "vllm": {
         "base_url": "http://127.0.0.1:8000/v1",
@@ -49,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "api_key_env": "SEEDBATCH_LOCAL_KEY",
         "structured_output": "json_schema",
         "key_required": False,
+        "context_tokens": 262_144,  # imitates the AIML model
     },
 }
 
@@ -72,6 +83,8 @@ class JobSection(_Strict):
     """Also write only this run's new answers to a file: a template with {date} and {run_id}."""
     dedupe: bool = True
     """Send identical requests once. Turn off to sample several answers at temperature > 0 without a seed."""
+    encoding: str = "utf-8"
+    """Text encoding of a CSV or JSONL input, e.g. "latin-1", "cp1252", "utf-8-sig"."""
     chunk_rows: int = Field(default=2_000, ge=100, le=1_000_000)
     """Rows read from the input at a time; bounds memory on huge inputs (2,000: 271 MB peak RSS on the 100k-row
     benchmark where 10,000 gave 420 MB, at the same speed)."""
@@ -88,6 +101,10 @@ class ModelSection(_Strict):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    context_tokens: int | None = Field(default=None, ge=1)
+    """The model's context window. A row whose estimated prompt plus max_tokens exceeds it is recorded
+    ``too_long`` and never sent. Default per preset (262,144 for aimlapi and local, 128,000 for openai);
+    unset for your own servers (vllm, llamacpp): set it to the server's context size to get the guard."""
 
 
 class FewShot(_Strict):
@@ -102,6 +119,8 @@ class PromptSection(_Strict):
     """User message template; {column} is replaced by the row's value ({{ and }} are literal braces)."""
     few_shot: list[FewShot] = Field(default_factory=list)
     """Fixed messages placed between the system message and the row's user message."""
+    send_empty: bool = False
+    """Send rows whose placeholders are all null or empty. Off: such rows are ``skipped``, not sent, not paid."""
 
 
 class MediaSection(_Strict):
@@ -217,6 +236,11 @@ class JobSpec(_Strict):
             raise ValueError("output.format = 'json_schema' needs output.schema (a file path or a table)")
         if self.limits.shared_limiter is not None and self.limits.rpm is None and self.limits.tpm is None:
             raise ValueError("limits.shared_limiter shares limits.rpm/limits.tpm: set at least one of them")
+        if self.endpoint.preset == "local" and self.endpoint.base_url and not is_loopback(self.endpoint.base_url):
+            raise ValueError(
+                "endpoint.preset = 'local' is the built-in server on this machine; its base_url may only be a "
+                "loopback address (a `seedbatch serve`): remove endpoint.base_url or choose another preset"
+            )
         if self.limits.shared_limiter is not None and self.executor.kind == "ray":
             raise ValueError(
                 "limits.shared_limiter is for local runs; a Ray run already holds one limit for the whole cluster"
@@ -256,6 +280,21 @@ class JobSpec(_Strict):
         return self.preset_value("base_url")  # type: ignore[no-any-return]
 
     @property
+    def endpoint_key(self) -> str:
+        """Where answers come from, as the ledger keys them: ``local`` or the normalized base URL.
+
+        An answer is reused only for the endpoint that gave it, so a dry run on the local API never fills
+        a real job's output, and two servers never share answers.
+        """
+        url = self.base_url
+        return LOCAL_ENDPOINT if url is None else normalize_url(url)
+
+    @property
+    def context_tokens(self) -> int | None:
+        explicit = self.model.context_tokens
+        return explicit if explicit is not None else PRESETS[self.endpoint.preset].get("context_tokens")
+
+    @property
     def api_key_env(self) -> str:
         return str(self.preset_value("api_key_env"))
 
@@ -266,6 +305,22 @@ class JobSpec(_Strict):
     @property
     def key_required(self) -> bool:
         return bool(PRESETS[self.endpoint.preset].get("key_required", True))
+
+
+def is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
+def normalize_url(url: str) -> str:
+    """``HTTPS://API.example.com:443/v1/`` → ``https://api.example.com/v1``: one key per server."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit((scheme, host, parts.path.rstrip("/"), parts.query, ""))
 
 
 #: CLI flag name → (section, field). One table so flags and job keys keep one name.
@@ -287,28 +342,66 @@ OVERRIDES: dict[str, tuple[str, str]] = {
 
 
 def _format_validation(err: ValidationError, path: Path | str) -> str:
-    first = err.errors()[0]
+    # A misspelled key is the likeliest cause of a missing one: say it first, not behind "(+1 more)".
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "schema_") or "(top level)"
     loc = loc.replace("schema_", "schema")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see README 'Job file')"
+        msg = "unknown key (check the spelling; every key is listed in README 'Jobs')"
     elif first["type"] == "missing":
         msg = "required key is missing"
     value = first.get("input")
     shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
-    extra = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    more = [".".join(str(p) for p in e["loc"]).replace("schema_", "schema") for e in errors[1:]]
+    extra = f" (also: {', '.join(more[:3])}{', …' if len(more) > 3 else ''})" if more else ""
     return f"{path}: {loc}: {msg}{shown}{extra}"
 
 
-def spec_from_dict(
-    data: dict[str, Any], source: Path | str = "<job>", overrides: dict[str, Any] | None = None
-) -> JobSpec:
-    """Validate a parsed job, applying CLI overrides first so they are checked like the file."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for flag, value in (overrides or {}).items():
-        if value is None:
+#: Keys of a job file that hold file paths: resolved against the job file's folder.
+PATH_KEYS = (
+    ("job", "input"),
+    ("job", "output"),
+    ("job", "ledger"),
+    ("job", "run_output"),
+    ("output", "schema"),
+    ("endpoint", "api_key_file"),
+    ("limits", "shared_limiter_file"),
+)
+
+
+def _anchor_paths(data: dict[str, Any], base_dir: Path) -> None:
+    """Relative paths written in a job file mean "beside the job file", wherever the command runs."""
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        if not isinstance(values, dict):
             continue
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            values[key] = os.path.normpath(base_dir / value)
+
+
+def spec_from_dict(
+    data: dict[str, Any],
+    source: Path | str = "<job>",
+    overrides: dict[str, Any] | None = None,
+    *,
+    base_dir: Path | None = None,
+) -> JobSpec:
+    """Validate a parsed job, applying CLI overrides first so they are checked like the file.
+
+    With ``base_dir`` the file's relative paths are anchored there; overrides keep theirs (relative to
+    the current directory). ``--endpoint local`` drops the file's base_url: a dry run must never reach
+    the server the job names.
+    """
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if base_dir is not None:
+        _anchor_paths(data, base_dir)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if overrides.get("endpoint") == "local" and "base_url" not in overrides and isinstance(data.get("endpoint"), dict):
+        data["endpoint"].pop("base_url", None)
+    for flag, value in overrides.items():
         section, key = OVERRIDES[flag]
         data.setdefault(section, {})[key] = value
     try:
@@ -330,6 +423,6 @@ def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = N
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError(f"{p}: not valid TOML: {exc}") from None
-    spec = spec_from_dict(data, p, overrides)
+    spec = spec_from_dict(data, p, overrides, base_dir=p.parent)
     digest = hashlib.sha256(raw + json.dumps(overrides or {}, sort_keys=True, default=str).encode()).hexdigest()
     return spec.model_copy(update={"source": p, "source_sha256": digest})

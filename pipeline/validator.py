@@ -125,4 +125,6 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Jud
         problem = check(doc)
         if problem:
             return verdict("invalid_output", f"answer did not match schema {problem}")
-    return verdict("ok")
+    # ``content`` of an accepted answer is the document itself, so json.loads(content) works on every ok
+    # row; a Markdown fence around it is dropped (a rejected answer keeps its raw text for diagnosis).
+    return replace(base, content=strip_fence(text).strip())

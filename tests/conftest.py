@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,9 +105,9 @@ def example_job(name: str, tmp_path: Path, api: LocalAPI, **sections: dict[str, 
     data = tomllib.loads((ROOT / "jobs" / name).read_text())
     data = copy.deepcopy(data)
     for key in ("input",):
-        data["job"][key] = str(ROOT / data["job"][key])
+        data["job"][key] = os.path.normpath(ROOT / "jobs" / data["job"][key])
     if isinstance(data.get("output", {}).get("schema"), str):
-        data["output"]["schema"] = str(ROOT / data["output"]["schema"])
+        data["output"]["schema"] = os.path.normpath(ROOT / "jobs" / data["output"]["schema"])
     data["job"]["output"] = str(tmp_path / "out" / Path(data["job"]["output"]).name)
     data["job"].pop("run_output", None)
     data["endpoint"] = {"preset": "local", "base_url": api.base_url}

@@ -48,7 +48,7 @@ def _outcome(h: str, status: str = "ok", **kw: object) -> Outcome:
 
 
 def test_add_flush_known_get_round_trip(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(tmp_path / "l.sqlite", "test")
     err = _outcome("b" * 32, "error", error="HTTP 400: bad", error_kind="http_400", attempts=1)
     ledger.add(FULL, "run1")
     ledger.add(err, "run1")
@@ -60,8 +60,8 @@ def test_add_flush_known_get_round_trip(tmp_path: Path) -> None:
     assert ledger.buffered == 0
     assert ledger.flush() == 0
     assert ledger.known([FULL.request_hash, err.request_hash, "c" * 32]) == {
-        FULL.request_hash: "ok",
-        err.request_hash: "error",
+        FULL.request_hash: ("ok", None),
+        err.request_hash: ("error", "http_400"),
     }
     assert ledger.get(FULL.request_hash) == FULL
     assert ledger.get(err.request_hash) == err
@@ -71,7 +71,7 @@ def test_add_flush_known_get_round_trip(tmp_path: Path) -> None:
 
 
 def test_usage_none_fields_stay_none(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(tmp_path / "l.sqlite", "test")
     o = _outcome("d" * 32, usage=Usage(prompt_tokens=3))
     ledger.add(o, "r")
     ledger.flush()
@@ -84,7 +84,7 @@ def test_usage_none_fields_stay_none(tmp_path: Path) -> None:
 
 def test_wal_mode_and_synchronous_normal(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
-    ledger = Ledger(path)
+    ledger = Ledger(path, "test")
     assert ledger.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     ledger.add(FULL, "r")
@@ -98,13 +98,13 @@ def test_wal_mode_and_synchronous_normal(tmp_path: Path) -> None:
 
 def test_reopen_after_close_keeps_answers_and_close_flushes(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "l.sqlite"  # parent folder is created
-    ledger = Ledger(path)
+    ledger = Ledger(path, "test")
     ledger.add(FULL, "r1")
     ledger.flush()
     late = _outcome("e" * 32, "truncated", finish_reason="length")
     ledger.add(late, "r1")  # buffered only: close() must commit it
     ledger.close()
-    again = Ledger(path)
+    again = Ledger(path, "test")
     assert again.get(FULL.request_hash) == FULL
     assert again.get(late.request_hash) == late
     again.close()
@@ -118,7 +118,7 @@ def test_a_committed_answer_survives_a_killed_process(tmp_path: Path) -> None:
         from pathlib import Path
         from pipeline.ledger import Ledger
         from pipeline.records import Outcome
-        led = Ledger(Path({str(path)!r}))
+        led = Ledger(Path({str(path)!r}), "test")
         led.add(Outcome(request_hash="k" * 32, status="ok", content="kept"), "r")
         led.flush()
         led.add(Outcome(request_hash="u" * 32, status="ok", content="lost"), "r")
@@ -127,7 +127,7 @@ def test_a_committed_answer_survives_a_killed_process(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=False)
     assert proc.returncode == 9, proc.stderr.decode()
-    ledger = Ledger(path)
+    ledger = Ledger(path, "test")
     got = ledger.get("k" * 32)
     assert got is not None
     assert got.content == "kept"
@@ -136,7 +136,7 @@ def test_a_committed_answer_survives_a_killed_process(tmp_path: Path) -> None:
 
 
 def test_known_handles_more_hashes_than_one_in_clause(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(tmp_path / "l.sqlite", "test")
     hashes = [f"{i:032x}" for i in range(1203)]
     for h in hashes[::2]:
         ledger.add(_outcome(h), "r")
@@ -148,7 +148,7 @@ def test_known_handles_more_hashes_than_one_in_clause(tmp_path: Path) -> None:
 
 
 def test_insert_or_replace_keeps_the_latest_answer(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(tmp_path / "l.sqlite", "test")
     h = "f" * 32
     ledger.add(_outcome(h, "error", error="boom"), "r1")
     ledger.flush()
@@ -166,7 +166,7 @@ def test_a_file_that_is_not_sqlite_is_a_spec_error(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
     path.write_bytes(b"this is not a database, just some text that is long enough" * 20)
     with pytest.raises(SpecError) as info:
-        Ledger(path)
+        Ledger(path, "test")
     assert str(info.value).startswith(f"{path}: cannot open ledger")
     assert "\n" not in str(info.value)
 
@@ -201,7 +201,7 @@ def test_property_outcomes_read_back_equal_after_reopen(
     tmp_path_factory: pytest.TempPathFactory, batches: list[list[Outcome]]
 ) -> None:
     path = tmp_path_factory.mktemp("prop") / "l.sqlite"
-    ledger = Ledger(path)
+    ledger = Ledger(path, "test")
     expected: dict[str, Outcome] = {}
     for batch in batches:
         for o in batch:
@@ -209,10 +209,10 @@ def test_property_outcomes_read_back_equal_after_reopen(
             expected[o.request_hash] = o  # last write wins
         ledger.flush()
     ledger.close()
-    again = Ledger(path)
+    again = Ledger(path, "test")
     try:
         every = [f"{i:032x}" for i in range(6)]
-        assert again.known(every) == {h: o.status for h, o in expected.items()}
+        assert again.known(every) == {h: (o.status, o.error_kind) for h, o in expected.items()}
         for h in every:
             assert again.get(h) == expected.get(h)
     finally:
@@ -223,7 +223,7 @@ def test_property_outcomes_read_back_equal_after_reopen(
 
 
 def test_answers_for_rows_maps_rows_to_answers(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger = Ledger(tmp_path / "l.sqlite", "test")
     ledger.add(FULL, "r")
     ledger.flush()
     other = "9" * 32
@@ -245,10 +245,10 @@ def test_answers_for_rows_maps_rows_to_answers(tmp_path: Path) -> None:
 
 def test_row_map_is_per_connection(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
-    first = Ledger(path)
+    first = Ledger(path, "test")
     first.map_rows([(0, "x" * 32)])
     first.close()
-    second = Ledger(path)
+    second = Ledger(path, "test")
     second.map_rows([(5, "y" * 32)])
     assert set(second.answers_for_rows(0, 10)) == {5}
     second.close()
@@ -263,14 +263,14 @@ def test_every_ledger_column_is_an_output_column() -> None:
 
 def test_runs_start_end_last(tmp_path: Path) -> None:
     path = tmp_path / "l.sqlite"
-    ledger = Ledger(path)
+    ledger = Ledger(path, "test")
     assert ledger.last_run() is None
     ledger.start_run("run-a", "job", 100.0)
     ledger.end_run("run-a", 150.0, 0, '{"ok": 1}')
     ledger.start_run("run-b", "job", 200.0)
     assert ledger.last_run() == ("run-b", 200.0, None, None)  # still running / killed
     ledger.close()
-    again = Ledger(path)
+    again = Ledger(path, "test")
     again.end_run("run-b", 260.5, 3, "{}")
     assert again.last_run() == ("run-b", 200.0, 260.5, 3)
     summary = again.db.execute("SELECT job, summary FROM runs WHERE run_id = 'run-a'").fetchone()
@@ -286,7 +286,7 @@ def test_ledger_stores_answers_not_requests_or_keys(tmp_path: Path) -> None:
     key = "sk-live-DO-NOT-STORE-7731"
     prompt = "PROMPT-TEXT-only-in-the-request-body"
     path = tmp_path / "l.sqlite"
-    ledger = Ledger(path)
+    ledger = Ledger(path, "test")
     ledger.add(
         _outcome("1" * 32, "error", error="HTTP 401: check the key in $AIMLAPI_API_KEY", error_kind="http_401"),
         "r",
@@ -294,7 +294,7 @@ def test_ledger_stores_answers_not_requests_or_keys(tmp_path: Path) -> None:
     ledger.add(FULL, "r")
     ledger.flush()
     cols = [r[1] for r in ledger.db.execute("PRAGMA table_info(answers)")]
-    assert cols == ["request_hash", *ANSWER_COLUMNS, "run_id", "answered_at"]
+    assert cols == ["endpoint", "request_hash", *ANSWER_COLUMNS, "run_id", "answered_at"]
     ledger.close()
     blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("l.sqlite"))
     assert FULL.content is not None

@@ -85,7 +85,8 @@ def job(tmp_path: Path, frame: pl.DataFrame, **sections: dict[str, Any]) -> JobS
 
 
 def run(spec: JobSpec, api: LocalAPI) -> Any:
-    return run_job(spec, RunOptions(install_signal_handlers=False), base_url=api.base_url)
+    endpoint = spec.endpoint.model_copy(update={"base_url": api.base_url})
+    return run_job(spec.model_copy(update={"endpoint": endpoint}), RunOptions(install_signal_handlers=False))
 
 
 def output(spec: JobSpec) -> dict[str, dict[str, Any]]:
@@ -412,7 +413,8 @@ def test_media_error_hash_differs_from_text_only_row(tmp_path: Path) -> None:
     renderer = prepare(spec).renderer
     null = renderer.render(row("a", id="a", img=None))
     missing = renderer.render(row("b", id="b", img=str(tmp_path / "gone.png")))
-    assert missing.media_error and null.media_error is None
+    assert missing.not_sent is not None and missing.not_sent.error_kind == "media"
+    assert null.not_sent is not None and null.not_sent.status == "skipped"  # its only placeholder is null
     assert missing.request_hash != null.request_hash
 
 

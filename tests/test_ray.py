@@ -105,7 +105,7 @@ def test_answers_left_in_shard_ledgers_are_merged_by_the_next_run(tmp_path: Path
     spec.ledger_path.unlink()  # only the shard ledgers below know the answers now
     spec.shards_dir.mkdir()
     for k, part in enumerate((paid.head(6), paid.tail(4))):
-        shard = ShardLedger(shard_path(spec.shards_dir, k), spec.ledger_path)
+        shard = ShardLedger(shard_path(spec.shards_dir, k), spec.ledger_path, spec.endpoint_key)
         for r in part.iter_rows(named=True):
             outcome = Outcome(r["request_hash"], "ok", r["content"], usage=Usage(prompt_tokens=r["prompt_tokens"]))
             shard.add(outcome, "dead-run")

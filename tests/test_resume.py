@@ -100,24 +100,33 @@ def test_identical_rows_are_sent_once_unless_dedupe_is_off(tmp_path: Path, api: 
     assert sent(api) == 300
 
 
-def test_retry_errors_and_fresh(tmp_path: Path, api: LocalAPI) -> None:
+def test_transient_errors_retry_by_themselves_final_ones_wait_for_retry_errors(tmp_path: Path, api: LocalAPI) -> None:
+    """A 503 after all attempts is sent again by the next (cron) run; a 400 waits for --retry-errors."""
+    text = pl.col("text")
     frame = reviews(6).with_columns(
-        pl.when(pl.col("review_id") == "r-00002").then(pl.lit("[[status:503]] flaky")).otherwise("text").alias("text")
+        pl.when(pl.col("review_id") == "r-00002")
+        .then(pl.lit("[[status:503]] flaky"))
+        .when(pl.col("review_id") == "r-00003")
+        .then(pl.lit("[[status:400]] malformed"))
+        .otherwise(text)
+        .alias("text")
     )
     spec = make_spec(tmp_path, api, frame, limits={"max_attempts": 2})
     first = run(spec)
-    assert first.rows_by_status == {"ok": 5, "error": 1}
+    assert first.rows_by_status == {"ok": 4, "error": 2}
     api.reset()
-    run(spec)
-    assert api.stats()["received"] == 0, "errors stay recorded until --retry-errors"
+    second = run(spec)
+    assert api.stats()["received"] == 2, "the 503 row is sent again (both its attempts), the 400 row is not"
+    assert second.rows_by_status == {"ok": 4, "error": 2}
+    api.reset()
     retried = run(spec, retry_errors=True)
-    assert api.stats()["received"] == 2  # the failing row only, both its attempts
-    out = pl.read_parquet(spec.job.output).filter(pl.col("review_id") == "r-00002")
-    assert out.get_column("attempts").item() == 4  # two runs' attempts add up on the row
-    assert retried.rows_by_status == {"ok": 5, "error": 1}
+    assert api.stats()["received"] == 3  # the 503 row's two attempts and the 400 row's one
+    out = pl.read_parquet(spec.job.output).sort("review_id")
+    assert out.get_column("attempts").to_list()[2:4] == [6, 2]  # attempts add up over the runs
+    assert retried.rows_by_status == {"ok": 4, "error": 2}
     api.reset()
     run(spec, fresh=True)
-    assert api.stats()["answered_ok"] == 5
+    assert api.stats()["answered_ok"] == 4
 
 
 def test_run_output_holds_only_this_runs_answers(tmp_path: Path, api: LocalAPI) -> None:

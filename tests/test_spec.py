@@ -69,8 +69,10 @@ def test_defaults_and_derived_paths(tmp_path: Path) -> None:
     path.write_text('[job]\ninput = "a.csv"\noutput = "out/a.parquet"\n[prompt]\nuser = "{x}"\n')
     spec = load_spec(path)
     assert spec.name == "j"
-    assert spec.ledger_path == Path("out/a.parquet.ledger.sqlite")
-    assert spec.manifest_path == Path("out/a.parquet.manifest.json")
+    # Relative paths in a job file are beside the job file, wherever the command runs.
+    assert spec.job.input == tmp_path / "a.csv"
+    assert spec.ledger_path == tmp_path / "out/a.parquet.ledger.sqlite"
+    assert spec.manifest_path == tmp_path / "out/a.parquet.manifest.json"
     assert spec.base_url == "https://api.aimlapi.com/v1"
     assert spec.api_key_env == "AIMLAPI_API_KEY"
     assert spec.structured_output == "json_schema"

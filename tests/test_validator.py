@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 from typing import Any
 
@@ -211,10 +213,19 @@ def test_non_object_json(content: str, kind: str) -> None:
     assert j.error == f"answer is JSON but not an object ({kind})"
 
 
-def test_fenced_json_is_accepted_and_content_kept_verbatim() -> None:
+def test_fenced_json_is_accepted_and_content_is_the_document() -> None:
+    """An ok row's content loads with json.loads: the fence is dropped, the document kept as written."""
     text = '```json\n{"label": "neg", "score": 0.1}\n```'
     j = judge(reply(text), expects_json=True, check=compile_validator(SCHEMA))
     assert j.status == "ok"
+    assert j.content == '{"label": "neg", "score": 0.1}'
+    assert json.loads(j.content) == {"label": "neg", "score": 0.1}
+
+
+def test_rejected_fenced_answer_keeps_its_raw_text() -> None:
+    text = '```json\n{"label": "maybe", "score": 0.1}\n```'
+    j = judge(reply(text), expects_json=True, check=compile_validator(SCHEMA))
+    assert j.status == "invalid_output"
     assert j.content == text
 
 

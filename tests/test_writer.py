@@ -38,7 +38,7 @@ def _hash(i: int) -> str:
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
     """Rows 0..5 mapped; rows 0, 2, 4 answered (0 ok, 2 error, 4 invalid_output); row 5 unmapped."""
-    led = Ledger(tmp_path / "l.sqlite")
+    led = Ledger(tmp_path / "l.sqlite", "test")
     led.map_rows([(i, _hash(i)) for i in range(5)])
     led.add(
         Outcome(
@@ -94,7 +94,7 @@ def test_columns_dtypes_and_values(tmp_path: Path, ledger: Ledger) -> None:
 
 
 def test_parquet_schema_is_the_same_when_first_chunk_is_all_pending(tmp_path: Path) -> None:
-    led = Ledger(tmp_path / "l.sqlite")
+    led = Ledger(tmp_path / "l.sqlite", "test")
     led.map_rows([(i, _hash(i)) for i in range(4)])
     led.add(Outcome(_hash(3), "ok", content="x", usage=Usage(1, 2, 3), attempts=1, latency_ms=1.0), "r")
     led.flush()
