@@ -58,7 +58,7 @@ class ServerConfig:
     latency_jitter_ms: float = 0.0
     rpm: float | None = None
     tpm: float | None = None
-    burst_s: float = 2.0
+    burst_s: float = 1.0
     fail_5xx_rate: float = 0.0
     drop_rate: float = 0.0
     hang_rate: float = 0.0
