@@ -50,6 +50,7 @@ class DocGen:
             return {}
 
     def gen(self, s: Any, depth: int = 0, name: str = "value") -> Any:
+        """A value for schema ``s``; ``name`` (the property) seeds free text so fields read differently."""
         if depth > _HARD_DEPTH or s is False:
             return None
         if not isinstance(s, dict):  # ``true``: anything goes
@@ -102,6 +103,7 @@ class DocGen:
         return self.text(s, name)
 
     def obj(self, s: dict[str, Any], depth: int) -> dict[str, Any]:
+        """Every property while shallow, only the required ones deeper down, so recursion ends."""
         props: dict[str, Any] = s.get("properties") or {}
         required = [r for r in s.get("required") or [] if isinstance(r, str)]
         names = list(props) if depth < _MAX_DEPTH else [p for p in props if p in required]
@@ -113,6 +115,7 @@ class DocGen:
         return out
 
     def arr(self, s: dict[str, Any], depth: int, name: str) -> list[Any]:
+        """Two items (or ``minItems``), within ``maxItems``; ``uniqueItems`` retried a few times."""
         lo = int(s.get("minItems") or 0)
         hi = s.get("maxItems")
         count = lo if depth >= _MAX_DEPTH else max(lo, 2)
@@ -136,6 +139,7 @@ class DocGen:
         return out
 
     def num(self, s: dict[str, Any], integer: bool) -> int | float:
+        """A number inside the (exclusive) bounds and on ``multipleOf`` when one exists."""
         lo: float = s.get("minimum", -math.inf)
         hi: float = s.get("maximum", math.inf)
         xlo, xhi = s.get("exclusiveMinimum"), s.get("exclusiveMaximum")
@@ -164,6 +168,7 @@ class DocGen:
         return value if lo <= value <= hi else (lo + hi) / 2
 
     def text(self, s: dict[str, Any], name: str) -> str:
+        """A string in the requested ``format``, padded or cut to ``minLength``/``maxLength``."""
         r = self.rng.randrange(1 << 30)
         fmt = s.get("format")
         if fmt == "date":

@@ -68,6 +68,7 @@ def count_tokens(text: str) -> int:
 
 
 def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> None:
+    """An optional sampling parameter must be a number in the provider's range (bools are not numbers)."""
     value = body.get(key)
     if value is None:
         return
@@ -209,6 +210,7 @@ def parse(body: Any) -> Parsed:
 
 
 def response_format(rf: Any) -> tuple[str, dict[str, Any] | None]:
+    """The answer format and schema; a ``json_schema`` without a schema is answered as ``json_object``."""
     if rf is None:
         return "text", None
     param = "response_format"
