@@ -314,7 +314,8 @@ def show(output: Path, n: int, only_status: str | None, width: int, debug: bool)
 @click.option("--tpm", type=float, default=None, help="Server-side token limit.")
 @click.option("--fail-5xx", type=float, default=0.0, help="Fraction answered 5xx.")
 @click.option("--drop", type=float, default=0.0, help="Fraction of connections dropped.")
-@click.option("--hang", type=float, default=0.0, help="Fraction never answered.")
+@click.option("--hang", type=float, default=0.0, help="Fraction hung (never answered unless --hang-s).")
+@click.option("--hang-s", type=float, default=None, help="Seconds a hung request waits, then answers (default: never).")
 @click.option("--invalid-json", type=float, default=0.0, help="Fraction of JSON answers broken or off-schema.")
 @click.option("--require-key-env", default=None, help="Demand the key held by this environment variable.")
 @debug_opt
@@ -329,6 +330,7 @@ def serve(
     fail_5xx: float,
     drop: float,
     hang: float,
+    hang_s: float | None,
     invalid_json: float,
     require_key_env: str | None,
     debug: bool,
@@ -349,6 +351,7 @@ def serve(
         fail_5xx_rate=fail_5xx,
         drop_rate=drop,
         hang_rate=hang,
+        hang_s=hang_s,
         invalid_json_rate=invalid_json,
         require_key=os.environ.get(require_key_env) if require_key_env else None,
     )

@@ -97,7 +97,7 @@ def _type_names(node: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- $ref
 
 
-def _resolve_ref(ref: str, root: Mapping[str, Any]) -> Any:
+def resolve_ref(ref: str, root: Mapping[str, Any]) -> Any:
     """Only local JSON pointers: the schema travels to the API inline, so nothing else could resolve there."""
     if not ref.startswith("#") or (len(ref) > 1 and not ref.startswith("#/")):
         raise ValueError(f"$ref {ref!r} is not a local reference like '#/$defs/Name'")
@@ -186,7 +186,7 @@ def check_schema(schema: object, *, strict: bool, source: str) -> None:
         ref = node.get("$ref")
         if isinstance(ref, str):
             try:
-                _resolve_ref(ref, schema)
+                resolve_ref(ref, schema)
             except ValueError as exc:
                 raise SpecError(_one_line(f"{source}: {format_path((*path, '$ref'))}: {exc}")) from None
         if strict:
@@ -276,7 +276,7 @@ def _plan(node: Any, root: Mapping[str, Any], seen: frozenset[str]) -> _Plan:
     if isinstance(ref, str):
         if ref in seen:
             return _JSON  # recursive structure: no finite polars dtype
-        return _plan(_resolve_ref(ref, root), root, seen | {ref})
+        return _plan(resolve_ref(ref, root), root, seen | {ref})
     for key in ("anyOf", "oneOf"):
         branches = node.get(key)
         if isinstance(branches, list):
