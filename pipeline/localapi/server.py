@@ -34,7 +34,7 @@ from pipeline.localapi.answers import Answer, Answerer, completion, refusal, tru
 from pipeline.localapi.faults import Fault, Faults, Hangs, marker_status, wants_refusal
 from pipeline.localapi.limits import Clock, RateLimits, Verdict, request_tokens
 from pipeline.localapi.validation import BadRequest, Parsed, parse
-from pipeline.spec import DEFAULT_MODEL
+from pipeline.spec import DEFAULT_MODEL, LOCAL_MODEL
 
 #: The model id the AIML API documents (the jobs' default model); listed by ``/v1/models``. Any other
 #: name is accepted too.
@@ -68,7 +68,7 @@ class ServerConfig:
     input_per_million: float = 0.25
     output_per_million: float = 2.0
     seed: int = 0
-    model_name: str = "seed-2-0-lite-local"
+    model_name: str = LOCAL_MODEL
 
 
 def _error(
