@@ -12,6 +12,7 @@ import email.utils
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -59,6 +60,81 @@ def parse_retry_after(headers: httpx.Headers | dict[str, str], now: float | None
     if not math.isfinite(value) or value < 0:
         return None
     return min(value, MAX_RETRY_AFTER_S)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The OpenAI-convention ``x-ratelimit-*`` headers of one response; ``None`` where not said.
+
+    ``limit_*`` are per minute (requests, tokens); ``reset_*_s`` are seconds until the bucket is full.
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+
+_NO_LIMITS = RateLimits()
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(raw: str | None) -> float | None:
+    """Seconds in OpenAI's reset format (``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s``) or a bare number of seconds."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        pos, value = 0, 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos:
+                return None
+            value += float(match.group(1)) * _UNIT_S[match.group(2)]
+            pos = match.end()
+        if pos == 0 or pos != len(text):
+            return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _count(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value >= 0 else None
+
+
+def parse_rate_limits(headers: httpx.Headers | dict[str, str]) -> RateLimits | None:
+    """The ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers, or ``None`` if none is usable."""
+    found = RateLimits(
+        limit_requests=_count(headers.get("x-ratelimit-limit-requests")),
+        remaining_requests=_count(headers.get("x-ratelimit-remaining-requests")),
+        reset_requests_s=parse_duration(headers.get("x-ratelimit-reset-requests")),
+        limit_tokens=_count(headers.get("x-ratelimit-limit-tokens")),
+        remaining_tokens=_count(headers.get("x-ratelimit-remaining-tokens")),
+        reset_tokens_s=parse_duration(headers.get("x-ratelimit-reset-tokens")),
+    )
+    return None if found == _NO_LIMITS else found
+
+
+class ServerRetryableError(RetryableError):
+    """A retryable HTTP status (429, 5xx, …): also carries the response's rate-limit headers."""
+
+    def __init__(self, message: str, *, ratelimit: RateLimits | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.ratelimit = ratelimit
+
+
+def ratelimit_of(exc: BaseException) -> RateLimits | None:
+    """The rate-limit headers an error came with, if it came from a response that had them."""
+    return exc.ratelimit if isinstance(exc, ServerRetryableError) else None
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -120,12 +196,15 @@ class Client:
         self._headers = headers
         self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None).as_dict()
 
-    async def send(self, body: bytes) -> Reply:
+    async def send(self, body: bytes, timeout_s: float | None = None) -> Reply:
+        """POST one body; ``timeout_s`` overrides the client's timeout for this call (never above it)."""
         started = time.perf_counter()
+        limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        timeouts = self._timeouts if timeout_s is None else {**self._timeouts, "read": limit, "write": limit}
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(limit):
                 request = httpx.Request(
-                    "POST", self._url, headers=self._headers, content=body, extensions={"timeout": self._timeouts}
+                    "POST", self._url, headers=self._headers, content=body, extensions={"timeout": timeouts}
                 )
                 response = await self._transport.handle_async_request(request)
                 try:
@@ -133,7 +212,7 @@ class Client:
                 finally:
                     await response.aclose()
         except TimeoutError:
-            raise RetryableError(f"no answer within {self.timeout_s:g}s", kind="timeout", sent=True) from None
+            raise RetryableError(f"no answer within {limit:g}s", kind="timeout", sent=True) from None
         except httpx.TimeoutException as exc:
             sent = _was_sent(exc)
             kind = "timeout" if sent else "connect"
@@ -151,7 +230,7 @@ class Client:
                 raise RetryableError("200 with a body that is not JSON", kind="bad_response", status_code=200) from None
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
                 raise RetryableError("200 without choices", kind="bad_response", status_code=200)
-            return Reply(data=data, latency_ms=latency_ms)
+            return Reply(data=data, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
         message = _server_message(response)
         if self._secret and self._secret in message:
             # Some servers quote the rejected key back; it must not reach logs or the ledger.
@@ -167,11 +246,12 @@ class Client:
             # with 500 "N validation error(s): ... 'loc': ('body', ...)": the same bytes fail again.
             raise RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request")
         if status in RETRYABLE_STATUS or status >= 500:
-            raise RetryableError(
+            raise ServerRetryableError(
                 f"HTTP {status}: {message}",
                 status_code=status,
                 kind=f"http_{status}",
                 retry_after=parse_retry_after(response.headers),
+                ratelimit=parse_rate_limits(response.headers),
             )
         raise RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
 

@@ -8,7 +8,7 @@ import math
 import httpx
 import pytest
 
-from pipeline.client import Client, parse_retry_after
+from pipeline.client import Client, RateLimits, parse_duration, parse_rate_limits, parse_retry_after, ratelimit_of
 from pipeline.errors import FatalAPIError, RetryableError, RowError
 
 KEY = "sk-test-SECRET-4242"
@@ -134,3 +134,75 @@ def test_llamacpp_request_validation_500_is_a_row_error() -> None:
     assert info.value.kind == "http_500_invalid_request"
     with pytest.raises(RetryableError):  # any other 500 is still the server's fault
         run(send_once(500, {"error": {"message": "CUDA out of memory", "type": "internal_server_error"}}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("20ms", 0.02),
+        ("1.5s", 1.5),
+        ("6m0s", 360.0),
+        ("1h2m3s", 3723.0),
+        ("2m30.5s", 150.5),
+        ("0s", 0.0),
+        ("7", 7.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("5x", None),
+        ("1.5s junk", None),
+        ("-3s", None),
+        ("nan", None),
+    ],
+)
+def test_parse_duration(raw: str | None, expected: float | None) -> None:
+    got = parse_duration(raw)
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and math.isclose(got, expected)
+
+
+def test_parse_rate_limits_reads_all_six_and_none_when_absent() -> None:
+    headers = {
+        "x-ratelimit-limit-requests": "3000",
+        "x-ratelimit-remaining-requests": "2999",
+        "x-ratelimit-reset-requests": "20ms",
+        "x-ratelimit-limit-tokens": "250000",
+        "x-ratelimit-remaining-tokens": "garbage",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    assert parse_rate_limits(httpx.Headers(headers)) == RateLimits(3000, 2999, 0.02, 250000, None, 360.0)
+    assert parse_rate_limits(httpx.Headers({"x-ratelimit-limit-requests": "many"})) is None
+    assert parse_rate_limits(httpx.Headers({})) is None
+
+
+LIMIT_HEADERS = {"x-ratelimit-limit-requests": "3000", "x-ratelimit-reset-requests": "1.5s"}
+
+
+def test_rate_limits_ride_on_replies_and_errors() -> None:
+    reply = run(send_once(200, OK_BODY, headers=LIMIT_HEADERS))
+    assert reply.ratelimit == RateLimits(limit_requests=3000, reset_requests_s=1.5)  # type: ignore[attr-defined]
+    assert run(send_once(200, OK_BODY)).ratelimit is None  # type: ignore[attr-defined]
+    with pytest.raises(RetryableError) as info:
+        run(send_once(429, headers={**LIMIT_HEADERS, "retry-after": "2"}))
+    assert info.value.retry_after == 2.0
+    assert ratelimit_of(info.value) == RateLimits(limit_requests=3000, reset_requests_s=1.5)
+    assert ratelimit_of(RetryableError("timeout", kind="timeout")) is None
+
+
+def test_per_call_timeout_is_a_retryable_timeout_and_capped_by_the_client() -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, json=OK_BODY)
+
+    async def go() -> None:
+        client = Client("http://api.test/v1", KEY, timeout_s=0.2, transport=httpx.MockTransport(slow))
+        with pytest.raises(RetryableError, match=r"within 0\.05s") as info:
+            await client.send(b"{}", timeout_s=0.05)
+        assert info.value.kind == "timeout" and info.value.sent
+        with pytest.raises(RetryableError, match=r"within 0\.2s"):  # asking for more than the cap gets the cap
+            await client.send(b"{}", timeout_s=30)
+        await client.aclose()
+
+    run(go())
