@@ -160,6 +160,95 @@ def _was_sent(exc: BaseException) -> bool:
     return not isinstance(exc, httpx.ConnectTimeout)
 
 
+def _streaming(body: bytes) -> bytes:
+    data = orjson.loads(body)
+    data["stream"] = True
+    data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(data)
+
+
+def _is_sse(response: httpx.Response) -> bool:
+    return "text/event-stream" in response.headers.get("content-type", "")
+
+
+async def _read_events(response: httpx.Response, stall_s: float) -> dict[str, Any]:
+    """Read an SSE chat-completion stream into one answer; a gap of ``stall_s`` between chunks is a stall."""
+    chunks = response.aiter_bytes()
+    answer = _Assembly()
+    pending = b""
+    while not answer.done:
+        try:
+            async with asyncio.timeout(stall_s):
+                piece = await anext(chunks, None)
+        except TimeoutError:
+            raise RetryableError(f"stream stalled: no chunk for {stall_s:g}s", kind="stall", sent=True) from None
+        if piece is None:
+            break
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            answer.feed(line.strip())
+    if pending.strip():
+        answer.feed(pending.strip())
+    return answer.result()
+
+
+class _Assembly:
+    """Deltas of an SSE stream folded into ``{"id", "model", "choices": [{"message", "finish_reason"}], "usage"}``."""
+
+    def __init__(self) -> None:
+        self.top: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.done = False
+
+    def feed(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return  # comments (": keep-alive"), event names, blank separators
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise RetryableError("stream chunk that is not JSON", kind="bad_response", status_code=200) from None
+        if not isinstance(chunk, dict):
+            return
+        if "error" in chunk:
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else err
+            raise RetryableError(f"error inside the stream: {message}"[:300], kind="stream_error", status_code=200)
+        for key in ("id", "object", "created", "model", "system_fingerprint"):
+            if key in chunk and key not in self.top:
+                self.top[key] = chunk[key]
+        for key in ("usage", "meta"):
+            if chunk.get(key):
+                self.top[key] = chunk[key]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            slot = self.choices.setdefault(int(choice.get("index") or 0), {"parts": {}, "finish_reason": None})
+            delta = choice.get("delta") or {}
+            for key in ("content", "reasoning_content", "refusal"):
+                if isinstance(delta.get(key), str):
+                    slot["parts"].setdefault(key, []).append(delta[key])
+            if choice.get("finish_reason"):
+                slot["finish_reason"] = choice["finish_reason"]
+
+    def result(self) -> dict[str, Any]:
+        if not self.choices:
+            raise RetryableError("stream ended without choices", kind="bad_response", status_code=200)
+        if not self.done and not all(c["finish_reason"] for c in self.choices.values()):
+            raise RetryableError("stream ended before the answer did", kind="connection", sent=True)
+        choices = []
+        for index in sorted(self.choices):
+            slot = self.choices[index]
+            message: dict[str, Any] = {"role": "assistant", "content": None}
+            message.update({key: "".join(parts) for key, parts in slot["parts"].items()})
+            choices.append({"index": index, "message": message, "finish_reason": slot["finish_reason"]})
+        return {**self.top, "object": "chat.completion", "choices": choices}
+
+
 def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
@@ -179,6 +268,7 @@ class Client:
         connect_timeout_s: float = 10.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        stall_s: float = 60.0,
     ) -> None:
         headers = {"content-type": "application/json", "user-agent": "seedbatch"}
         if api_key:
@@ -188,6 +278,7 @@ class Client:
         self.key_source = key_source
         self._secret = api_key or None
         self.timeout_s = timeout_s
+        self.stall_s = stall_s
         # Requests go straight to an httpx transport (httpx's public transport API), not through
         # ``AsyncClient.post``: the client layer's cookie jar, redirect loop, auth flow and request
         # building took ~40% of the run's CPU in a profile, and a batch client uses none of them.
@@ -196,9 +287,19 @@ class Client:
         self._headers = headers
         self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None).as_dict()
 
-    async def send(self, body: bytes, timeout_s: float | None = None) -> Reply:
-        """POST one body; ``timeout_s`` overrides the client's timeout for this call (never above it)."""
+    async def send(
+        self, body: bytes, timeout_s: float | None = None, *, stream: bool = False, stall_s: float | None = None
+    ) -> Reply:
+        """POST one body; ``timeout_s`` overrides the client's timeout for this call (never above it).
+
+        With ``stream`` the answer comes as server-sent events (``stream_options.include_usage`` asked
+        for) and is put back together into the shape of a plain answer; no chunk for ``stall_s``
+        (default: the client's) is a ``RetryableError(kind="stall")``.
+        """
         started = time.perf_counter()
+        if stream:
+            body = _streaming(body)
+        streamed: dict[str, Any] | None = None
         limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         timeouts = self._timeouts if timeout_s is None else {**self._timeouts, "read": limit, "write": limit}
         try:
@@ -208,7 +309,10 @@ class Client:
                 )
                 response = await self._transport.handle_async_request(request)
                 try:
-                    await response.aread()
+                    if stream and response.status_code == 200 and _is_sse(response):
+                        streamed = await _read_events(response, self.stall_s if stall_s is None else stall_s)
+                    else:
+                        await response.aread()
                 finally:
                     await response.aclose()
         except TimeoutError:
@@ -223,6 +327,8 @@ class Client:
             raise RetryableError(f"{kind} failed: {type(exc).__name__}", kind=kind, sent=sent) from None
         latency_ms = (time.perf_counter() - started) * 1000.0
         status = response.status_code
+        if status == 200 and streamed is not None:
+            return Reply(data=streamed, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
         if status == 200:
             try:
                 data: Any = orjson.loads(response.content)

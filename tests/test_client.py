@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import httpx
@@ -204,5 +205,130 @@ def test_per_call_timeout_is_a_retryable_timeout_and_capped_by_the_client() -> N
         with pytest.raises(RetryableError, match=r"within 0\.2s"):  # asking for more than the cap gets the cap
             await client.send(b"{}", timeout_s=30)
         await client.aclose()
+
+    run(go())
+
+
+def sse(*chunks: object, done: bool = True) -> bytes:
+    lines = [b": keep-alive\n\n"]
+    lines += [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
+    if done:
+        lines.append(b"data: [DONE]\n\n")
+    return b"".join(lines)
+
+
+STREAM = [
+    {"id": "s1", "model": "m", "created": 1, "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+    {"id": "s1", "choices": [{"index": 0, "delta": {"reasoning_content": "think "}}]},
+    {"id": "s1", "choices": [{"index": 0, "delta": {"reasoning_content": "more"}}]},
+    {"id": "s1", "choices": [{"index": 0, "delta": {"content": '{"label": '}}]},
+    {"id": "s1", "choices": [{"index": 0, "delta": {"content": '"pos"}'}, "finish_reason": "stop"}]},
+    {
+        "id": "s1",
+        "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+        "meta": {"usage": {"credits_used": 42}},
+    },
+]
+
+
+def stream_client(handler) -> Client:  # type: ignore[no-untyped-def]
+    return Client("http://api.test/v1", KEY, transport=httpx.MockTransport(handler))
+
+
+def test_stream_is_asked_for_and_reassembled_into_a_plain_answer() -> None:
+    seen: dict[str, object] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.update(json.loads(request.content))
+        # Split mid-line, as a network would.
+        body = sse(*STREAM)
+        parts = [body[i : i + 37] for i in range(0, len(body), 37)]
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream", **LIMIT_HEADERS},
+            content=_chunks(parts),
+        )
+
+    async def go() -> None:
+        client = stream_client(handler)
+        reply = await client.send(json.dumps({"model": "m", "messages": []}).encode(), stream=True)
+        await client.aclose()
+        assert seen["stream"] is True and seen["stream_options"] == {"include_usage": True}
+        assert reply.data == {
+            "id": "s1",
+            "model": "m",
+            "created": 1,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": '{"label": "pos"}', "reasoning_content": "think more"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+            "meta": {"usage": {"credits_used": 42}},
+        }
+        assert reply.ratelimit == RateLimits(limit_requests=3000, reset_requests_s=1.5)
+
+    run(go())
+
+
+async def _chunks(parts: list[bytes]):  # type: ignore[no-untyped-def]
+    for part in parts:
+        yield part
+
+
+def test_stream_stall_is_retryable() -> None:
+    async def stalls():  # type: ignore[no-untyped-def]
+        yield sse(STREAM[0], done=False)
+        await asyncio.sleep(10)
+        yield b""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stalls())
+
+    async def go() -> None:
+        client = stream_client(handler)
+        with pytest.raises(RetryableError, match="stalled") as info:
+            await client.send(b"{}", stream=True, stall_s=0.05)
+        assert info.value.kind == "stall" and info.value.sent
+        await client.aclose()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (sse(*STREAM[:3], done=False), "ended before"),  # dropped mid-answer
+        (sse({"error": {"message": "overloaded"}}), "overloaded"),
+        (b"data: {not json\n\n", "not JSON"),
+        (sse(done=True), "without choices"),
+    ],
+)
+def test_broken_streams_are_retryable(body: bytes, match: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def go() -> None:
+        client = stream_client(handler)
+        with pytest.raises(RetryableError, match=match):
+            await client.send(b"{}", stream=True)
+        await client.aclose()
+
+    run(go())
+
+
+def test_stream_asked_but_a_plain_json_answer_still_decodes() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=OK_BODY)
+
+    async def go() -> None:
+        client = stream_client(handler)
+        reply = await client.send(b"{}", stream=True)
+        await client.aclose()
+        assert reply.data == OK_BODY
 
     run(go())
