@@ -12,6 +12,7 @@ import email.utils
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -61,6 +62,81 @@ def parse_retry_after(headers: httpx.Headers | dict[str, str], now: float | None
     return min(value, MAX_RETRY_AFTER_S)
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The OpenAI-convention ``x-ratelimit-*`` headers of one response; ``None`` where not said.
+
+    ``limit_*`` are per minute (requests, tokens); ``reset_*_s`` are seconds until the bucket is full.
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+
+_NO_LIMITS = RateLimits()
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(raw: str | None) -> float | None:
+    """Seconds in OpenAI's reset format (``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s``) or a bare number of seconds."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        pos, value = 0, 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos:
+                return None
+            value += float(match.group(1)) * _UNIT_S[match.group(2)]
+            pos = match.end()
+        if pos == 0 or pos != len(text):
+            return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _count(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value >= 0 else None
+
+
+def parse_rate_limits(headers: httpx.Headers | dict[str, str]) -> RateLimits | None:
+    """The ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers, or ``None`` if none is usable."""
+    found = RateLimits(
+        limit_requests=_count(headers.get("x-ratelimit-limit-requests")),
+        remaining_requests=_count(headers.get("x-ratelimit-remaining-requests")),
+        reset_requests_s=parse_duration(headers.get("x-ratelimit-reset-requests")),
+        limit_tokens=_count(headers.get("x-ratelimit-limit-tokens")),
+        remaining_tokens=_count(headers.get("x-ratelimit-remaining-tokens")),
+        reset_tokens_s=parse_duration(headers.get("x-ratelimit-reset-tokens")),
+    )
+    return None if found == _NO_LIMITS else found
+
+
+class ServerRetryableError(RetryableError):
+    """A retryable HTTP status (429, 5xx, …): also carries the response's rate-limit headers."""
+
+    def __init__(self, message: str, *, ratelimit: RateLimits | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.ratelimit = ratelimit
+
+
+def ratelimit_of(exc: BaseException) -> RateLimits | None:
+    """The rate-limit headers an error came with, if it came from a response that had them."""
+    return exc.ratelimit if isinstance(exc, ServerRetryableError) else None
+
+
 def _server_message(response: httpx.Response) -> str:
     try:
         data = orjson.loads(response.content)
@@ -84,6 +160,95 @@ def _was_sent(exc: BaseException) -> bool:
     return not isinstance(exc, httpx.ConnectTimeout)
 
 
+def _streaming(body: bytes) -> bytes:
+    data = orjson.loads(body)
+    data["stream"] = True
+    data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(data)
+
+
+def _is_sse(response: httpx.Response) -> bool:
+    return "text/event-stream" in response.headers.get("content-type", "")
+
+
+async def _read_events(response: httpx.Response, stall_s: float) -> dict[str, Any]:
+    """Read an SSE chat-completion stream into one answer; a gap of ``stall_s`` between chunks is a stall."""
+    chunks = response.aiter_bytes()
+    answer = _Assembly()
+    pending = b""
+    while not answer.done:
+        try:
+            async with asyncio.timeout(stall_s):
+                piece = await anext(chunks, None)
+        except TimeoutError:
+            raise RetryableError(f"stream stalled: no chunk for {stall_s:g}s", kind="stall", sent=True) from None
+        if piece is None:
+            break
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            answer.feed(line.strip())
+    if pending.strip():
+        answer.feed(pending.strip())
+    return answer.result()
+
+
+class _Assembly:
+    """Deltas of an SSE stream folded into ``{"id", "model", "choices": [{"message", "finish_reason"}], "usage"}``."""
+
+    def __init__(self) -> None:
+        self.top: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.done = False
+
+    def feed(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return  # comments (": keep-alive"), event names, blank separators
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise RetryableError("stream chunk that is not JSON", kind="bad_response", status_code=200) from None
+        if not isinstance(chunk, dict):
+            return
+        if "error" in chunk:
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else err
+            raise RetryableError(f"error inside the stream: {message}"[:300], kind="stream_error", status_code=200)
+        for key in ("id", "object", "created", "model", "system_fingerprint"):
+            if key in chunk and key not in self.top:
+                self.top[key] = chunk[key]
+        for key in ("usage", "meta"):
+            if chunk.get(key):
+                self.top[key] = chunk[key]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            slot = self.choices.setdefault(int(choice.get("index") or 0), {"parts": {}, "finish_reason": None})
+            delta = choice.get("delta") or {}
+            for key in ("content", "reasoning_content", "refusal"):
+                if isinstance(delta.get(key), str):
+                    slot["parts"].setdefault(key, []).append(delta[key])
+            if choice.get("finish_reason"):
+                slot["finish_reason"] = choice["finish_reason"]
+
+    def result(self) -> dict[str, Any]:
+        if not self.choices:
+            raise RetryableError("stream ended without choices", kind="bad_response", status_code=200)
+        if not self.done and not all(c["finish_reason"] for c in self.choices.values()):
+            raise RetryableError("stream ended before the answer did", kind="connection", sent=True)
+        choices = []
+        for index in sorted(self.choices):
+            slot = self.choices[index]
+            message: dict[str, Any] = {"role": "assistant", "content": None}
+            message.update({key: "".join(parts) for key, parts in slot["parts"].items()})
+            choices.append({"index": index, "message": message, "finish_reason": slot["finish_reason"]})
+        return {**self.top, "object": "chat.completion", "choices": choices}
+
+
 def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
@@ -103,6 +268,7 @@ class Client:
         connect_timeout_s: float = 10.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        stall_s: float = 60.0,
     ) -> None:
         headers = {"content-type": "application/json", "user-agent": "seedbatch"}
         if api_key:
@@ -112,6 +278,7 @@ class Client:
         self.key_source = key_source
         self._secret = api_key or None
         self.timeout_s = timeout_s
+        self.stall_s = stall_s
         # Requests go straight to an httpx transport (httpx's public transport API), not through
         # ``AsyncClient.post``: the client layer's cookie jar, redirect loop, auth flow and request
         # building took ~40% of the run's CPU in a profile, and a batch client uses none of them.
@@ -120,20 +287,36 @@ class Client:
         self._headers = headers
         self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None).as_dict()
 
-    async def send(self, body: bytes) -> Reply:
+    async def send(
+        self, body: bytes, timeout_s: float | None = None, *, stream: bool = False, stall_s: float | None = None
+    ) -> Reply:
+        """POST one body; ``timeout_s`` overrides the client's timeout for this call (never above it).
+
+        With ``stream`` the answer comes as server-sent events (``stream_options.include_usage`` asked
+        for) and is put back together into the shape of a plain answer; no chunk for ``stall_s``
+        (default: the client's) is a ``RetryableError(kind="stall")``.
+        """
         started = time.perf_counter()
+        if stream:
+            body = _streaming(body)
+        streamed: dict[str, Any] | None = None
+        limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        timeouts = self._timeouts if timeout_s is None else {**self._timeouts, "read": limit, "write": limit}
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(limit):
                 request = httpx.Request(
-                    "POST", self._url, headers=self._headers, content=body, extensions={"timeout": self._timeouts}
+                    "POST", self._url, headers=self._headers, content=body, extensions={"timeout": timeouts}
                 )
                 response = await self._transport.handle_async_request(request)
                 try:
-                    await response.aread()
+                    if stream and response.status_code == 200 and _is_sse(response):
+                        streamed = await _read_events(response, self.stall_s if stall_s is None else stall_s)
+                    else:
+                        await response.aread()
                 finally:
                     await response.aclose()
         except TimeoutError:
-            raise RetryableError(f"no answer within {self.timeout_s:g}s", kind="timeout", sent=True) from None
+            raise RetryableError(f"no answer within {limit:g}s", kind="timeout", sent=True) from None
         except httpx.TimeoutException as exc:
             sent = _was_sent(exc)
             kind = "timeout" if sent else "connect"
@@ -144,6 +327,8 @@ class Client:
             raise RetryableError(f"{kind} failed: {type(exc).__name__}", kind=kind, sent=sent) from None
         latency_ms = (time.perf_counter() - started) * 1000.0
         status = response.status_code
+        if status == 200 and streamed is not None:
+            return Reply(data=streamed, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
         if status == 200:
             try:
                 data: Any = orjson.loads(response.content)
@@ -151,7 +336,7 @@ class Client:
                 raise RetryableError("200 with a body that is not JSON", kind="bad_response", status_code=200) from None
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
                 raise RetryableError("200 without choices", kind="bad_response", status_code=200)
-            return Reply(data=data, latency_ms=latency_ms)
+            return Reply(data=data, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
         message = _server_message(response)
         if self._secret and self._secret in message:
             # Some servers quote the rejected key back; it must not reach logs or the ledger.
@@ -167,11 +352,12 @@ class Client:
             # with 500 "N validation error(s): ... 'loc': ('body', ...)": the same bytes fail again.
             raise RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request")
         if status in RETRYABLE_STATUS or status >= 500:
-            raise RetryableError(
+            raise ServerRetryableError(
                 f"HTTP {status}: {message}",
                 status_code=status,
                 kind=f"http_{status}",
                 retry_after=parse_retry_after(response.headers),
+                ratelimit=parse_rate_limits(response.headers),
             )
         raise RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
 

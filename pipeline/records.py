@@ -7,7 +7,10 @@ of paid work, ``row_key`` the identity of an input row, ``status`` one of ``STAT
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the type only: records imports no stage at run time
+    from pipeline.client import RateLimits
 
 #: Every value the ``status`` column can take. ``pending`` only appears in partial outputs;
 #: ``skipped`` (every placeholder null or empty) and ``too_long`` (over the context window) were never sent.
@@ -119,6 +122,8 @@ class Reply:
 
     data: dict[str, Any]
     latency_ms: float
+    #: The server's ``x-ratelimit-*`` headers on this answer, when it sent any.
+    ratelimit: RateLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)

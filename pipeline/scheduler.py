@@ -3,6 +3,10 @@
 Pacing is a leaky bucket (aiolimiter) holding one second of quota, so a run starts smoothly instead
 of spending a minute's quota in its first second, and a 429 lowers the rate (multiplicatively, then
 recovering slowly) instead of pausing every worker.
+
+With a ``pipeline.pacing.Pacing`` (``Pacer(control=...)``, ``run_all(limit=...)``, ``call_paced``) the
+loop is closed: the buckets follow the rates it learns from the server, a 429's Retry-After holds new
+sends, the in-flight cap follows latency, and 429s are waited out instead of counted as tries.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from pipeline.errors import RetryableError
+from pipeline.pacing import Pacing, ServerLimits, retry_delay
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,6 +41,11 @@ class AdjustableLimiter(AsyncLimiter):
         self._leak()
         self._rate_per_sec = per_second
 
+    def set_limit(self, per_second: float) -> None:
+        """A new rate with a bucket of ``time_period`` seconds of it (one request at least)."""
+        self.set_rate(per_second)
+        self.max_rate = max(1.0, per_second * self.time_period)
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -43,6 +53,8 @@ class RetryPolicy:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
     jitter_s: float = 1.0
+    #: ``call_paced`` only: total seconds one request may spend waiting out 429s (they are not tries).
+    rate_limit_wait_s: float = 600.0
 
 
 #: One generator for jitter: seeding a new ``random.Random()`` per request showed up in profiles.
@@ -109,6 +121,68 @@ async def call_with_retries(
     return await retrying(fn)
 
 
+async def call_paced(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    pacing: Pacing | None = None,
+    *,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``fn`` until it succeeds, raises a non-retryable error, or its budget of waiting runs out.
+
+    A 429 is a pacing signal, not a failed try: the next try waits for the pause the caller set with
+    ``pacing.on_rate_limited`` (shared by every request) or else the Retry-After, as long as the 429
+    waits of this request add up to at most ``policy.rate_limit_wait_s``. Other retryable errors count
+    towards ``policy.max_attempts``; a lone one is retried at once (0.05-0.25 s), backoff grows only
+    while they persist (``pacing.retry_delay``). The last error is raised when either budget is spent.
+    """
+    rnd = rng or _JITTER
+    failures = 0
+    throttled = 0
+    waited = 0.0
+    while True:
+        try:
+            return await fn()
+        except RetryableError as exc:
+            if exc.status_code == 429:
+                throttled += 1
+                wait = pacing.pause_s() if pacing is not None else 0.0
+                if wait <= 0.0:  # no shared pause (none given, or the 429 was not reported): this one's own
+                    exp = policy.backoff_initial_s * 2.0 ** (throttled - 1)
+                    wait = exc.retry_after if exc.retry_after is not None else min(policy.backoff_max_s, exp)
+                wait += rnd.uniform(0, min(policy.jitter_s, 0.05 + wait * 0.1))
+                if waited + wait > policy.rate_limit_wait_s:
+                    raise
+                waited += wait
+            else:
+                failures += 1
+                if failures >= policy.max_attempts:
+                    raise
+                if pacing is not None:
+                    wait = pacing.retry_delay(
+                        failures,
+                        exc.retry_after,
+                        initial_s=policy.backoff_initial_s,
+                        max_s=policy.backoff_max_s,
+                        jitter_s=policy.jitter_s,
+                        rng=rnd,
+                    )
+                else:
+                    wait = retry_delay(
+                        failures,
+                        retry_after=exc.retry_after,
+                        initial_s=policy.backoff_initial_s,
+                        max_s=policy.backoff_max_s,
+                        jitter_s=policy.jitter_s,
+                        rng=rnd,
+                    )
+            if on_retry is not None:
+                on_retry(exc, wait)
+        await sleep(wait)
+
+
 class Quota(Protocol):
     """RPM/TPM held outside this event loop: shared by processes (a SQLite file) or a cluster (a Ray actor).
 
@@ -138,10 +212,14 @@ class Pacer:
         decrease: float = 0.8,
         recover_after_s: float = 10.0,
         quota: Quota | None = None,
+        control: Pacing | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
         self.clock = clock
+        self.control = control
+        self.sleep = sleep
         self.decrease = decrease
         self.recover_after_s = recover_after_s
         self.factor = 1.0
@@ -152,6 +230,7 @@ class Pacer:
             AdjustableLimiter(tpm / 60 * TOKEN_BUCKET_SECONDS, TOKEN_BUCKET_SECONDS) if tpm and local else None
         )
         self._primed = False
+        self._followed: tuple[float | None, float | None] = (None, None)
         self._last_decrease = -1e9
         self._last_recover = clock()
         self._recent: collections.deque[float] = collections.deque(maxlen=4096)
@@ -178,6 +257,11 @@ class Pacer:
     async def acquire(self, tokens: int) -> None:
         if not self._primed:
             self._prime()
+        if self.control is not None:
+            # New sends wait out a 429's pause, then take from buckets set to the learned rates.
+            while (pause := self.control.pause_s()) > 0:
+                await self.sleep(pause)
+            self._follow(self.control)
         if self.quota is not None:
             await self.quota.take(float(tokens) if self.tpm else 0.0)
         if self.requests is not None:
@@ -185,6 +269,27 @@ class Pacer:
         if self.tokens is not None:
             await self.tokens.acquire(min(float(tokens), self.tokens.max_rate))
         self._recent.append(self.clock())
+        if self.control is not None:
+            self.control.on_send()
+
+    def _follow(self, control: Pacing) -> None:
+        """Set the buckets to ``control``'s rates (made on first need: a limit learned from headers)."""
+        if self.quota is not None:
+            self.quota.set_factor(control.rates.factor)
+            return
+        rpm, tpm = control.rpm(), control.tpm()
+        if rpm and rpm != self._followed[0]:
+            if self.requests is None:
+                self.requests = AdjustableLimiter(max(1.0, rpm / 60 * BUCKET_SECONDS), BUCKET_SECONDS)
+            self.requests.set_limit(rpm / 60)
+        if tpm and tpm != self._followed[1]:
+            if self.tokens is None:
+                self.tokens = AdjustableLimiter(tpm / 60 * TOKEN_BUCKET_SECONDS, TOKEN_BUCKET_SECONDS)
+                # Like ``_prime``: one second of tokens to start with, not the whole bucket.
+                self.tokens._level = max(0.0, self.tokens.max_rate - tpm / 60 * BUCKET_SECONDS)
+                self.tokens._last_check = asyncio.get_running_loop().time()
+            self.tokens.set_limit(tpm / 60)
+        self._followed = (rpm, tpm)
 
     def observe(
         self, est_prompt_tokens: int, max_tokens: int, prompt_tokens: int | None, completion_tokens: int | None
@@ -196,8 +301,14 @@ class Pacer:
             self.completion_ratio += 0.05 * (completion_tokens / max_tokens - self.completion_ratio)
         self._maybe_recover()
 
-    def on_rate_limited(self) -> None:
-        """A 429: lower the pace once per second at most; with no limit set, start one below what got through."""
+    def on_rate_limited(self, retry_after: float | None = None, ratelimit: ServerLimits | None = None) -> None:
+        """A 429: lower the pace once per second at most; with no limit set, start one below what got through.
+
+        With a ``control`` this is ``control.on_rate_limited(retry_after, ratelimit)``: call one of the two.
+        """
+        if self.control is not None:
+            self.control.on_rate_limited(retry_after, ratelimit)
+            return
         now = self.clock()
         if now - self._last_decrease < 1.0:
             return
@@ -239,15 +350,38 @@ async def run_all(
     *,
     concurrency: int,
     stop: asyncio.Event | None = None,
+    limit: Callable[[], int] | None = None,
 ) -> None:
     """Feed ``items`` to ``concurrency`` workers; call ``on_result`` as each finishes.
 
     A fixed pool of workers (not one task per item) keeps memory flat for millions of items. When
     ``stop`` is set no new item starts; items already started run to completion. An exception from
     ``handle`` (a fatal error) cancels the others and is raised.
+
+    With ``limit`` (e.g. ``Pacing.in_flight_limit``) the pool is a ceiling: at most ``limit()`` items
+    are in ``handle`` at once, read again each time one starts or finishes.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
     done = object()
+    active = 0
+    gate = asyncio.Condition()
+
+    def room() -> bool:
+        assert limit is not None
+        return active < max(1, limit())
+
+    async def gated(item: Any) -> Any:
+        nonlocal active
+        async with gate:
+            await gate.wait_for(room)
+            active += 1
+        try:
+            return await handle(item)
+        finally:
+            async with gate:
+                active -= 1
+                # Wake as many waiters as there is room now (the cap may have grown), not all of them.
+                gate.notify(max(1, limit() - active) if limit is not None else 1)
 
     async def produce() -> None:
         # No try/finally here: if the group is cancelled, putting the end markers into a full queue
@@ -272,7 +406,7 @@ async def run_all(
                 return
             if stop is not None and stop.is_set():
                 continue
-            result = await handle(item)
+            result = await (handle(item) if limit is None else gated(item))
             maybe = on_result(item, result)
             if maybe is not None:
                 await maybe

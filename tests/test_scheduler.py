@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import pytest
 
+from pipeline.client import RateLimits
 from pipeline.errors import RetryableError, RowError
-from pipeline.scheduler import Pacer, RetryPolicy, call_with_retries, run_all
+from pipeline.pacing import Pacing
+from pipeline.scheduler import Pacer, RetryPolicy, call_paced, call_with_retries, run_all
 
 
 def test_retry_waits_honour_retry_after_then_back_off() -> None:
@@ -142,3 +145,149 @@ def test_run_all_raises_the_fatal_error_itself() -> None:
 
     with pytest.raises(ValueError, match="fatal"):
         asyncio.run(run_all(range(100), handle, lambda i, r: None, concurrency=4))
+
+
+def test_run_all_respects_a_changing_cap() -> None:
+    """The pool is the ceiling; ``limit`` gates how many are in ``handle`` at once, as it changes."""
+    cap = [3]
+    in_flight = 0
+    peaks: dict[int, int] = {}
+    done: list[int] = []
+
+    async def handle(i: int) -> int:
+        nonlocal in_flight
+        in_flight += 1
+        assert in_flight <= cap[0]  # never more than the cap when this one started
+        peaks[cap[0]] = max(peaks.get(cap[0], 0), in_flight)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        in_flight -= 1
+        if i == 100:
+            cap[0] = 10
+        if i == 300:
+            cap[0] = 2
+        return i
+
+    def on_result(i: int, r: int) -> None:
+        done.append(i)
+
+    asyncio.run(run_all(range(500), handle, on_result, concurrency=16, limit=lambda: cap[0]))
+    assert sorted(done) == list(range(500))
+    assert peaks[3] == 3
+    assert peaks[10] == 10
+    assert peaks[2] == 2
+    assert max(peaks.values()) <= 16
+
+
+def test_run_all_cap_of_zero_still_makes_progress() -> None:
+    results: list[int] = []
+    asyncio.run(run_all(range(20), _echo, lambda i, r: results.append(r), concurrency=4, limit=lambda: 0))
+    assert sorted(results) == list(range(20))
+
+
+async def _echo(i: int) -> int:
+    await asyncio.sleep(0)
+    return i
+
+
+class FakeTime:
+    """A clock and a sleep that moves it: waits are recorded, never spent."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, s: float) -> None:
+        self.waits.append(s)
+        self.now += s
+
+
+def test_retry_after_pauses_new_sends_and_does_not_count_against_max_attempts() -> None:
+    t = FakeTime()
+    pacing = Pacing(600, None, clock=t)
+    pacer = Pacer(600, None, clock=t, control=pacing, sleep=t.sleep)
+    sends: list[float] = []
+    calls = 0
+
+    async def attempt() -> str:
+        nonlocal calls
+        await pacer.acquire(1)
+        sends.append(t.now)
+        calls += 1
+        if calls <= 8:  # eight 429s in a row: more than max_attempts, still not a failure
+            pacing.on_rate_limited(2.0)
+            raise RetryableError("429", status_code=429, retry_after=2.0)
+        return "ok"
+
+    policy = RetryPolicy(max_attempts=2, jitter_s=0.0, rate_limit_wait_s=600)
+
+    async def go() -> None:
+        assert await call_paced(attempt, policy, pacing, sleep=t.sleep, rng=random.Random(0)) == "ok"
+        # Another request's send is held by the shared pause too.
+        t.now = 100.0
+        pacing.on_rate_limited(3.0)
+        t.waits.clear()
+        await pacer.acquire(1)
+        assert t.waits == [3.0]
+
+    asyncio.run(go())
+    assert calls == 9
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert all(2.0 <= g <= 2.3 for g in gaps)  # each try waits the pause, plus a little jitter
+
+
+def test_429_waits_are_bounded_by_rate_limit_wait_s() -> None:
+    t = FakeTime()
+    calls = 0
+
+    async def always_429() -> None:
+        nonlocal calls
+        calls += 1
+        raise RetryableError("429", status_code=429, retry_after=10.0)
+
+    policy = RetryPolicy(max_attempts=1, jitter_s=0.0, rate_limit_wait_s=55.0)
+    with pytest.raises(RetryableError, match="429"):
+        asyncio.run(call_paced(always_429, policy, None, sleep=t.sleep, rng=random.Random(0)))
+    assert calls == 6  # five waits of 10 s fit in 55 s, a sixth would not
+    assert t.waits == [10.0] * 5
+
+
+def test_call_paced_quick_first_retry_then_exponential() -> None:
+    t = FakeTime()
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 5:
+            raise RetryableError("503", status_code=503)
+        return "ok"
+
+    policy = RetryPolicy(max_attempts=5, backoff_initial_s=1.0, jitter_s=0.0)
+    assert asyncio.run(call_paced(flaky, policy, Pacing(None, None), sleep=t.sleep, rng=random.Random(3))) == "ok"
+    assert 0.05 <= t.waits[0] <= 0.25
+    assert t.waits[1:] == [1.0, 2.0, 4.0]
+    # max_attempts still counts the other failures.
+    calls = -10
+    with pytest.raises(RetryableError, match="503"):
+        asyncio.run(call_paced(flaky, policy, None, sleep=t.sleep))
+    assert calls == -5
+
+
+def test_pacer_follows_the_rate_learned_from_headers() -> None:
+    pacing = Pacing(12_000, None, clock=FakeTime())
+    pacer = Pacer(12_000, None, control=pacing)
+
+    async def go() -> None:
+        await pacer.acquire(1)
+        assert pacer.requests is not None and pacer.requests.max_rate == pytest.approx(200)
+        pacing.on_reply(1.0, RateLimits(limit_requests=3000, limit_tokens=60_000))
+        await pacer.acquire(1)
+        assert pacer.requests.max_rate == pytest.approx(3000 * 0.95 / 60)
+        assert pacer.tokens is not None and pacer.tokens.max_rate == pytest.approx(60_000 * 0.95 / 60 * 6)
+
+    asyncio.run(go())
+    assert pacing.take_message() == "server limit 3000 rpm is below the job's 12000; pacing to the server"

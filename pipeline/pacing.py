@@ -1,0 +1,446 @@
+"""Closed-loop pacing: the server's headers, its 429s and the observed latency set the pace.
+
+The job's RPM, TPM, concurrency and request timeout are ceilings, not the operating point. Pure policy:
+no I/O, no sleeping, time from an injected clock. One ``Pacing`` per run (one event loop); the caller
+asks it before each send and tells it what came back::
+
+    before a send   pause_s()             > 0: wait that long (a 429's Retry-After holds every new send)
+                    rpm(), tpm()          the rate buckets follow these (None: no limit known)
+                    in_flight_limit()     the cap on requests in flight (run_all's ``limit``)
+                    timeout_s(max_tokens) the timeout for this send (Client.send's ``timeout_s``)
+                    on_send()
+    on an answer    on_reply(latency_s, ratelimit, completion_tokens)
+    on a 429        on_rate_limited(retry_after, ratelimit)
+    on a failure    on_error(ratelimit, timed_out_s=)  timeout, dropped connection, 5xx: retryable, not a 429
+    between tries   retry_delay(failures, retry_after, rng)
+    to log, once    take_message()
+
+The parts (``Window``, ``InFlightLimit``, ``RateControl``, ``Deadline``, ``retry_delay``) are usable alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+Clock = Callable[[], float]
+
+
+class ServerLimits(Protocol):
+    """What pacing reads from a response's ``x-ratelimit-*`` headers (``client.RateLimits`` is one)."""
+
+    @property
+    def limit_requests(self) -> int | None: ...
+    @property
+    def remaining_requests(self) -> int | None: ...
+    @property
+    def reset_requests_s(self) -> float | None: ...
+    @property
+    def limit_tokens(self) -> int | None: ...
+    @property
+    def remaining_tokens(self) -> int | None: ...
+    @property
+    def reset_tokens_s(self) -> float | None: ...
+
+
+class Window:
+    """The last ``size`` values and their quantiles (sorted on demand, kept until the next value)."""
+
+    def __init__(self, size: int) -> None:
+        self._values: collections.deque[float] = collections.deque(maxlen=size)
+        self._sorted: list[float] | None = None
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+        self._sorted = None
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def quantile(self, q: float) -> float | None:
+        if not self._values:
+            return None
+        if self._sorted is None:
+            self._sorted = sorted(self._values)
+        return self._sorted[min(len(self._sorted) - 1, int(q * len(self._sorted)))]
+
+
+class InFlightLimit:
+    """How many requests may be in flight: Little's law when a target rate is known, AIMD when not.
+
+    With a rate: ``ceil(rate × latency quantile × headroom)`` clamped to [floor, ceiling], so a 20 s
+    reasoning model at 100 req/s gets ~3,000 in flight and a 0.2 s one ~30. Before any answer, and
+    with no rate, the cap starts at ``start`` and grows by one per answer while latency stays within
+    ``slow_ratio`` × the best recent median; when it does not, it shrinks ×``decrease`` once per median latency.
+    """
+
+    def __init__(
+        self,
+        ceiling: int = 2048,
+        *,
+        floor: int = 4,
+        start: int = 32,
+        headroom: float = 1.5,
+        quantile: float = 0.9,
+        window: int = 256,
+        recent: int = 16,
+        slow_ratio: float = 2.0,
+        decrease: float = 0.75,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.ceiling = max(1, ceiling)
+        self.floor = max(1, min(floor, self.ceiling))
+        self.headroom = headroom
+        self.q = quantile
+        self.slow_ratio = slow_ratio
+        self.decrease = decrease
+        self.clock = clock
+        self.latency = Window(window)
+        self._recent = Window(recent)
+        self._recent_size = recent
+        self._baseline: float | None = None
+        self._last_cut = -math.inf
+        self.grown = min(max(start, self.floor), self.ceiling)
+
+    def on_answer(self, latency_s: float) -> None:
+        self.latency.add(latency_s)
+        self._recent.add(latency_s)
+        if len(self._recent) < self._recent_size:
+            self.grown = min(self.ceiling, self.grown + 1)
+            return
+        median = self._recent.quantile(0.5)
+        assert median is not None
+        # The best median seen, forgotten slowly so a lasting change of prompts is not read as overload.
+        self._baseline = median if self._baseline is None else min(median, self._baseline * 1.002)
+        now = self.clock()
+        if median <= self.slow_ratio * self._baseline:
+            self.grown = min(self.ceiling, self.grown + 1)
+        elif now - self._last_cut >= median:
+            self._last_cut = now
+            self.grown = max(self.floor, int(self.grown * self.decrease))
+
+    def limit(self, target_rps: float | None) -> int:
+        q = self.latency.quantile(self.q)
+        if target_rps is None or q is None:
+            return self.grown
+        return min(self.ceiling, max(self.floor, math.ceil(target_rps * q * self.headroom)))
+
+
+class RateControl:
+    """Requests and tokens per minute to pace at, learned from the server, and the 429 pause.
+
+    The rate is the lowest of the job's limit and the server's (``x-ratelimit-limit-*`` × ``margin``),
+    times ``factor``. A 429 burst multiplies ``factor`` by ``decrease`` (once per ``decrease_every_s``)
+    and holds new sends until its Retry-After; after ``recover_after_s`` without a 429 the factor
+    grows ×``recover_step`` per second back to 1. With no limit known at all, a 429 starts from the
+    send rate of the last 10 s.
+    """
+
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        clock: Clock = time.monotonic,
+        margin: float = 0.95,
+        decrease: float = 0.7,
+        decrease_every_s: float = 1.0,
+        min_factor: float = 0.05,
+        recover_after_s: float = 2.0,
+        recover_step: float = 1.5,
+        default_pause_s: float = 1.0,
+    ) -> None:
+        self.job_rpm = rpm
+        self.job_tpm = tpm
+        self.clock = clock
+        self.margin = margin
+        self.decrease = decrease
+        self.decrease_every_s = decrease_every_s
+        self.min_factor = min_factor
+        self.recover_after_s = recover_after_s
+        self.recover_step = recover_step
+        self.default_pause_s = default_pause_s
+        self.server_rpm: float | None = None
+        self.server_tpm: float | None = None
+        self.learned_rpm: float | None = None
+        self.factor = 1.0
+        self.not_before = -math.inf
+        self._last_429 = -math.inf
+        self._last_step = -math.inf
+        self._sends: collections.deque[float] = collections.deque(maxlen=4096)
+        self._messages: list[str] = []
+        self._told: set[str] = set()
+
+    def _base_rpm(self) -> float | None:
+        known = [r for r in (self.job_rpm, self.server_rpm, self.learned_rpm) if r]
+        return min(known) if known else None
+
+    def _base_tpm(self) -> float | None:
+        known = [r for r in (self.job_tpm, self.server_tpm) if r]
+        return min(known) if known else None
+
+    def _recover(self, now: float) -> None:
+        if self.factor < 1.0 and now - self._last_429 >= self.recover_after_s and now - self._last_step >= 1.0:
+            self._last_step = now
+            self.factor = min(1.0, self.factor * self.recover_step)
+
+    def rpm(self) -> float | None:
+        self._recover(self.clock())
+        base = self._base_rpm()
+        return None if base is None else base * self.factor
+
+    def tpm(self) -> float | None:
+        self._recover(self.clock())
+        base = self._base_tpm()
+        return None if base is None else base * self.factor
+
+    def pause_s(self) -> float:
+        return max(0.0, self.not_before - self.clock())
+
+    def on_send(self) -> None:
+        self._sends.append(self.clock())
+
+    def on_headers(self, limits: ServerLimits | None) -> None:
+        if limits is None:
+            return
+        if limits.limit_requests:
+            self.server_rpm = limits.limit_requests * self.margin
+            self._tell("rpm", limits.limit_requests, self.job_rpm)
+        if limits.limit_tokens:
+            self.server_tpm = limits.limit_tokens * self.margin
+            self._tell("tpm", limits.limit_tokens, self.job_tpm)
+
+    def _tell(self, unit: str, server: float, job: float | None) -> None:
+        if job is not None and job > server and unit not in self._told:
+            self._told.add(unit)
+            self._messages.append(f"server limit {server:g} {unit} is below the job's {job:g}; pacing to the server")
+
+    def on_rate_limited(self, retry_after: float | None, limits: ServerLimits | None = None) -> None:
+        now = self.clock()
+        self.on_headers(limits)
+        self.not_before = max(self.not_before, now + self._pause_for(retry_after, limits))
+        self._last_429 = now
+        if now - self._last_step < self.decrease_every_s:
+            return  # the same burst: one decrease per burst
+        self._last_step = now
+        if self._base_rpm() is None and self._base_tpm() is None:
+            recent = [t for t in self._sends if now - t <= 10.0]
+            span = min(10.0, max(1.0, now - recent[0])) if recent else 10.0
+            self.learned_rpm = max(len(recent) / span * 60.0, 6.0)
+        self.factor = max(self.min_factor, self.factor * self.decrease)
+
+    def _pause_for(self, retry_after: float | None, limits: ServerLimits | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        if limits is not None:
+            resets = [
+                reset
+                for remaining, reset in (
+                    (limits.remaining_requests, limits.reset_requests_s),
+                    (limits.remaining_tokens, limits.reset_tokens_s),
+                )
+                if remaining == 0 and reset is not None
+            ]
+            if resets:
+                return min(max(resets), 60.0)
+        return self.default_pause_s
+
+    def take_message(self) -> str | None:
+        return self._messages.pop(0) if self._messages else None
+
+
+class Deadline:
+    """Per-request timeout from what answers took: ``max(floor, k × quantile, max_tokens allowance)``, capped.
+
+    The allowance is the time ``max_tokens`` take at the slow end (``rate_quantile``) of observed
+    completion tokens per second, × ``token_margin``. Until ``min_samples`` answers, the cap.
+    """
+
+    def __init__(
+        self,
+        cap_s: float,
+        *,
+        floor_s: float = 10.0,
+        k: float = 3.0,
+        quantile: float = 0.99,
+        min_samples: int = 20,
+        window: int = 512,
+        rate_quantile: float = 0.1,
+        token_margin: float = 1.5,
+    ) -> None:
+        self.cap_s = cap_s
+        self.floor_s = min(floor_s, cap_s)
+        self.k = k
+        self.q = quantile
+        self.min_samples = min_samples
+        self.rate_q = rate_quantile
+        self.token_margin = token_margin
+        self.latency = Window(window)
+        self.tokens_per_s = Window(window)
+
+    def on_answer(self, latency_s: float, completion_tokens: int | None = None) -> None:
+        self.latency.add(latency_s)
+        if completion_tokens and completion_tokens >= 16 and latency_s > 0:
+            self.tokens_per_s.add(completion_tokens / latency_s)
+
+    def on_timeout(self, timeout_s: float) -> None:
+        """A request got no answer within ``timeout_s``: it took at least that, so the next deadline widens."""
+        self.latency.add(timeout_s)
+
+    def timeout_s(self, max_tokens: int | None = None) -> float:
+        if len(self.latency) < self.min_samples:
+            return self.cap_s
+        q = self.latency.quantile(self.q)
+        assert q is not None
+        timeout = max(self.floor_s, self.k * q)
+        rate = self.tokens_per_s.quantile(self.rate_q)
+        if max_tokens and rate:
+            timeout = max(timeout, max_tokens / rate * self.token_margin)
+        return min(self.cap_s, timeout)
+
+
+def retry_delay(
+    failures: int,
+    *,
+    retry_after: float | None = None,
+    persistent: bool = False,
+    quick_s: tuple[float, float] = (0.05, 0.25),
+    initial_s: float = 1.0,
+    max_s: float = 60.0,
+    jitter_s: float = 1.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Wait before try ``failures + 1`` of one request (``failures`` ≥ 1 failures so far, 429s not counted).
+
+    A lone failure is retried after ``quick_s`` (jittered): a dropped connection or one 5xx is usually
+    gone at once. Exponential backoff from ``initial_s`` applies while failures persist: this request's
+    second failure on, or from the first when failures are common across requests (``persistent``).
+    """
+    rnd = rng or random
+    if retry_after is not None:
+        return retry_after + rnd.uniform(0, min(jitter_s, 0.25 + retry_after * 0.1))
+    if failures <= 1 and not persistent:
+        return rnd.uniform(*quick_s)
+    exponent = max(failures - (1 if persistent else 2), 0)
+    return min(max_s, initial_s * 2.0**exponent) + rnd.uniform(0, jitter_s)
+
+
+class Pacing:
+    """The whole loop for one run: ``RateControl`` + ``InFlightLimit`` + ``Deadline`` + failure rate.
+
+    ``ceiling`` is the job's ``limits.concurrency``, ``request_timeout_s`` its timeout (both caps).
+    """
+
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        ceiling: int = 2048,
+        request_timeout_s: float = 600.0,
+        clock: Clock = time.monotonic,
+        failure_window: int = 64,
+        persistent_rate: float = 0.2,
+        rates: RateControl | None = None,
+        in_flight: InFlightLimit | None = None,
+        deadline: Deadline | None = None,
+    ) -> None:
+        self.clock = clock
+        self.rates = rates or RateControl(rpm, tpm, clock=clock)
+        self.in_flight = in_flight or InFlightLimit(ceiling, clock=clock)
+        self.deadline = deadline or Deadline(request_timeout_s)
+        self.persistent_rate = persistent_rate
+        self._outcomes: collections.deque[bool] = collections.deque(maxlen=failure_window)
+        self._failed = 0
+        self._tokens_per_request: float | None = None
+
+    # -- before a send
+    def pause_s(self) -> float:
+        return self.rates.pause_s()
+
+    def rpm(self) -> float | None:
+        return self.rates.rpm()
+
+    def tpm(self) -> float | None:
+        return self.rates.tpm()
+
+    def target_rps(self) -> float | None:
+        """Requests per second the rates allow: the RPM, or the TPM over the mean tokens of an answer."""
+        rpm, tpm = self.rpm(), self.tpm()
+        options = [rpm / 60.0] if rpm else []
+        if tpm and self._tokens_per_request:
+            options.append(tpm / 60.0 / self._tokens_per_request)
+        return min(options) if options else None
+
+    def in_flight_limit(self) -> int:
+        return self.in_flight.limit(self.target_rps())
+
+    def timeout_s(self, max_tokens: int | None = None) -> float:
+        return self.deadline.timeout_s(max_tokens)
+
+    def on_send(self) -> None:
+        self.rates.on_send()
+
+    # -- what came back
+    def on_reply(
+        self,
+        latency_s: float,
+        ratelimit: ServerLimits | None = None,
+        completion_tokens: int | None = None,
+        total_tokens: int | None = None,
+    ) -> None:
+        self.rates.on_headers(ratelimit)
+        self.in_flight.on_answer(latency_s)
+        self.deadline.on_answer(latency_s, completion_tokens)
+        if total_tokens:
+            mean = self._tokens_per_request
+            self._tokens_per_request = total_tokens if mean is None else mean + 0.05 * (total_tokens - mean)
+        self._outcome(False)
+
+    def on_rate_limited(self, retry_after: float | None, ratelimit: ServerLimits | None = None) -> None:
+        self.rates.on_rate_limited(retry_after, ratelimit)
+
+    def on_error(self, ratelimit: ServerLimits | None = None, *, timed_out_s: float | None = None) -> None:
+        """Any retryable failure but a 429; ``timed_out_s``: the timeout it hit, if it was a timeout."""
+        self.rates.on_headers(ratelimit)
+        if timed_out_s is not None:
+            self.deadline.on_timeout(timed_out_s)
+        self._outcome(True)
+
+    def _outcome(self, failed: bool) -> None:
+        if len(self._outcomes) == self._outcomes.maxlen:
+            self._failed -= self._outcomes[0]
+        self._outcomes.append(failed)
+        self._failed += failed
+
+    def failure_rate(self) -> float:
+        """Share of failures among the last outcomes (answers and non-429 failures); 0 until 10 are seen."""
+        return self._failed / len(self._outcomes) if len(self._outcomes) >= 10 else 0.0
+
+    def retry_delay(
+        self,
+        failures: int,
+        retry_after: float | None = None,
+        *,
+        initial_s: float = 1.0,
+        max_s: float = 60.0,
+        jitter_s: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> float:
+        return retry_delay(
+            failures,
+            retry_after=retry_after,
+            persistent=self.failure_rate() >= self.persistent_rate,
+            initial_s=initial_s,
+            max_s=max_s,
+            jitter_s=jitter_s,
+            rng=rng,
+        )
+
+    def take_message(self) -> str | None:
+        """A line for the log, each said once (e.g. the server's limit is below the job's)."""
+        return self.rates.take_message()

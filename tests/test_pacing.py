@@ -1,0 +1,214 @@
+"""Closed-loop pacing, driven by a hand-moved clock: nothing here waits for real."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeline.client import RateLimits
+from pipeline.pacing import Deadline, InFlightLimit, Pacing, RateControl, Window, retry_delay
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_window_quantiles_follow_the_last_values() -> None:
+    w = Window(10)
+    assert w.quantile(0.9) is None
+    for v in range(100):
+        w.add(float(v))
+    assert len(w) == 10
+    assert w.quantile(0.0) == 90.0
+    assert w.quantile(0.9) == 99.0
+
+
+def test_in_flight_cap_is_littles_law_and_follows_latency_up_and_down() -> None:
+    limit = InFlightLimit(ceiling=2048, floor=4, start=32, headroom=1.5, window=100)
+    assert limit.limit(100.0) == 32  # nothing observed yet: a modest start, not 1
+    for _ in range(100):
+        limit.on_answer(20.0)
+    assert limit.limit(100.0) == 2048  # 100/s × 20 s × 1.5 = 3,000: the ceiling
+    assert limit.limit(50.0) == 1500  # 50/s × 20 s × 1.5
+    for _ in range(100):
+        limit.on_answer(0.2)
+    assert limit.limit(50.0) == 15  # latency fell: 50/s × 0.2 s × 1.5
+    assert limit.limit(1.0) == 4  # the floor
+
+
+def test_in_flight_cap_grows_while_latency_is_flat_and_shrinks_when_it_rises() -> None:
+    clock = Clock()
+    limit = InFlightLimit(ceiling=100, start=8, recent=16, clock=clock)
+    for _ in range(30):
+        limit.on_answer(1.0)
+    assert limit.limit(None) == 38  # +1 per answer, no rate known
+    for _ in range(200):
+        limit.on_answer(1.0)
+    assert limit.limit(None) == 100  # up to the ceiling
+    for _ in range(16):
+        clock.now += 0.1
+        limit.on_answer(10.0)  # latency ×10: the server is queueing
+    assert limit.limit(None) == 75  # one cut per median latency, not one per answer
+    clock.now += 10.0
+    limit.on_answer(10.0)
+    assert limit.limit(None) == 56
+
+
+def test_no_rpm_in_job_paces_to_the_header_limit() -> None:
+    clock = Clock()
+    rates = RateControl(None, None, clock=clock, margin=1.0)
+    assert rates.rpm() is None
+    rates.on_headers(RateLimits(limit_requests=3000, limit_tokens=1_000_000))
+    assert rates.rpm() == 3000
+    assert rates.tpm() == 1_000_000
+    assert rates.take_message() is None  # the job set nothing: nothing to warn about
+
+
+def test_job_limit_above_the_servers_follows_the_server_and_says_so_once() -> None:
+    pacing = Pacing(12_000, None, clock=Clock())
+    assert pacing.rpm() == 12_000
+    for _ in range(3):
+        pacing.on_reply(1.0, RateLimits(limit_requests=3000))
+    assert pacing.rpm() == pytest.approx(3000 * 0.95)
+    assert pacing.take_message() == "server limit 3000 rpm is below the job's 12000; pacing to the server"
+    assert pacing.take_message() is None
+    # A job limit below the server's stays the job's.
+    low = RateControl(1000, None, clock=Clock())
+    low.on_headers(RateLimits(limit_requests=3000))
+    assert low.rpm() == 1000 and low.take_message() is None
+
+
+def test_retry_after_pauses_new_sends_until_then() -> None:
+    clock = Clock()
+    pacing = Pacing(600, None, clock=clock)
+    assert pacing.pause_s() == 0.0
+    clock.now = 10.0
+    pacing.on_rate_limited(2.5)
+    assert pacing.pause_s() == 2.5
+    clock.now = 11.0
+    pacing.on_rate_limited(0.5)  # a shorter Retry-After does not shorten the pause
+    assert pacing.pause_s() == 1.5
+    clock.now = 12.5
+    assert pacing.pause_s() == 0.0
+
+
+def test_429_without_retry_after_pauses_until_the_exhausted_bucket_resets() -> None:
+    clock = Clock()
+    rates = RateControl(600, None, clock=clock, default_pause_s=1.0)
+    rates.on_rate_limited(None, RateLimits(remaining_requests=0, reset_requests_s=0.4, remaining_tokens=50))
+    assert rates.pause_s() == pytest.approx(0.4)
+    clock.now = 5.0
+    rates.on_rate_limited(None, None)
+    assert rates.pause_s() == 1.0
+
+
+def test_a_429_burst_lowers_the_pace_once_and_it_recovers_within_seconds() -> None:
+    clock = Clock()
+    rates = RateControl(6000, None, clock=clock, decrease=0.7, recover_after_s=2.0, recover_step=1.5)
+    for i in range(50):  # fifty 429s within 0.5 s: one burst, one decrease
+        clock.now = i * 0.01
+        rates.on_rate_limited(0.1)
+    assert rates.rpm() == pytest.approx(4200)
+    clock.now = 1.5
+    assert rates.rpm() == pytest.approx(4200)  # not yet quiet long enough
+    clock.now = 2.5
+    assert rates.rpm() == pytest.approx(6000)  # 0.7 × 1.5 ≥ 1: back to the limit 2 s after the burst
+    # Three bursts a second apart (a limit really lower) take a few seconds more, not minutes.
+    for t in (10.0, 11.0, 12.0):
+        clock.now = t
+        rates.on_rate_limited(None)
+    assert rates.factor == pytest.approx(0.343)
+    seen = []
+    for t in range(15, 20):
+        clock.now = float(t)
+        seen.append(round(rates.rpm() or 0))
+    assert seen == [3087, 4630, 6000, 6000, 6000]
+
+
+def test_429_with_no_limit_known_starts_from_the_rate_that_got_through() -> None:
+    clock = Clock()
+    rates = RateControl(None, None, clock=clock, decrease=0.5)
+    for i in range(100):
+        clock.now = i * 0.05  # 20 sends/s for 5 s
+        rates.on_send()
+    rates.on_rate_limited(None)
+    assert rates.rpm() == pytest.approx(20 * 60 * 0.5, rel=0.02)
+
+
+def test_deadline_uses_the_cap_until_answers_then_follows_latency_with_floor_and_cap() -> None:
+    deadline = Deadline(600.0, floor_s=10.0, k=3.0, quantile=0.99, min_samples=20, window=100)
+    assert deadline.timeout_s() == 600.0
+    for i in range(100):
+        deadline.on_answer(15.0 + i * 0.1, completion_tokens=None)  # 15 … 24.9 s
+    assert deadline.timeout_s() == pytest.approx(3 * 24.9)
+    for _ in range(100):
+        deadline.on_answer(0.5)
+    assert deadline.timeout_s() == 10.0  # the floor
+    for _ in range(100):
+        deadline.on_answer(400.0)
+    assert deadline.timeout_s() == 600.0  # the cap
+
+
+def test_deadline_allows_max_tokens_at_the_observed_token_rate() -> None:
+    deadline = Deadline(600.0, floor_s=1.0, min_samples=5, rate_quantile=0.1, token_margin=1.5)
+    for _ in range(50):
+        deadline.on_answer(10.0, completion_tokens=500)  # 50 tokens/s
+    assert deadline.timeout_s() == pytest.approx(30.0)
+    assert deadline.timeout_s(max_tokens=2000) == pytest.approx(2000 / 50 * 1.5)
+    assert deadline.timeout_s(max_tokens=100_000) == 600.0
+
+
+def test_timeouts_widen_the_deadline() -> None:
+    pacing = Pacing(None, None, request_timeout_s=600.0, clock=Clock())
+    for _ in range(100):
+        pacing.on_reply(1.0)
+    first = pacing.timeout_s()
+    assert first == 10.0
+    for _ in range(5):
+        pacing.on_error(timed_out_s=first)
+    assert pacing.timeout_s() == pytest.approx(30.0)
+
+
+def test_quick_first_retry_then_exponential() -> None:
+    rng = random.Random(7)
+    waits = [retry_delay(n, initial_s=1.0, max_s=60.0, jitter_s=0.0, rng=rng) for n in (1, 2, 3, 4, 5)]
+    assert 0.05 <= waits[0] <= 0.25
+    assert waits[1:] == [1.0, 2.0, 4.0, 8.0]
+    # While failures are common across requests, backoff starts at once.
+    persistent = [retry_delay(n, persistent=True, jitter_s=0.0, rng=rng) for n in (1, 2, 3)]
+    assert persistent == [1.0, 2.0, 4.0]
+    assert retry_delay(1, retry_after=3.0, jitter_s=0.0, rng=rng) == 3.0
+
+
+def test_pacing_backs_off_from_the_first_retry_when_many_requests_fail() -> None:
+    pacing = Pacing(None, None, clock=Clock())
+    rng = random.Random(1)
+    for _ in range(20):
+        pacing.on_reply(1.0)
+    pacing.on_error()
+    assert pacing.retry_delay(1, jitter_s=0.0, rng=rng) <= 0.25  # isolated
+    for _ in range(10):
+        pacing.on_error()
+    assert pacing.failure_rate() == pytest.approx(11 / 31)
+    assert pacing.retry_delay(1, jitter_s=0.0, rng=rng) == 1.0
+
+
+def test_pacing_in_flight_cap_uses_the_learned_rate() -> None:
+    pacing = Pacing(None, None, ceiling=4096, clock=Clock())
+    assert pacing.in_flight_limit() == 32
+    for _ in range(50):
+        pacing.on_reply(20.0, RateLimits(limit_requests=6000))
+    # 6000 rpm × 0.95 = 95 req/s, × 20 s × 1.5 headroom.
+    assert pacing.in_flight_limit() == 2850
+
+
+def test_tpm_bounds_the_target_rate_through_tokens_per_answer() -> None:
+    pacing = Pacing(6000, 60_000, clock=Clock())
+    for _ in range(10):
+        pacing.on_reply(1.0, total_tokens=100)
+    assert pacing.target_rps() == pytest.approx(10.0)  # 1000 tokens/s ÷ 100 tokens < 100 requests/s
