@@ -1,19 +1,56 @@
-"""seedbatch: run chat-completion jobs over tables, rate-limited, resumable, typed Parquet out."""
+"""seedbatch: run chat-completion jobs over tables, rate-limited, resumable, typed Parquet out.
+
+The library API (the CLI is a thin shell over it)::
+
+    from pipeline import RunOptions, Selection, load_spec, run_job
+    summary = run_job(load_spec("jobs/demo.toml"), RunOptions(selection=Selection(limit=20)))
+    summary = await arun_job(spec)          # inside a running event loop (a notebook)
+
+``run_job``, ``arun_job``, ``load_spec`` and ``JobSpec`` are imported on first use, so ``import pipeline``
+(and ``seedbatch --help``) stays light: pydantic, polars and the HTTP stack load only when a job runs.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from pipeline.errors import SeedbatchError
-from pipeline.records import RunSummary
-from pipeline.spec import JobSpec, load_spec
+from pipeline.options import RunOptions, StopToken
+from pipeline.records import ExitCode, RunSummary, Selection, StopReason
+
+if TYPE_CHECKING:
+    from pipeline.runner import arun_job, run_job
+    from pipeline.spec import JobSpec, load_spec
+
+__all__ = [
+    "ExitCode",
+    "JobSpec",
+    "RunOptions",
+    "RunSummary",
+    "SeedbatchError",
+    "Selection",
+    "StopReason",
+    "StopToken",
+    "__version__",
+    "arun_job",
+    "load_spec",
+    "run_job",
+]
 
 
-def run_job(spec: JobSpec, options: object | None = None, **kwargs: object) -> RunSummary:
-    """Run a job; see ``pipeline.runner.run_job`` (imported lazily to keep ``import pipeline`` light)."""
-    from pipeline.runner import run_job as _run_job
+_LAZY = {
+    "run_job": "pipeline.runner",
+    "arun_job": "pipeline.runner",
+    "JobSpec": "pipeline.spec",
+    "load_spec": "pipeline.spec",
+}
 
-    return _run_job(spec, options, **kwargs)  # type: ignore[arg-type]
 
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-__all__ = ["JobSpec", "RunSummary", "SeedbatchError", "__version__", "load_spec", "run_job"]
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
 
 from pipeline import __version__
 from pipeline.errors import SeedbatchError
-from pipeline.reader import Selection
+from pipeline.options import StopToken
+from pipeline.records import ExitCode, Selection
 
-EXIT_USAGE = 2
-EXIT_INTERNAL = 70
+EXIT_USAGE = ExitCode.BAD_INPUT
+EXIT_INTERNAL = ExitCode.INTERNAL
 
 
 def _say_error(kind: str, message: str, exit_code: int, log_format: str) -> None:
@@ -73,6 +77,22 @@ def _selection(limit: int | None, sample: int | None, seed: int) -> Selection:
     if limit is not None and sample is not None:
         raise click.UsageError("use --limit or --sample, not both")
     return Selection(limit=limit, sample=sample, sample_seed=seed)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopToken) -> Iterator[None]:
+    """SIGINT/SIGTERM stop the run: the first lets answers in flight finish (``grace_s``), the second
+    commits what arrived and abandons the rest. Either way the output is written and the exit code is 3."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.request(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 job_arg = click.argument("job", type=click.Path(dir_okay=False, path_type=str))
@@ -177,8 +197,10 @@ def run(
             fresh=fresh,
             progress=reporter if (live or progress is None or progress) else None,
             progress_interval_s=0.25 if live else progress_interval,
+            log=lambda message: reporter.log("notice", {"message": message}),
         )
-        summary = run_job(spec, options)
+        with stop_on_signals(options.stop):
+            summary = run_job(spec, options)
     fields = {
         "job": summary.job,
         "run_id": summary.run_id,

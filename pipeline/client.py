@@ -12,14 +12,13 @@ import email.utils
 import math
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
 
 from pipeline.errors import FatalAPIError, RetryableError, RowError
-from pipeline.records import Reply
+from pipeline.records import RateLimits, Reply
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = {
@@ -60,21 +59,6 @@ def parse_retry_after(headers: httpx.Headers | dict[str, str], now: float | None
     if not math.isfinite(value) or value < 0:
         return None
     return min(value, MAX_RETRY_AFTER_S)
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimits:
-    """The OpenAI-convention ``x-ratelimit-*`` headers of one response; ``None`` where not said.
-
-    ``limit_*`` are per minute (requests, tokens); ``reset_*_s`` are seconds until the bucket is full.
-    """
-
-    limit_requests: int | None = None
-    remaining_requests: int | None = None
-    reset_requests_s: float | None = None
-    limit_tokens: int | None = None
-    remaining_tokens: int | None = None
-    reset_tokens_s: float | None = None
 
 
 _NO_LIMITS = RateLimits()

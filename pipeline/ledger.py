@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -290,10 +291,76 @@ class Ledger:
         ).fetchone()
         return (str(row[0]), float(row[1]), row[2], row[3]) if row else None
 
+    # Merging another ledger (a Ray shard's) ----------------------------------------------------------
+    def merge(self, path: Path, *, rows: bool) -> int:
+        """Copy another ledger's answers (with ``rows`` its row map too) into this one; newer answers win."""
+        db = self.db
+        self.flush()
+        db.execute("ATTACH DATABASE ? AS shard", (str(path),))
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM shard.sqlite_master WHERE type = 'table'")}
+            if "answers" not in tables:
+                return 0
+            with self._transaction():
+                copied = int(db.execute(_MERGE_SQL).rowcount)
+            if rows and "shard_rows" in tables:
+                cur = db.execute("SELECT row_number, request_hash FROM shard.shard_rows")
+                while batch := cur.fetchmany(50_000):
+                    self.map_rows(batch)
+            return copied
+        finally:
+            db.execute("DETACH DATABASE shard")
+
+    def merge_leftovers(self, folder: Path) -> int:
+        """Answers a Ray run paid for but never merged (its driver died): merged here, then deleted."""
+        copied = sum(self.merge(path, rows=False) for path in sorted(folder.glob("*.sqlite")))
+        shutil.rmtree(folder, ignore_errors=True)
+        return copied
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.flush()
         self.db.close()
+
+
+#: Newer answer wins: another ledger's answer replaces this one's only if it was answered later.
+_MERGE_SQL = (
+    f"INSERT INTO main.answers ({', '.join(ALL_COLUMNS)}) SELECT {', '.join(ALL_COLUMNS)} FROM shard.answers "
+    "WHERE true ON CONFLICT (endpoint, request_hash) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ALL_COLUMNS[2:])
+    + " WHERE excluded.answered_at >= answers.answered_at"
+)
+
+
+class ShardLedger(Ledger):
+    """One Ray shard's own ledger file; answers in the job's main ledger count as already known.
+
+    One writer per file, so shards on many nodes never contend for a lock. The row map is a real table
+    here (not a temp one): the driver merges it to write the output.
+    """
+
+    def __init__(self, path: Path, main_path: Path, endpoint: str) -> None:
+        super().__init__(path, endpoint)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS shard_rows (row_number INTEGER PRIMARY KEY, request_hash TEXT) WITHOUT ROWID"
+        )
+        self.main = Ledger(main_path, endpoint)  # read only here: the driver writes it after every shard ended
+
+    def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, tuple[str, str | None]]:
+        found = self.main.known(hashes, run_id)
+        found.update(super().known(hashes, run_id))  # the shard's answers are newer
+        return found
+
+    def get(self, request_hash: str) -> Outcome | None:
+        return super().get(request_hash) or self.main.get(request_hash)
+
+    def map_rows(self, pairs: Sequence[tuple[int, str]]) -> None:
+        with self._transaction():
+            self.db.executemany("INSERT OR REPLACE INTO shard_rows VALUES (?, ?)", pairs)
+
+    def close(self) -> None:
+        super().close()
+        self.main.close()
 
 
 class JobLock:

@@ -6,9 +6,8 @@ import datetime as dt
 from dataclasses import dataclass
 
 from pipeline.ledger import Ledger
-from pipeline.reader import Selection
-from pipeline.records import needs_sending
-from pipeline.runner import Prepared, iter_requests, prepare
+from pipeline.prepare import Prepared, iter_requests, prepare
+from pipeline.records import Selection, needs_sending
 from pipeline.spec import JobSpec
 
 

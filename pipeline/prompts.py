@@ -266,3 +266,24 @@ def with_changes(body: bytes, *, max_tokens: int | None = None, reask: tuple[str
             {"role": "user", "content": f"That answer is invalid: {error}. Reply with the corrected JSON only."},
         ]
     return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+#: How far a re-ask of a deterministic request moves the temperature: far enough to leave a repeated
+#: mistake, little enough to stay close to what the job asked for.
+TEMPERATURE_STEP = 0.3
+
+
+def vary_sampling(body: bytes) -> bytes:
+    """The same request with a sampling step, so a deterministic server cannot repeat its answer.
+
+    Temperature below 1 steps up by ``TEMPERATURE_STEP``; otherwise the seed moves on (set to 1 when
+    the job has none). The request hash of the row is unchanged: this is one row's later attempt.
+    """
+    data = orjson.loads(body)
+    temperature = data.get("temperature")
+    if isinstance(temperature, int | float) and temperature < 1.0:
+        data["temperature"] = round(min(1.0, temperature + TEMPERATURE_STEP), 3)
+    else:
+        seed = data.get("seed")
+        data["seed"] = seed + 1 if isinstance(seed, int) else 1
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)

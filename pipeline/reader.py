@@ -17,19 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.records import Row
+from pipeline.records import Row, RowRange, Selection
+
+__all__ = ["FORMATS", "ROW_NUMBER", "InputTable", "RowRange", "Selection", "open_input", "read_frames", "read_rows"]
 
 ROW_NUMBER = "__seedbatch_row"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Which rows of the input a run covers: all, the first ``limit``, or a seeded ``sample``."""
-
-    limit: int | None = None
-    sample: int | None = None
-    sample_seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +157,6 @@ def _parquet_frames(
                 yield frame
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RowRange:
-    """Positions ``[start, stop)`` among a run's selected rows: the part of the job one shard sends."""
-
-    start: int
-    stop: int
 
 
 def read_rows(

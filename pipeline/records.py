@@ -6,11 +6,63 @@ of paid work, ``row_key`` the identity of an input row, ``status`` one of ``STAT
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
 
-if TYPE_CHECKING:  # the type only: records imports no stage at run time
-    from pipeline.client import RateLimits
+
+class ExitCode(IntEnum):
+    """What a run's exit code means; the README's table is this one."""
+
+    OK = 0
+    ROWS_FAILED = 1  # some rows ended error/invalid_output/refused/truncated/too_long
+    BAD_INPUT = 2  # a user mistake (job, flag, input): nothing was sent
+    PARTIAL = 3  # stopped early (signal, budget): rows left pending; rerun to resume
+    FATAL_API = 4  # 401/403/404: every row would fail
+    LOCKED = 5  # another run of the job holds its lock
+    INTERNAL = 70  # a bug in seedbatch
+
+
+class StopReason(StrEnum):
+    """Why a run stopped before every row was answered (``RunSummary.stop_reason`` says the details)."""
+
+    SIGNAL = "signal"
+    FATAL = "fatal"
+    BUDGET = "budget"
+    SHARDS_FAILED = "shards_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which rows of the input a run covers: all, the first ``limit``, or a seeded ``sample``."""
+
+    limit: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RowRange:
+    """Positions ``[start, stop)`` among a run's selected rows: the part of the job one shard sends."""
+
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The OpenAI-convention ``x-ratelimit-*`` headers of one response; ``None`` where not said.
+
+    ``limit_*`` are per minute (requests, tokens); ``reset_*_s`` are seconds until the bucket is full.
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
 
 #: Every value the ``status`` column can take. ``pending`` only appears in partial outputs;
 #: ``skipped`` (every placeholder null or empty) and ``too_long`` (over the context window) were never sent.
@@ -168,7 +220,9 @@ class RunSummary:
     started_at: float = 0.0
     ended_at: float = 0.0
     interrupted: bool = False
+    stopped_by: StopReason | None = None
     stop_reason: str | None = None
+    """What stopped the run early, for people (``stopped_by`` is what code acts on)."""
     output_path: str | None = None
     manifest_path: str | None = None
     exit_code: int = 0
@@ -176,3 +230,21 @@ class RunSummary:
     @property
     def wall_s(self) -> float:
         return max(self.ended_at - self.started_at, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-able values: the one conversion the manifest, ledger and Ray use."""
+        data = asdict(self)
+        data["stopped_by"] = self.stopped_by.value if self.stopped_by else None
+        return data
+
+    def stop(self, by: StopReason, message: str) -> None:
+        """Record the first reason a run stopped early; later ones do not overwrite it."""
+        if self.stopped_by is None:
+            self.stopped_by = by
+            self.stop_reason = message
+
+
+def count_error(summary: RunSummary, kind: str, message: str) -> None:
+    """Errors are summarized by kind with one example, never one line per row."""
+    summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
+    summary.error_examples.setdefault(kind, message[:300])

@@ -186,7 +186,7 @@ async def call_paced(
 class Quota(Protocol):
     """RPM/TPM held outside this event loop: shared by processes (a SQLite file) or a cluster (a Ray actor).
 
-    ``pipeline.shared_limits.SqliteQuota`` and ``pipeline.ray_executor.RayQuota`` implement it.
+    ``pipeline.shared_limits.SqliteQuota`` and ``pipeline.executors.ray.RayQuota`` implement it.
     """
 
     async def take(self, tokens: float) -> None:

@@ -4,7 +4,7 @@ One API key has one RPM/TPM limit however many processes use it. Each process's 
 sees its own requests, so two cron jobs on one key would each spend the whole quota and provoke 429s.
 The fix is one bucket all of them take from. The bucket math (``ReservationBucket``) lives here once
 and has two homes: a small SQLite file (``SqliteQuota``, for processes on one machine) and a Ray actor
-(``pipeline.ray_executor``, for a cluster).
+(``pipeline.executors.ray``, for a cluster).
 
 Takers reserve ahead instead of polling for a free slot: a reservation moves the level below zero and
 the taker sleeps until the bucket has refilled to where its request is covered. Reservations reach at
@@ -79,7 +79,38 @@ def reserve(
     return True, wait
 
 
-class SqliteQuota:
+class ReservingQuota:
+    """``scheduler.Quota`` over a bucket held elsewhere: reserve ahead, sleep until the reservation is due.
+
+    Subclasses say where the bucket lives (``_reserve``); the waiting is the same for all. One coroutine
+    per process reserves at a time, so takers queue FIFO here instead of racing for the bucket.
+    """
+
+    factor: float = 1.0
+    _turn: asyncio.Lock | None = None
+
+    async def _reserve(self, tokens: float) -> tuple[bool, float]:
+        raise NotImplementedError
+
+    async def take(self, tokens: float) -> None:
+        """Wait until one request of ``tokens`` tokens may be sent under the shared limits."""
+        if self._turn is None:
+            self._turn = asyncio.Lock()  # made inside the running loop, never at import or in another loop
+        async with self._turn:
+            while True:
+                ok, wait = await self._reserve(tokens)
+                if ok:
+                    break
+                await asyncio.sleep(wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def set_factor(self, factor: float) -> None:
+        """After 429s this process refills at ``factor`` × the limit (see ``Pacer.on_rate_limited``)."""
+        self.factor = factor
+
+
+class SqliteQuota(ReservingQuota):
     """RPM/TPM shared by every process on this machine that names the same limiter.
 
     One row per bucket in a SQLite file; each reservation is one ``BEGIN IMMEDIATE`` transaction of a
@@ -101,9 +132,7 @@ class SqliteQuota:
         self.path = path
         self.rpm = rpm
         self.tpm = tpm
-        self.factor = 1.0
         self.clock = clock
-        self._turn = asyncio.Lock()  # one reserving coroutine per process: takers queue FIFO here
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -112,7 +141,11 @@ class SqliteQuota:
             "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, level REAL, updated REAL) WITHOUT ROWID"
         )
 
-    def _reserve(self, tokens: float) -> tuple[bool, float]:
+    async def _reserve(self, tokens: float) -> tuple[bool, float]:
+        return self._reserve_now(tokens)
+
+    def _reserve_now(self, tokens: float) -> tuple[bool, float]:
+        """One ``BEGIN IMMEDIATE`` transaction of a few microseconds: fine on the event loop's thread."""
         parts: list[tuple[str, float, float, float]] = []  # (row name, rate/s, amount, capacity seconds)
         if self.rpm:
             parts.append((f"{self.name}:requests", self.rpm / 60 * self.factor, 1.0, BUCKET_SECONDS))
@@ -137,21 +170,6 @@ class SqliteQuota:
             raise
         self.db.execute("COMMIT")
         return result
-
-    async def take(self, tokens: float) -> None:
-        """Wait until one request of ``tokens`` tokens may be sent under the shared limits."""
-        async with self._turn:
-            while True:
-                ok, wait = self._reserve(tokens)
-                if ok:
-                    break
-                await asyncio.sleep(wait)
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    def set_factor(self, factor: float) -> None:
-        """After 429s this process refills at ``factor`` × the limit (see ``Pacer.on_rate_limited``)."""
-        self.factor = factor
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

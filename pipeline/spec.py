@@ -167,12 +167,16 @@ class LimitsSection(_Strict):
     """Requests per minute; paced smoothly from the first second."""
     tpm: float | None = Field(default=None, gt=0)
     """Tokens per minute (prompt estimate + max_tokens, corrected by reported usage)."""
-    concurrency: int = Field(default=64, ge=1, le=20_000)
-    """Requests in flight at most."""
+    concurrency: int = Field(default=4096, ge=1, le=20_000)
+    """Ceiling on requests in flight. The operating point follows Little's law (rate × observed latency),
+    so a 20 s reasoning model at 6,000 RPM runs ~3,000 in flight and a 300 ms one ~50; lower it only to
+    protect a server that cannot take more connections."""
     max_attempts: int = Field(default=6, ge=1, le=50)
-    """HTTP tries per request for timeouts, dropped connections, 429 and 5xx."""
+    """HTTP tries per request for timeouts, dropped connections and 5xx (a 429 does not use one up)."""
+    rate_limit_wait_s: float = Field(default=600.0, gt=0)
+    """How long one request may keep waiting on 429s (rate limits) before it is recorded as an error."""
     request_timeout_s: float = Field(default=600.0, gt=0)
-    """Per-request read timeout; reasoning answers can take minutes."""
+    """Ceiling on one request's timeout; the timeout in force follows observed latency (at least 10 s)."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     max_cost_usd: float | None = Field(default=None, gt=0)
     """Stop issuing requests before spent + in-flight worst case would exceed this."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,26 @@ def check_output_path(path: Path, input_columns: Iterable[str]) -> None:
         raise SpecError(f"{path}: output folder is not writable")
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, moved over it only when the block ends without an error.
+
+    Readers see the old file or the new one, never half of one (dlt's ``save_atomic``).
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 _PENDING = ("pending", *(None,) * (len(_LEDGER_ORDER) - 1))
 
 
@@ -89,44 +109,38 @@ def write_output(
     keep: Callable[[str | None], bool] | None = None,
 ) -> dict[str, int]:
     """Write every input row with its answer; returns rows by status. ``keep`` filters by request hash."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer: pq.ParquetWriter | None = None
     counts: dict[str, int] = {}
     schema: pa.Schema | None = None
     last: pl.DataFrame | None = None
-    try:
-        for frame in frames:
-            numbers = frame.get_column(row_number_column).to_list()
-            answers = answers_for(min(numbers), max(numbers))
-            answer = _answer_frame(numbers, answers)
-            parts = [frame.drop(row_number_column), answer]
-            if typed is not None:
-                parts.append(
-                    pl.DataFrame(typed(answer.get_column("content").to_list(), answer.get_column("status").to_list()))
-                )
-            out = pl.concat(parts, how="horizontal")
-            if keep is not None:
-                out = out.filter(pl.Series([keep(h) for h in answer.get_column("request_hash").to_list()]))
-            for status, n in out.get_column("status").value_counts().iter_rows():
-                counts[status] = counts.get(status, 0) + n
-            last = out
-            if out.height == 0:
-                continue
-            table = out.to_arrow()
+    with atomic_path(path) as tmp:
+        try:
+            for frame in frames:
+                numbers = frame.get_column(row_number_column).to_list()
+                answers = answers_for(min(numbers), max(numbers))
+                answer = _answer_frame(numbers, answers)
+                parts = [frame.drop(row_number_column), answer]
+                if typed is not None:
+                    contents = answer.get_column("content").to_list()
+                    parts.append(pl.DataFrame(typed(contents, answer.get_column("status").to_list())))
+                out = pl.concat(parts, how="horizontal")
+                if keep is not None:
+                    out = out.filter(pl.Series([keep(h) for h in answer.get_column("request_hash").to_list()]))
+                for status, n in out.get_column("status").value_counts().iter_rows():
+                    counts[status] = counts.get(status, 0) + n
+                last = out
+                if out.height == 0:
+                    continue
+                table = out.to_arrow()
+                if writer is None:
+                    schema = table.schema
+                    writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+                writer.write_table(table.cast(schema) if table.schema != schema else table)
             if writer is None:
-                schema = table.schema
-                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-            writer.write_table(table.cast(schema) if table.schema != schema else table)
-        if writer is None:
-            if last is None:
-                raise SpecError(f"{path}: no rows selected; nothing to write")
-            writer = pq.ParquetWriter(tmp, last.to_arrow().schema, compression="zstd")
-        writer.close()
-        writer = None
-        os.replace(tmp, path)
-    finally:
-        if writer is not None:
-            writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+                if last is None:
+                    raise SpecError(f"{path}: no rows selected; nothing to write")
+                writer = pq.ParquetWriter(tmp, last.to_arrow().schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()
     return counts

@@ -119,8 +119,8 @@ def example_job(name: str, tmp_path: Path, api: LocalAPI, **sections: dict[str, 
 
 
 def quiet(**kwargs: Any) -> RunOptions:
-    """Options for an in-process run in a test: no signal handlers (pytest owns them)."""
-    return RunOptions(install_signal_handlers=False, **kwargs)
+    """Options for an in-process run in a test (library runs install no signal handlers)."""
+    return RunOptions(**kwargs)
 
 
 def run(spec: JobSpec, **kwargs: Any) -> Any:

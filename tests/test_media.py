@@ -28,8 +28,9 @@ from pipeline import media
 from pipeline.errors import InputError
 from pipeline.localapi import LocalAPI
 from pipeline.media import MediaBuilder, MediaProblem
+from pipeline.prepare import prepare
 from pipeline.records import Row
-from pipeline.runner import RunOptions, prepare, run_job
+from pipeline.runner import RunOptions, run_job
 from pipeline.spec import OVERRIDES, JobSpec, MediaSection, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def job(tmp_path: Path, frame: pl.DataFrame, **sections: dict[str, Any]) -> JobS
 
 def run(spec: JobSpec, api: LocalAPI) -> Any:
     endpoint = spec.endpoint.model_copy(update={"base_url": api.base_url})
-    return run_job(spec.model_copy(update={"endpoint": endpoint}), RunOptions(install_signal_handlers=False))
+    return run_job(spec.model_copy(update={"endpoint": endpoint}), RunOptions())
 
 
 def output(spec: JobSpec) -> dict[str, dict[str, Any]]:
@@ -329,7 +330,7 @@ def test_example_job_runs_against_local_api(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.chdir(ROOT)
     spec = load_spec(ROOT / "jobs/label_images.toml", {"output": tmp_path / "label_images.parquet"})
-    summary = run_job(spec, RunOptions(install_signal_handlers=False))
+    summary = run_job(spec, RunOptions())
     assert summary.exit_code == 0, summary.error_examples
     frame = pl.read_parquet(tmp_path / "label_images.parquet")
     assert frame.height == len(pl.read_csv(ROOT / "data/images.csv"))
@@ -452,7 +453,7 @@ from pipeline.spec import load_spec
 spec = load_spec(sys.argv[1])
 with open("/proc/self/statm") as f:  # resident now, in KiB like ru_maxrss below
     before = int(f.read().split()[1]) * resource.getpagesize() // 1024
-summary = run_job(spec, RunOptions(install_signal_handlers=False))
+summary = run_job(spec, RunOptions())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"before_kb": before, "peak_kb": peak, "sent": summary.requests_sent, "exit": summary.exit_code}))
 """

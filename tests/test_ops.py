@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job
-from pipeline.runner import EXIT_BAD_INPUT, EXIT_FATAL_API, EXIT_OK, EXIT_PARTIAL, EXIT_ROWS_FAILED
+from pipeline.runner import ExitCode
 from pipeline.spec import load_spec
 from tests.conftest import ROOT, example_job, make_spec, reviews, run, write_job
 
@@ -26,7 +26,7 @@ def test_progress_is_a_json_line_when_not_a_terminal(tmp_path: Path, api: LocalA
     api.config = ServerConfig(latency_ms=100)
     job = write_job(tmp_path, api, reviews(60), limits={"concurrency": 4})
     result = CliRunner().invoke(main, ["run", str(job), "--log-format", "json", "--progress-interval", "0.3"])
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == ExitCode.OK, result.output
     events = [json.loads(line) for line in result.output.strip().splitlines()]
     progress = [e for e in events if e["event"] == "progress"]
     assert progress, "no progress line when stderr is not a terminal"
@@ -35,7 +35,7 @@ def test_progress_is_a_json_line_when_not_a_terminal(tmp_path: Path, api: LocalA
             "retries", "errors_by_kind", "eta_s"} <= set(progress[0])  # fmt: skip
     summary = next(e for e in events if e["event"] == "summary")
     assert summary["rows_ok"] == 60
-    assert summary["exit_code"] == EXIT_OK
+    assert summary["exit_code"] == ExitCode.OK
 
 
 def test_errors_are_summarized_by_kind_not_one_line_per_row(tmp_path: Path, api: LocalAPI) -> None:
@@ -44,7 +44,7 @@ def test_errors_are_summarized_by_kind_not_one_line_per_row(tmp_path: Path, api:
     )
     job = write_job(tmp_path, api, frame)
     result = CliRunner().invoke(main, ["run", str(job), "--log-format", "json", "--no-progress"])
-    assert result.exit_code == EXIT_ROWS_FAILED
+    assert result.exit_code == ExitCode.ROWS_FAILED
     errors = [json.loads(line) for line in result.output.splitlines() if '"event": "errors"' in line]
     assert len(errors) == 1
     assert errors[0]["count"] == 8
@@ -84,7 +84,7 @@ def test_budget_stops_before_overshoot_and_a_raised_budget_continues(tmp_path: P
     )  # fmt: skip
     api.config = ServerConfig(input_per_million=2.0, output_per_million=8.0, latency_ms=5)
     summary = run(spec)
-    assert summary.exit_code == EXIT_PARTIAL
+    assert summary.exit_code == ExitCode.PARTIAL
     assert summary.stop_reason is not None
     assert "budget" in summary.stop_reason
     spent = api.stats()["usd_spent"]
@@ -100,7 +100,7 @@ def test_budget_stops_before_overshoot_and_a_raised_budget_continues(tmp_path: P
         tmp_path, api, reviews(300), limits={"max_cost_usd": 1.0, "concurrency": 8},
         pricing={"input_per_million": 2.0, "output_per_million": 8.0},
     )  # fmt: skip
-    assert run(raised).exit_code == EXIT_OK
+    assert run(raised).exit_code == ExitCode.OK
     assert api.stats()["duplicates"] == 0
 
 
@@ -114,7 +114,7 @@ def test_manifest_has_what_a_monitor_reads(tmp_path: Path, api: LocalAPI) -> Non
     }  # fmt: skip
     assert expected <= set(manifest)
     assert manifest["rows_by_status"] == {"ok": 12}
-    assert manifest["exit_code"] == EXIT_OK
+    assert manifest["exit_code"] == ExitCode.OK
     assert manifest["requests_sent"] == 12
     assert manifest["usd_spent"] == pytest.approx(summary.usd_spent)
 
@@ -141,17 +141,17 @@ def test_the_key_never_leaves_the_process(tmp_path: Path, api: LocalAPI) -> None
     ok_dir = tmp_path / "ok"
     ok_dir.mkdir()
     job = write_job(ok_dir, api, reviews(20))
-    assert go(job, "--log-format", "json", "--log-level", "DEBUG").returncode == EXIT_OK
+    assert go(job, "--log-format", "json", "--log-level", "DEBUG").returncode == ExitCode.OK
 
     api.config = ServerConfig(require_key="another-key")
     bad_dir = tmp_path / "unauthorized"
     bad_dir.mkdir()
-    assert go(write_job(bad_dir, api, reviews(20)), "--debug").returncode == EXIT_FATAL_API
+    assert go(write_job(bad_dir, api, reviews(20)), "--debug").returncode == ExitCode.FATAL_API
 
     api.config = ServerConfig(require_key=secret, fail_5xx_rate=1.0)
     flaky_dir = tmp_path / "flaky"
     flaky_dir.mkdir()
-    assert go(write_job(flaky_dir, api, reviews(5), limits={"max_attempts": 2})).returncode == EXIT_ROWS_FAILED
+    assert go(write_job(flaky_dir, api, reviews(5), limits={"max_attempts": 2})).returncode == ExitCode.ROWS_FAILED
 
     api.config = ServerConfig(require_key=secret, latency_ms=2000)
     crash_dir = tmp_path / "crash"
@@ -193,7 +193,7 @@ def test_bad_configuration_is_one_line_naming_the_field(tmp_path: Path, toml: st
     job = tmp_path / "job.toml"
     job.write_text(toml.replace('"data/', f'"{ROOT}/data/').replace('"out/', f'"{tmp_path}/out/'))
     result = CliRunner().invoke(main, ["run", str(job)])
-    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     assert str(job) in lines[0] or "job." in lines[0] or ".parquet" in lines[0]
@@ -224,7 +224,7 @@ def test_status_reads_the_ledger_without_sending(tmp_path: Path, api: LocalAPI) 
 def test_limit_and_sample_try_a_few_rows(tmp_path: Path, api: LocalAPI) -> None:
     job = write_job(tmp_path, api, reviews(100))
     result = CliRunner().invoke(main, ["run", str(job), "--sample", "7", "--sample-seed", "3", "--no-progress"])
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == ExitCode.OK, result.output
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert out.height == 7
     ids = out.get_column("review_id").to_list()
@@ -235,5 +235,5 @@ def test_limit_and_sample_try_a_few_rows(tmp_path: Path, api: LocalAPI) -> None:
 def test_serve_refuses_a_key_variable_that_is_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SEEDBATCH_TEST_UNSET_KEY", raising=False)
     result = CliRunner().invoke(main, ["serve", "--require-key-env", "SEEDBATCH_TEST_UNSET_KEY"])
-    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.exit_code == ExitCode.BAD_INPUT
     assert "SEEDBATCH_TEST_UNSET_KEY" in result.output

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.records import Outcome, Usage
-from pipeline.runner import EXIT_OK, RunSummary
+from pipeline.runner import ExitCode, RunSummary
 from tests.conftest import example_job, make_spec, reviews, run
 from tests.test_resume import TIMING, write_job
 
@@ -96,11 +96,12 @@ def test_missing_ray_is_a_one_line_spec_error(tmp_path: Path, api: LocalAPI, mon
 
 def test_answers_left_in_shard_ledgers_are_merged_by_the_next_run(tmp_path: Path, api: LocalAPI) -> None:
     """A Ray driver that died before merging: the next run (here a local one) pays none of those rows again."""
-    from pipeline.ray_executor import ShardLedger, shard_path
+    from pipeline.executors.ray import shard_path
+    from pipeline.ledger import ShardLedger
 
     frame = reviews(10)
     spec = make_spec(tmp_path, api, frame)
-    assert run(spec).exit_code == EXIT_OK
+    assert run(spec).exit_code == ExitCode.OK
     paid = pl.read_parquet(spec.job.output)
     spec.ledger_path.unlink()  # only the shard ledgers below know the answers now
     spec.shards_dir.mkdir()
@@ -124,11 +125,11 @@ def test_answers_left_in_shard_ledgers_are_merged_by_the_next_run(tmp_path: Path
 @pytest.mark.ray
 def test_sharded_output_equals_local_output(tmp_path: Path, api: LocalAPI, ray_local: Any) -> None:
     local = example_job("label_reviews.toml", tmp_path / "local", api)
-    assert run(local).exit_code == EXIT_OK
+    assert run(local).exit_code == ExitCode.OK
     api.reset()
     sharded = example_job("label_reviews.toml", tmp_path / "ray", api, executor=on_ray(3))
     summary: RunSummary = run(sharded)
-    assert summary.exit_code == EXIT_OK, summary.stop_reason
+    assert summary.exit_code == ExitCode.OK, summary.stop_reason
     expected = pl.read_parquet(local.job.output)
     got = pl.read_parquet(sharded.job.output)
     keep = [c for c in expected.columns if c not in TIMING]
@@ -136,7 +137,7 @@ def test_sharded_output_equals_local_output(tmp_path: Path, api: LocalAPI, ray_l
     assert got.select(keep).equals(expected.select(keep))
     # Identical requests are sent once per shard holding them (dedupe is per shard): the job has two
     # word-for-word duplicate reviews; those whose copies fall in different row ranges are paid twice.
-    from pipeline.ray_executor import split_rows
+    from pipeline.executors.ray import split_rows
 
     shard_of = {}
     for k, rng in enumerate(split_rows(expected.height, 3)):
@@ -161,7 +162,7 @@ def test_cluster_wide_rpm_holds(tmp_path: Path, api: LocalAPI, ray_local: Any) -
     spec = make_spec(tmp_path, api, reviews(rows), limits={"rpm": rpm, "concurrency": 16}, executor=on_ray(2))
     with Poller(api) as poller:
         summary = run(spec)
-    assert summary.exit_code == EXIT_OK, summary.stop_reason
+    assert summary.exit_code == ExitCode.OK, summary.stop_reason
     measured, window = poller.rpm(rows)
     ratio = measured / rpm
     print(f"\ncluster rpm: {measured:,.0f}/min over {window:.1f} s with 2 Ray workers = {ratio:.3f} x limit")
@@ -194,7 +195,7 @@ def test_killed_worker_resumes_from_its_shard_ledger(tmp_path: Path, api: LocalA
         f"{out.height} rows, {out.filter(pl.col('status') == 'ok').height} ok, "
         f"{stats['duplicates']} answered twice (in flight per shard: {concurrency})"
     )
-    assert summary.exit_code == EXIT_OK, summary.stop_reason
+    assert summary.exit_code == ExitCode.OK, summary.stop_reason
     assert out.height == rows
     assert out.get_column("status").unique().to_list() == ["ok"]
     assert not spec.shards_dir.exists(), "shard ledgers are merged and removed"

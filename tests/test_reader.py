@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from pipeline.errors import InputError
+from pipeline.prepare import iter_requests, prepare
 from pipeline.reader import (
     ROW_NUMBER,
     RowRange,
@@ -18,7 +19,6 @@ from pipeline.reader import (
     selected_indices,
     selected_rows,
 )
-from pipeline.runner import iter_requests, prepare
 from pipeline.spec import spec_from_dict
 
 N = 1_050

@@ -16,7 +16,7 @@ import pytest
 from pipeline.errors import LockedError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import job_status
-from pipeline.runner import EXIT_LOCKED, EXIT_OK, EXIT_PARTIAL
+from pipeline.runner import ExitCode
 from tests.conftest import make_spec, reviews, run, write_job
 
 #: Columns that legitimately differ between two runs of the same job.
@@ -48,7 +48,7 @@ def sent(api: LocalAPI) -> int:
 def test_rerun_append_edit_template_edit_other_column(tmp_path: Path, api: LocalAPI) -> None:
     frame = reviews(40)
     spec = make_spec(tmp_path, api, frame)
-    assert run(spec).exit_code == EXIT_OK
+    assert run(spec).exit_code == ExitCode.OK
     assert sent(api) == 40
 
     api.reset()
@@ -152,7 +152,7 @@ def test_second_run_is_locked_out_and_a_dead_holder_is_taken_over(tmp_path: Path
         while api.stats()["received"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         second = finish(job, timeout=60)
-        assert second.returncode == EXIT_LOCKED, second.stderr
+        assert second.returncode == ExitCode.LOCKED, second.stderr
         assert b"already running" in second.stderr
         assert lock.read_text() == str(first.pid)
     finally:
@@ -160,7 +160,7 @@ def test_second_run_is_locked_out_and_a_dead_holder_is_taken_over(tmp_path: Path
         first.communicate()
     api.config = ServerConfig()
     third = finish(job, timeout=60)
-    assert third.returncode == EXIT_OK, third.stderr
+    assert third.returncode == ExitCode.OK, third.stderr
     assert pl.read_parquet(tmp_path / "out" / "result.parquet").get_column("status").unique().to_list() == ["ok"]
 
 
@@ -181,7 +181,7 @@ def test_sigterm_writes_partial_output_and_resume_completes(tmp_path: Path, api:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PARTIAL, err
+    assert proc.returncode == ExitCode.PARTIAL, err
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     counts = dict(out.get_column("status").value_counts().rows())
     assert out.height == 300
@@ -193,7 +193,7 @@ def test_sigterm_writes_partial_output_and_resume_completes(tmp_path: Path, api:
     api.config = ServerConfig()
     before = api.stats()["answered_ok"]
     resumed = finish(job, timeout=120)
-    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert resumed.returncode == ExitCode.OK, resumed.stderr
     stats = api.stats()
     assert stats["answered_ok"] - before == counts["pending"]  # only what was pending is sent
     assert stats["duplicates"] == 0
@@ -221,7 +221,7 @@ def test_kill_test_many_sigkills_no_answer_paid_twice(tmp_path: Path, api: Local
         proc.communicate()  # reap it and close its pipes
         killed += 1
     final = finish(job, timeout=300)
-    assert final.returncode == EXIT_OK, final.stderr
+    assert final.returncode == ExitCode.OK, final.stderr
     stats = api.stats()
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert killed >= 10
@@ -240,7 +240,7 @@ def test_kill_test_many_sigkills_no_answer_paid_twice(tmp_path: Path, api: Local
     api.reset()
     api.config = ServerConfig(seed=3)
     reference_job = write_job(clean, api, reviews(rows), limits={"concurrency": concurrency})
-    assert finish(reference_job, timeout=300).returncode == EXIT_OK  # fmt: skip
+    assert finish(reference_job, timeout=300).returncode == ExitCode.OK  # fmt: skip
     reference = pl.read_parquet(clean / "out" / "result.parquet")
     keep = [c for c in out.columns if c not in TIMING]
     assert out.select(keep).equals(reference.select(keep))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.localapi import LocalAPI, ServerConfig
-from pipeline.runner import EXIT_BAD_INPUT, EXIT_FATAL_API, EXIT_OK, EXIT_ROWS_FAILED
+from pipeline.runner import ExitCode
 from pipeline.writer import OUTPUT_COLUMNS
 from tests.conftest import ROOT, example_job, make_spec, reviews, run, write_job
 
@@ -19,7 +19,7 @@ from tests.conftest import ROOT, example_job, make_spec, reviews, run, write_job
 def test_demo_job_end_to_end(tmp_path: Path, api: LocalAPI) -> None:
     spec = example_job("demo.toml", tmp_path, api)
     summary = run(spec)
-    assert summary.exit_code == EXIT_OK
+    assert summary.exit_code == ExitCode.OK
     source = pl.read_csv(ROOT / "data" / "reviews.csv")
     out = pl.read_parquet(spec.job.output)
 
@@ -52,7 +52,7 @@ def test_null_cells_render_empty_and_are_counted(tmp_path: Path, api: LocalAPI) 
     )
     summary = run(make_spec(tmp_path, api, frame))
     assert summary.null_cells == 4
-    assert summary.exit_code == EXIT_OK
+    assert summary.exit_code == ExitCode.OK
 
 
 def test_faults_every_row_ok_and_answered_once(tmp_path: Path, api: LocalAPI) -> None:
@@ -80,7 +80,7 @@ def test_bad_key_stops_at_once_and_never_prints_it(tmp_path: Path, api: LocalAPI
     started = time.monotonic()
     result = CliRunner().invoke(main, ["run", str(job), "--no-progress"], env={"SEEDBATCH_LOCAL_KEY": secret})
     elapsed = time.monotonic() - started
-    assert result.exit_code == EXIT_FATAL_API, result.output
+    assert result.exit_code == ExitCode.FATAL_API, result.output
     assert elapsed < 1.0
     assert "SEEDBATCH_LOCAL_KEY" in result.output
     assert secret not in result.output
@@ -103,7 +103,7 @@ def test_a_400_marks_only_its_row(tmp_path: Path, api: LocalAPI) -> None:
     assert bad.get_column("status").item() == "error"
     assert bad.get_column("attempts").item() == 1  # a 400 is not retried
     assert "400" in bad.get_column("error").item()
-    assert summary.exit_code == EXIT_ROWS_FAILED
+    assert summary.exit_code == ExitCode.ROWS_FAILED
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
@@ -154,7 +154,7 @@ base_url = "{api.base_url}"
 """
     )
     code, output = _cli(["run", str(tmp_path / "absent.toml" if case == "missing_job" else job), "--no-progress"])
-    assert code == EXIT_BAD_INPUT, output
+    assert code == ExitCode.BAD_INPUT, output
     lines = output.strip().splitlines()
     assert len(lines) == 1, output
     assert lines[0].startswith("seedbatch: error: ")
@@ -167,7 +167,7 @@ def test_missing_key_fails_before_sending(tmp_path: Path, api: LocalAPI, monkeyp
     monkeypatch.delenv("AIMLAPI_API_KEY", raising=False)
     job = write_job(tmp_path, api, reviews(3), endpoint={"preset": "aimlapi"})
     code, output = _cli(["run", str(job)])
-    assert code == EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert "AIMLAPI_API_KEY" in output
     assert api.stats()["received"] == 0
 
@@ -179,7 +179,7 @@ def test_cli_overrides_reach_the_request(tmp_path: Path, api: LocalAPI) -> None:
         ["run", str(job), "--base-url", api.base_url, "--output", str(other), "--limit", "3", "--model", "m-x",
          "--concurrency", "2", "--rpm", "6000", "--no-progress"]
     )  # fmt: skip
-    assert code == EXIT_OK, output
+    assert code == ExitCode.OK, output
     out = pl.read_parquet(other)
     assert out.height == 3
     assert api.stats()["answered_ok"] == 3

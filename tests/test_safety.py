@@ -23,7 +23,7 @@ from pipeline.cli import main
 from pipeline.ledger import Ledger
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job
-from pipeline.runner import EXIT_BAD_INPUT, EXIT_OK, RunOptions, run_job
+from pipeline.runner import ExitCode, RunOptions, run_job
 from pipeline.spec import LOCAL_ENDPOINT, load_spec
 from tests.conftest import ROOT, make_spec, reviews, run, to_toml, write_job
 
@@ -53,7 +53,7 @@ def test_malformed_csv_line_near_the_end_stops_before_any_request(tmp_path: Path
     lines[4000] += ",an extra field"  # the data row 4,000 (0-based 3,999) sits on line 4,001
     (tmp_path / "input.csv").write_text("\n".join(lines) + "\n")
     code, _, err = _cli(["run", str(job), "--no-progress"])
-    assert code == EXIT_BAD_INPUT, err
+    assert code == ExitCode.BAD_INPUT, err
     assert len(err.strip().splitlines()) == 1, err
     assert "input.csv" in err
     assert api.stats()["received"] == 0, "nothing may be paid for before the whole input has parsed"
@@ -66,17 +66,17 @@ def test_manifest_and_status_carry_the_true_exit_code_of_a_failed_run(tmp_path: 
     def corrupt(summary: object, in_flight: int) -> None:
         spec.job.input.write_text('review_id,text\n"unterminated\n')
 
-    api.config = ServerConfig(latency_ms=50)
+    api.config = ServerConfig(latency_ms=600)  # the first progress tick (0.2 s) comes while answers are due
     with pytest.raises(Exception) as caught:
-        run_job(spec, RunOptions(install_signal_handlers=False, progress=corrupt, progress_interval_s=0.0))
-    assert getattr(caught.value, "exit_code", None) == EXIT_BAD_INPUT
+        run_job(spec, RunOptions(progress=corrupt, progress_interval_s=0.0))
+    assert getattr(caught.value, "exit_code", None) == ExitCode.BAD_INPUT
     manifest = json.loads(spec.manifest_path.read_text())
-    assert manifest["exit_code"] == EXIT_BAD_INPUT
+    assert manifest["exit_code"] == ExitCode.BAD_INPUT
     ledger = Ledger(spec.ledger_path, spec.endpoint_key)
     last = ledger.last_run()
     paid = ledger.db.execute("SELECT count(*) FROM answers").fetchone()[0]
     ledger.close()
-    assert last is not None and last[3] == EXIT_BAD_INPUT
+    assert last is not None and last[3] == ExitCode.BAD_INPUT
     assert paid == api.stats()["answered_ok"] > 0, "every answer paid before the failure is in the ledger"
 
 
@@ -86,10 +86,10 @@ def test_manifest_and_status_carry_the_true_exit_code_of_a_failed_run(tmp_path: 
 def test_local_answers_are_never_served_as_a_real_servers(tmp_path: Path, api: LocalAPI) -> None:
     job = write_job(tmp_path, None, reviews(8), endpoint={"preset": "vllm", "base_url": api.base_url})
     result = CliRunner().invoke(main, ["run", str(job), "--endpoint", "local", "--limit", "5", "--no-progress"])
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == ExitCode.OK, result.output
     assert api.stats()["received"] == 0, "--endpoint local is the built-in server, not the job's"
     result = CliRunner().invoke(main, ["run", str(job), "--limit", "5", "--no-progress"])
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == ExitCode.OK, result.output
     assert api.stats()["answered_ok"] == 5, "the real server answers the 5 rows the local API answered"
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert out.get_column("status").to_list() == ["ok"] * 5
@@ -102,7 +102,7 @@ def test_endpoint_local_never_reaches_the_jobs_paid_server(tmp_path: Path) -> No
         job = write_job(tmp_path, None, reviews(6), endpoint={"preset": "openai", "base_url": paid.base_url})
         env_key = {"OPENAI_API_KEY": "sk-paid"}
         result = CliRunner(env=env_key).invoke(main, ["run", str(job), "--endpoint", "local", "--no-progress"])
-        assert result.exit_code == EXIT_OK, result.output
+        assert result.exit_code == ExitCode.OK, result.output
         assert paid.stats()["received"] == 0
         assert pl.read_parquet(tmp_path / "out" / "result.parquet").get_column("status").to_list() == ["ok"] * 6
     finally:
@@ -133,7 +133,7 @@ def test_old_ledger_is_migrated_local_answers_stay_local(tmp_path: Path, api: Lo
 def test_local_preset_refuses_a_base_url_off_this_machine(tmp_path: Path) -> None:
     job = write_job(tmp_path, None, reviews(2), endpoint={"preset": "local", "base_url": "https://api.aimlapi.com/v1"})
     code, _, err = _cli(["run", str(job)])
-    assert code == EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert "loopback" in err and len(err.strip().splitlines()) == 1
 
 
@@ -150,7 +150,7 @@ def test_output_or_ledger_equal_to_the_input_is_refused(tmp_path: Path, api: Loc
         text = (tmp_path / "job.toml").read_text().replace("[job]\n", '[job]\nledger = "input.csv"\n')
         (tmp_path / "job.toml").write_text(text)
         code, _, err = _cli(["run", str(job), "--no-progress"])
-    assert code == EXIT_BAD_INPUT, err
+    assert code == ExitCode.BAD_INPUT, err
     assert "input" in (err or "") and len((err or "").strip().splitlines()) == 1
     assert (tmp_path / "input.csv").read_bytes() == before
     assert api.stats()["received"] == 0
@@ -217,7 +217,7 @@ def test_rows_failed_by_an_outage_are_sent_by_the_next_run(tmp_path: Path) -> No
     server.start()
     try:
         code, _, err = _cli(["run", str(job), "--no-progress"])  # cron's next run, no flag
-        assert code == EXIT_OK, err
+        assert code == ExitCode.OK, err
         assert server.stats()["answered_ok"] == 5
     finally:
         server.stop()
@@ -229,14 +229,14 @@ def test_rows_failed_by_an_outage_are_sent_by_the_next_run(tmp_path: Path) -> No
 def test_unwritable_ledger_place_is_a_user_error(tmp_path: Path, api: LocalAPI) -> None:
     job = write_job(tmp_path, api, reviews(2), job={"ledger": "/proc/seedbatch-test/ledger.sqlite"})
     code, _, err = _cli(["run", str(job), "--no-progress"])
-    assert code == EXIT_BAD_INPUT, err
+    assert code == ExitCode.BAD_INPUT, err
     assert len(err.strip().splitlines()) == 1 and "job.ledger" in err
 
 
 def test_fresh_without_yes_off_a_terminal_is_a_user_error(tmp_path: Path, api: LocalAPI) -> None:
     job = write_job(tmp_path, api, reviews(2))
     code, _, err = _cli(["run", str(job), "--fresh"])
-    assert code == EXIT_BAD_INPUT, err
+    assert code == ExitCode.BAD_INPUT, err
     assert "--yes" in err and len(err.strip().splitlines()) == 1
     assert api.stats()["received"] == 0
 
@@ -256,11 +256,11 @@ def test_relative_paths_resolve_against_the_job_file_not_the_cwd(tmp_path: Path,
     }
     (project / "jobs" / "x.toml").write_text(to_toml(data))
     code, _, err = _cli(["run", str(project / "jobs" / "x.toml"), "--no-progress"], cwd=Path("/"))
-    assert code == EXIT_OK, err
+    assert code == ExitCode.OK, err
     assert pl.read_parquet(project / "out" / "x.parquet").height == 4
     # A flag is relative to where the command runs.
     code, _, err = _cli(["run", "jobs/x.toml", "--output", "elsewhere.parquet", "--no-progress"], cwd=project)
-    assert code == EXIT_OK, err
+    assert code == ExitCode.OK, err
     assert (project / "elsewhere.parquet").exists()
 
 
@@ -287,7 +287,7 @@ def test_ok_structured_content_is_the_json_document_without_its_fence(tmp_path: 
         tmp_path, None, n=10, output={"format": "json_schema", "schema": schema},
         endpoint={"preset": "vllm", "base_url": "http://127.0.0.1:9/v1"}, prompt={"user": "{text}"},
     )  # fmt: skip
-    run_job(spec, RunOptions(install_signal_handlers=False, transport=httpx.MockTransport(answer)))
+    run_job(spec, RunOptions(transport=httpx.MockTransport(answer)))
     out = pl.read_parquet(spec.job.output)
     assert out.get_column("status").to_list() == ["ok"] * 10
     assert [json.loads(c) for c in out.get_column("content")] == [{"label": "positive"}] * 10
@@ -300,7 +300,7 @@ def test_a_typo_is_named_even_when_a_required_key_is_also_missing(tmp_path: Path
     path = tmp_path / "j.toml"
     path.write_text('[job]\ninput = "a.csv"\nouptut = "o.parquet"\n[prompt]\nuser = "{x}"\n')
     code, _, err = _cli(["run", str(path)])
-    assert code == EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert "job.ouptut: unknown key" in err and "job.output" in err and "README 'Jobs'" in err
 
 
@@ -312,7 +312,7 @@ def test_json_in_a_template_suggests_doubled_braces(tmp_path: Path, api: LocalAP
     ]
     job.write_text("\n".join(lines) + "\n")
     code, _, err = _cli(["run", str(job)])
-    assert code == EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert "{{" in err and len(err.strip().splitlines()) == 1
 
 
@@ -326,9 +326,9 @@ def test_show_says_when_no_row_has_the_status(tmp_path: Path, api: LocalAPI) -> 
 
 def test_errors_are_json_when_the_log_format_is_json(tmp_path: Path) -> None:
     code, _, err = _cli(["run", str(tmp_path / "absent.toml"), "--log-format", "json"])
-    assert code == EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     event = json.loads(err.strip())
-    assert event["event"] == "error" and event["exit_code"] == EXIT_BAD_INPUT and "absent.toml" in event["message"]
+    assert event["event"] == "error" and event["exit_code"] == ExitCode.BAD_INPUT and "absent.toml" in event["message"]
 
 
 def test_example_jobs_load_from_any_directory() -> None:

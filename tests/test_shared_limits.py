@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
-from pipeline.runner import EXIT_OK
+from pipeline.runner import ExitCode
 from pipeline.shared_limits import ReservationBucket, SqliteQuota, reserve
 from tests.conftest import make_spec, reviews
 from tests.test_ray import Poller
@@ -72,7 +72,7 @@ def test_two_jobs_in_two_processes_hold_one_rpm(tmp_path: Path, api: LocalAPI) -
         procs = [start(job) for job in jobs]
         for proc in procs:
             _, err = proc.communicate(timeout=120)
-            assert proc.returncode == EXIT_OK, err.decode()
+            assert proc.returncode == ExitCode.OK, err.decode()
     measured, window = poller.rpm(2 * rows)
     ratio = measured / rpm
     manifests = [json.loads((job.parent / "out" / "result.parquet.manifest.json").read_text()) for job in jobs]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.localapi import LocalAPI, ServerConfig
-from pipeline.runner import EXIT_BAD_INPUT, EXIT_OK
+from pipeline.runner import ExitCode
 from pipeline.schema_types import column_dtypes
 from tests.conftest import ROOT, example_job, make_spec, reviews, run
 
@@ -45,7 +45,7 @@ def test_example_jobs_give_typed_columns(
 ) -> None:
     spec = example_job(job, tmp_path, api)
     summary = run(spec)
-    assert summary.exit_code == EXIT_OK
+    assert summary.exit_code == ExitCode.OK
     out = pl.read_parquet(spec.job.output)
     inputs = pl.read_csv(ROOT / source) if source.endswith(".csv") else pl.read_ndjson(ROOT / source)
     assert out.height == inputs.height
@@ -196,7 +196,7 @@ def test_bad_schemas_fail_before_sending(tmp_path: Path, api: LocalAPI, case: st
         path.write_text(json.dumps(schemas[case]))
     job = _schema_job(tmp_path, api, f'schema = "{path}"', "strict = true")
     result = CliRunner().invoke(main, ["run", str(job), "--no-progress"])
-    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
     assert expect in lines[0]

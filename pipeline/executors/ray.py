@@ -4,7 +4,7 @@ The driver (``run_job``) does what it does for a local run (prepare, lock, main 
 sending is different (``execute_ray``):
 
 - The selected rows are split into ``executor.workers`` row ranges. Each range is one Ray task
-  (``run_shard``) running the same ``_Run`` as a local run, so pacing, retries, validation and the
+  (``run_shard``) running the same ``Dispatch`` as a local run, so pacing, retries, validation and the
   ledger discipline are one code path.
 - Each shard commits to its own SQLite file, ``<ledger>.shards/<k>.sqlite`` (one writer per file, no
   lock contention across nodes), and counts answers already in the main ledger as known. It also keeps
@@ -12,7 +12,7 @@ sending is different (``execute_ray``):
 - Every shard's ``Pacer`` takes from one ``ClusterLimits`` actor (RPM, TPM) and every shard's budget
   leases from it, so the job's limits hold for the cluster, not per worker.
 - A task killed mid-shard is retried by Ray (``max_retries``) and resumes from its shard ledger: only
-  answers in flight or not yet flushed (0.2 s) when it died are paid again.
+  answers in flight when it died are paid again (answers are committed in the loop turn they arrive).
 - When the tasks end, the driver merges the shard ledgers into the main ledger and deletes them; a
   driver that dies first leaves them for the next run of the job (local or Ray) to merge.
 
@@ -25,27 +25,20 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from pipeline.attempts import Budget
 from pipeline.errors import FatalAPIError, SpecError
-from pipeline.ledger import ALL_COLUMNS, Ledger
-from pipeline.reader import RowRange, Selection
-from pipeline.records import Outcome, RunSummary
-from pipeline.runner import (
-    Budget,
-    Prepared,
-    RunOptions,
-    _Run,
-    budget_stop_reason,
-    prepare,
-)
-from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS, Pacer
-from pipeline.shared_limits import ReservationBucket, reserve
+from pipeline.executors.local import Dispatch
+from pipeline.ledger import Ledger, ShardLedger
+from pipeline.options import RunOptions
+from pipeline.prepare import Prepared, prepare
+from pipeline.records import RowRange, RunSummary, Selection, StopReason
+from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.shared_limits import ReservationBucket, ReservingQuota, reserve
 
 INSTALL_HINT = "pip install 'seedbatch[ray]'"
 #: Ray retries of a shard whose worker died (killed, OOM, node lost); each resumes from the shard ledger.
@@ -63,82 +56,6 @@ def require_ray(spec: Any) -> None:
         import ray  # noqa: F401
     except ImportError:
         raise SpecError(f"{spec.source or 'job'}: executor.kind = 'ray' needs Ray: {INSTALL_HINT}") from None
-
-
-# ---------------------------------------------------------------------------------------- shard ledgers
-
-
-class ShardLedger(Ledger):
-    """One shard's own ledger file; answers in the job's main ledger count as already known.
-
-    The row map is a real table here (not a temp one): the driver reads it to write the output.
-    """
-
-    def __init__(self, path: Path, main_path: Path, endpoint: str) -> None:
-        super().__init__(path, endpoint)
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS shard_rows (row_number INTEGER PRIMARY KEY, request_hash TEXT) WITHOUT ROWID"
-        )
-        self.main = Ledger(main_path, endpoint)  # read only here: the driver writes it only after every shard ended
-
-    def known(self, hashes: Any, run_id: str | None = None) -> dict[str, tuple[str, str | None]]:
-        found = self.main.known(hashes, run_id)
-        found.update(super().known(hashes, run_id))  # the shard's answers are newer
-        return found
-
-    def get(self, request_hash: str) -> Outcome | None:
-        return super().get(request_hash) or self.main.get(request_hash)
-
-    def map_rows(self, pairs: Any) -> None:
-        with self._transaction():
-            self.db.executemany("INSERT OR REPLACE INTO shard_rows VALUES (?, ?)", pairs)
-
-    def close(self) -> None:
-        super().close()
-        self.main.close()
-
-
-#: Newer answer wins: a shard's answer replaces the main ledger's only if it was answered later.
-_MERGE_SQL = (
-    f"INSERT INTO main.answers ({', '.join(ALL_COLUMNS)}) SELECT {', '.join(ALL_COLUMNS)} FROM shard.answers "
-    "WHERE true ON CONFLICT (endpoint, request_hash) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ALL_COLUMNS[2:])
-    + " WHERE excluded.answered_at >= answers.answered_at"
-)
-
-
-def merge_shard(path: Path, ledger: Ledger, *, rows: bool) -> int:
-    """Copy a shard ledger's answers (and with ``rows`` its row map) into ``ledger``; returns answers copied."""
-    db = ledger.db
-    ledger.flush()
-    db.execute("ATTACH DATABASE ? AS shard", (str(path),))
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM shard.sqlite_master WHERE type = 'table'")}
-        if "answers" not in tables:
-            return 0
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            copied = int(db.execute(_MERGE_SQL).rowcount)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        if rows and "shard_rows" in tables:
-            cur = db.execute("SELECT row_number, request_hash FROM shard.shard_rows")
-            while batch := cur.fetchmany(50_000):
-                ledger.map_rows(batch)
-        return copied
-    finally:
-        db.execute("DETACH DATABASE shard")
-
-
-def merge_leftover_shards(shards_dir: Path, ledger: Ledger) -> int:
-    """Answers a Ray run paid for but never merged (its driver died): into the main ledger, then delete."""
-    copied = 0
-    for path in sorted(shards_dir.glob("*.sqlite")):
-        copied += merge_shard(path, ledger, rows=False)
-    shutil.rmtree(shards_dir, ignore_errors=True)
-    return copied
 
 
 def split_rows(rows: int, shards: int) -> list[RowRange]:
@@ -204,34 +121,25 @@ class ClusterLimits:
         return self.progress
 
 
-class RayQuota:
+class RayQuota(ReservingQuota):
     """``scheduler.Quota`` backed by the ``ClusterLimits`` actor: one reservation in flight per shard."""
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor
-        self._turn: asyncio.Lock | None = None
 
-    async def take(self, tokens: float) -> None:
-        if self._turn is None:
-            self._turn = asyncio.Lock()
-        async with self._turn:
-            while True:
-                ok, wait = await self.actor.reserve.remote(tokens)
-                if ok:
-                    break
-                await asyncio.sleep(wait)
-        if wait > 0:
-            await asyncio.sleep(wait)
+    async def _reserve(self, tokens: float) -> tuple[bool, float]:
+        ok, wait = await self.actor.reserve.remote(tokens)
+        return bool(ok), float(wait)
 
     def set_factor(self, factor: float) -> None:
+        super().set_factor(factor)
         self.actor.set_factor.remote(factor)
 
 
 class LeasedBudget(Budget):
     """A shard's budget: leases from the actor's one budget, so the job's ``max_cost_usd`` holds in sum.
 
-    ``reserve`` is synchronous in ``_Run``; a lease is a short blocking call made once per
-    ``LEASE_FRACTION`` of the budget, not per request.
+    A lease is one awaited actor call per ``LEASE_FRACTION`` of the budget, never a blocking ``ray.get``.
     """
 
     def __init__(self, actor: Any, total: float) -> None:
@@ -239,14 +147,12 @@ class LeasedBudget(Budget):
         self.actor = actor
         self.chunk = total * LEASE_FRACTION
 
-    def reserve(self, amount: float) -> bool:
-        import ray
-
+    async def reserve(self, amount: float) -> bool:
         assert self.limit is not None
         short = self.spent + self.reserved + amount - self.limit
         if short > 0:
-            self.limit += float(ray.get(self.actor.lease.remote(max(short, self.chunk))))
-        return super().reserve(amount)
+            self.limit += float(await self.actor.lease.remote(max(short, self.chunk)))
+        return await super().reserve(amount)
 
     def unused(self) -> float:
         assert self.limit is not None
@@ -305,27 +211,25 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
     shards_dir.mkdir(parents=True, exist_ok=True)
     (shards_dir / f"{task.index:04d}.pid").write_text(str(os.getpid()))
     rows = task.row_range.stop - task.row_range.start
-    p = replace(prepare(spec, task.selection), row_range=task.row_range, rows=rows)
+    # The driver parsed every row before any shard started: no second pre-pass per shard.
+    p = replace(prepare(spec, task.selection, read_everything=False), row_range=task.row_range, rows=rows)
     summary = RunSummary(job=spec.name, run_id=task.run_id, rows_total=p.rows, started_at=time.time())
-    options = RunOptions(
-        selection=task.selection, retry_errors=task.retry_errors, fresh=task.fresh, install_signal_handlers=False
-    )
+    options = RunOptions(selection=task.selection, retry_errors=task.retry_errors, fresh=task.fresh)
     ledger = ShardLedger(shard_path(shards_dir, task.index), spec.ledger_path.resolve(), spec.endpoint_key)
     budget = LeasedBudget(limits, spec.limits.max_cost_usd) if spec.limits.max_cost_usd is not None else None
     quota = RayQuota(limits) if (spec.limits.rpm or spec.limits.tpm) else None
-    pacer = Pacer(spec.limits.rpm, spec.limits.tpm, quota=quota)
-    run = _Run(p, ledger, options, summary, pacer=pacer, budget=budget)
+    dispatch = Dispatch(p, ledger, options, summary, quota=quota, budget=budget)
 
     async def heartbeats() -> None:
         while True:
-            if await limits.heartbeat.remote(task.index, _progress_fields(summary, run.in_flight)):
-                run.stop.set()
+            if await limits.heartbeat.remote(task.index, _progress_fields(summary, dispatch.in_flight)):
+                dispatch.stop.set()
             await asyncio.sleep(HEARTBEAT_S)
 
     async def main() -> None:
         beat = asyncio.create_task(heartbeats())
         try:
-            await run.main(task.base_url)
+            await dispatch.run(task.base_url)
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -334,13 +238,11 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
     try:
         asyncio.run(main())
     except FatalAPIError as exc:
-        summary.stop_reason = f"fatal: {exc}"
+        summary.stop(StopReason.FATAL, f"fatal: {exc}")
     finally:
         ledger.close()
         if isinstance(budget, LeasedBudget):
             limits.give_back.remote(budget.unused())
-    if run.budget_hit and summary.stop_reason is None:
-        summary.stop_reason = "budget"
     summary.ended_at = time.time()
     return summary
 
@@ -373,26 +275,13 @@ def _add_into(total: RunSummary, part: dict[str, Any]) -> None:
         total.rows_by_status[status] = total.rows_by_status.get(status, 0) + n
 
 
-@contextlib.contextmanager
-def _signals(enabled: bool, caught: list[int]) -> Any:
-    """SIGINT/SIGTERM on the driver become a stop request (first) or a hard stop (second)."""
-    if not enabled:
-        yield
-        return
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        caught.append(signum)
-
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+async def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+    """``executors.Executor`` for Ray: the driver loop (blocking Ray calls) runs in a thread."""
+    await asyncio.to_thread(_drive, p, ledger, options, summary, url)
 
 
-def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
-    """``runner.Executor`` for Ray: shards as tasks, then their ledgers merged into ``ledger``."""
+def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+    """Shards as tasks, then their ledgers merged into ``ledger``; a stop request reaches every shard."""
     import ray
 
     spec = p.spec
@@ -420,58 +309,69 @@ def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSu
     }
     results: dict[int, RunSummary] = {}
     failures: list[str] = []
-    caught: list[int] = []
     stop_deadline: float | None = None
+    hard_stop = False
+
+    def on_stop(hard: bool) -> None:
+        nonlocal hard_stop
+        hard_stop = hard_stop or hard
+
+    unlisten = options.stop.listen(on_stop)
     last_progress = 0.0
     try:
-        with _signals(options.install_signal_handlers, caught):
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
-                for ref in done:
-                    try:
-                        result: RunSummary = ray.get(ref)
-                    except Exception as exc:  # a shard that failed for good: its rows stay pending
-                        failures.append(f"shard {refs[ref]}: {str(exc).strip().splitlines()[-1]}")
-                        continue
-                    results[refs[ref]] = result
-                    if result.stop_reason and stop_deadline is None:  # fatal or budget: stop the others
-                        limits.request_stop.remote()
-                        stop_deadline = time.monotonic() + options.grace_s
-                if caught and stop_deadline is None:
-                    summary.interrupted = True
-                    summary.stop_reason = f"signal {signal.Signals(caught[0]).name}"
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
+            for ref in done:
+                try:
+                    result: RunSummary = ray.get(ref)
+                except Exception as exc:  # a shard that failed for good: its rows stay pending
+                    failures.append(f"shard {refs[ref]}: {str(exc).strip().splitlines()[-1]}")
+                    continue
+                results[refs[ref]] = result
+                if result.stopped_by and stop_deadline is None:  # fatal or budget: stop the others
                     limits.request_stop.remote()
                     stop_deadline = time.monotonic() + options.grace_s
-                if pending and stop_deadline is not None and (time.monotonic() > stop_deadline or len(caught) > 1):
-                    for ref in pending:
-                        ray.cancel(ref, force=True)
-                    ray.wait(pending, num_returns=len(pending), timeout=10)
-                    break
-                now = time.monotonic()
-                if options.progress and now - last_progress >= options.progress_interval_s:
-                    last_progress = now
-                    _report(options, summary, ray.get(limits.all_progress.remote()))
+            if options.stop.requested and stop_deadline is None:
+                summary.interrupted = True
+                summary.stop(StopReason.SIGNAL, options.stop.reason or "stop requested")
+                limits.request_stop.remote()
+                stop_deadline = time.monotonic() + options.grace_s
+            if pending and stop_deadline is not None and (time.monotonic() > stop_deadline or hard_stop):
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                ray.wait(pending, num_returns=len(pending), timeout=10)
+                break
+            now = time.monotonic()
+            if options.progress and now - last_progress >= options.progress_interval_s:
+                last_progress = now
+                _report(options, summary, ray.get(limits.all_progress.remote()))
     finally:
+        unlisten()
         for part in results.values():
-            _add_into(summary, asdict(part))
+            _add_into(summary, part.as_dict())
         summary.rows_by_status = {}  # counted again from the output by run_job
         for k in range(len(ranges)):
             path = shard_path(shards_dir, k)
             if path.exists():
-                merge_shard(path, ledger, rows=True)
+                ledger.merge(path, rows=True)
         shutil.rmtree(shards_dir, ignore_errors=True)
         ray.kill(limits)
         if started_ray:
             ray.shutdown()
-    reasons = [r.stop_reason for r in results.values() if r.stop_reason]
-    fatal = next((r for r in reasons if r.startswith("fatal")), None)
+    stopped = [r for r in results.values() if r.stopped_by]
+    fatal = next((r for r in stopped if r.stopped_by is StopReason.FATAL), None)
     if fatal is not None:
-        summary.stop_reason = fatal
-    elif "budget" in reasons and summary.stop_reason is None:
-        summary.stop_reason = budget_stop_reason(summary.usd_spent, spec.limits.max_cost_usd)
-    elif failures and summary.stop_reason is None:
-        summary.stop_reason = f"ray: {len(failures)} shard(s) failed: {failures[0]}"
+        summary.stopped_by = None  # a fatal answer outranks a signal: it is why every row would fail
+        summary.stop(StopReason.FATAL, fatal.stop_reason or "fatal")
+    elif any(r.stopped_by is StopReason.BUDGET for r in stopped):
+        summary.stop(
+            StopReason.BUDGET,
+            f"budget: stopped issuing at ${summary.usd_spent:.4f} spent of limits.max_cost_usd = "
+            f"{spec.limits.max_cost_usd}",
+        )
+    elif failures:
+        summary.stop(StopReason.SHARDS_FAILED, f"ray: {len(failures)} shard(s) failed: {failures[0]}")
     if failures:
         summary.errors_by_kind["shard_failed"] = len(failures)
         summary.error_examples.setdefault("shard_failed", failures[0][:300])

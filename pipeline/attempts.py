@@ -1,0 +1,276 @@
+"""What happens to one request: its attempts, re-asks, truncation retries, budget and pacing signals.
+
+``Attempts.answer(request)`` is the whole policy for one row, with every collaborator passed in: the
+``send`` function (the HTTP client), the ``Pacer`` (rate buckets) and ``Pacing`` (the closed loop: pause
+after a 429, in-flight cap, timeouts), the ``Budget``, the ``judge`` (validator) and the price. It never
+touches rows, files or the ledger, so it is unit-tested with a fake ``send`` and an injected sleep.
+
+Per attempt::
+
+    stop requested?  → give up before sending (the row stays pending)
+    budget.reserve(worst case)  → refused: stop the run (the row stays pending)
+    pacer.acquire(tokens)        waits out a 429 pause and the RPM/TPM buckets
+    send(body, timeout)          timeout from the latencies seen so far (Pacing.timeout_s)
+      429            → pacing signal; retried within ``rate_limit_wait_s``, never uses up an attempt
+      timeout/5xx/…  → retried quickly once, then with backoff (``max_attempts``)
+      400/413/422    → the row's error
+    judge(reply)     → ok | invalid_output (re-ask) | truncated (more max_tokens) | refused
+
+A re-ask never repeats the exact request: it carries the validation error (``reask_with_error``), and a
+deterministic request (temperature 0, or a seed) that would come out identical gets a sampling step
+instead, so a deterministic server cannot be paid twice for the same mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.client import ratelimit_of
+from pipeline.costs import Price, fill_cost, worst_case_usd
+from pipeline.errors import RetryableError, RowError
+from pipeline.pacing import Pacing
+from pipeline.prompts import vary_sampling, with_changes
+from pipeline.records import Outcome, Reply, Request, RunSummary, Usage, count_error
+from pipeline.scheduler import Pacer, RetryPolicy, call_paced
+from pipeline.validator import Judgement
+
+Send = Callable[[bytes, float | None], Awaitable[Reply]]
+Judge = Callable[[Reply], Judgement]
+
+
+class Budget:
+    """Spent plus the worst case of attempts in flight never exceeds ``limit``.
+
+    ``reserve`` is async so that a budget held elsewhere (a Ray actor leasing to shards) can ask for
+    more without blocking the event loop.
+    """
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.spent = 0.0
+        self.reserved = 0.0
+
+    def _fits(self, amount: float) -> bool:
+        return self.limit is None or self.spent + self.reserved + amount <= self.limit
+
+    async def reserve(self, amount: float) -> bool:
+        if not self._fits(amount):
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += actual
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerPolicy:
+    """The job's settings for re-asking one row (``[output]``), and its retry policy (``[limits]``)."""
+
+    retry: RetryPolicy
+    invalid_retries: int = 2
+    reask_with_error: bool = True
+    truncated_retries: int = 0
+    max_tokens_cap: int = 16_384
+    row_token_budget: int | None = None
+
+
+class _Stopped(Exception):
+    """No (further) attempt may start: the run is stopping or the budget is spent."""
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+class Attempts:
+    """The per-request policy of one run (or one Ray shard); ``in_flight`` and ``budget_hit`` are read outside."""
+
+    def __init__(
+        self,
+        *,
+        send: Send,
+        pacer: Pacer,
+        pacing: Pacing,
+        budget: Budget,
+        judge: Judge,
+        price: Price | None,
+        policy: AnswerPolicy,
+        summary: RunSummary,
+        stop: asyncio.Event,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        self.send = send
+        self.pacer = pacer
+        self.pacing = pacing
+        self.budget = budget
+        self.judge = judge
+        self.price = price
+        self.policy = policy
+        self.summary = summary
+        self.stop = stop
+        self.sleep = sleep
+        self.in_flight = 0
+        self.budget_hit = False
+
+    async def answer(self, req: Request, prior: Outcome | None = None) -> Outcome | None:
+        """The row's outcome, all attempts folded in; None when it was never sent (it stays pending).
+
+        ``prior`` is the row's earlier failed answer in the ledger: its usage and attempts add up.
+        """
+        usage = prior.usage if prior else Usage()
+        attempts = prior.attempts if prior else 0
+        unconfirmed = prior.unconfirmed_attempts if prior else 0
+        pol = self.policy
+        body, max_tokens = req.body, req.max_tokens
+        tried = {_digest(body)}
+        invalid_left, truncated_left = pol.invalid_retries, pol.truncated_retries
+        last: Judgement | None = None
+        latency: float | None = None
+        summary = self.summary
+
+        async def attempt() -> tuple[Reply, float]:
+            nonlocal attempts, unconfirmed
+            if self.stop.is_set():
+                raise _Stopped
+            worst = worst_case_usd(req.est_prompt_tokens, max_tokens, self.price)
+            if not await self.budget.reserve(worst):
+                self.budget_hit = True
+                self.stop.set()
+                raise _Stopped
+            try:
+                await self.pacer.acquire(self.pacer.estimate(req.est_prompt_tokens, max_tokens))
+            except BaseException:
+                self.budget.settle(worst, 0.0)
+                raise
+            attempts += 1
+            summary.requests_sent += 1
+            self.in_flight += 1
+            timeout = self.pacing.timeout_s(max_tokens)
+            try:
+                reply = await self.send(body, timeout)
+            except RetryableError as exc:
+                self.budget.settle(worst, 0.0)
+                unconfirmed += exc.sent
+                if exc.status_code == 429:
+                    summary.http_429 += 1
+                    self.pacer.on_rate_limited(exc.retry_after, ratelimit_of(exc))
+                else:
+                    timed_out = timeout if exc.kind == "timeout" else None
+                    self.pacing.on_error(ratelimit_of(exc), timed_out_s=timed_out)
+                count_error(summary, exc.kind, str(exc))
+                raise
+            except BaseException:
+                self.budget.settle(worst, 0.0)
+                raise
+            finally:
+                self.in_flight -= 1
+            return reply, worst
+
+        def on_retry(exc: BaseException, wait: float) -> None:
+            summary.retries += 1
+
+        while True:
+            try:
+                reply, worst = await call_paced(attempt, pol.retry, self.pacing, sleep=self.sleep, on_retry=on_retry)
+            except _Stopped:
+                return None if last is None else self._outcome(req, last, usage, attempts, unconfirmed, latency)
+            except (RetryableError, RowError) as exc:
+                if isinstance(exc, RowError):
+                    count_error(summary, exc.kind, str(exc))
+                    error = str(exc)
+                else:
+                    error = f"{exc} (attempt {attempts}, gave up; the next run sends it again)"
+                return Outcome(
+                    req.request_hash,
+                    "error",
+                    error=error,
+                    error_kind=exc.kind,
+                    usage=usage,
+                    attempts=attempts,
+                    unconfirmed_attempts=unconfirmed,
+                    latency_ms=latency,
+                )
+            latency = reply.latency_ms
+            last = self.judge(reply)
+            paid = fill_cost(last.usage, self.price)
+            usage = usage + paid
+            self._count_paid(paid)
+            self.budget.settle(worst, paid.usd_spent or 0.0)
+            self.pacer.observe(req.est_prompt_tokens, max_tokens, paid.prompt_tokens, paid.completion_tokens)
+            self.pacing.on_reply(latency / 1000.0, reply.ratelimit, paid.completion_tokens, paid.total_tokens)
+            over_budget = pol.row_token_budget is not None and (usage.total_tokens or 0) >= pol.row_token_budget
+            if last.status == "invalid_output" and invalid_left > 0 and not over_budget:
+                retry_body = self._reask(req, body, max_tokens, last, tried)
+                if retry_body is not None:
+                    invalid_left -= 1
+                    count_error(summary, "invalid_output", last.error or "")
+                    body = retry_body
+                    tried.add(_digest(body))
+                    continue
+            if (
+                last.status == "truncated"
+                and truncated_left > 0
+                and max_tokens < pol.max_tokens_cap
+                and not over_budget
+            ):
+                truncated_left -= 1
+                max_tokens = min(pol.max_tokens_cap, max_tokens * 2)
+                body = with_changes(body, max_tokens=max_tokens)
+                tried.add(_digest(body))
+                continue
+            if last.status != "ok":
+                count_error(summary, last.status, last.error or "")
+            return self._outcome(req, last, usage, attempts, unconfirmed, latency)
+
+    def _reask(self, req: Request, body: bytes, max_tokens: int, last: Judgement, tried: set[bytes]) -> bytes | None:
+        """The next try after an invalid answer, or None when every candidate was already sent.
+
+        With ``reask_with_error`` the bad answer and its error go back to the model; otherwise the same
+        request with a sampling step. Either way a body already tried is varied (temperature, seed), never
+        sent again as it was: a deterministic server would only repeat itself.
+        """
+        if self.policy.reask_with_error and last.content is not None:
+            candidate = with_changes(req.body, max_tokens=max_tokens, reask=(last.content, last.error or ""))
+        else:
+            candidate = body
+        for _ in range(8):
+            if _digest(candidate) not in tried:
+                return candidate
+            candidate = vary_sampling(candidate)
+        return None
+
+    def _outcome(
+        self, req: Request, j: Judgement, usage: Usage, attempts: int, unconfirmed: int, latency: float | None
+    ) -> Outcome:
+        error = j.error
+        if error and attempts > 1:
+            error = f"{error} (attempt {attempts})"
+        return Outcome(
+            req.request_hash,
+            j.status,
+            j.content,
+            j.reasoning_content,
+            j.finish_reason,
+            j.model,
+            j.response_id,
+            usage,
+            error,
+            j.status if j.status != "ok" else None,
+            attempts,
+            unconfirmed,
+            latency,
+        )
+
+    def _count_paid(self, paid: Usage) -> None:
+        """The summary counts what this run paid, as it arrives (a retried row's earlier cost is not in it)."""
+        s = self.summary
+        s.prompt_tokens += paid.prompt_tokens or 0
+        s.completion_tokens += paid.completion_tokens or 0
+        s.usd_spent += paid.usd_spent or 0.0
+        s.credits_used += paid.credits_used or 0.0
