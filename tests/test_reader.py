@@ -89,13 +89,13 @@ def test_header_only_csv(tmp_path: Path) -> None:
 def test_empty_jsonl(tmp_path: Path) -> None:
     p = tmp_path / "empty.jsonl"
     p.write_bytes(b"")
-    assert "cannot read ndjson input" in _input_error(p)
+    assert "input is empty" in _input_error(p)
 
 
 def test_bad_jsonl_line(tmp_path: Path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{not json\n')
-    assert "cannot read ndjson input" in _input_error(p)
+    assert ": line 2: not valid JSON (" in _input_error(p)
 
 
 @pytest.mark.parametrize("name", ["t.xlsx", "t.json", "t.txt", "noext"])
