@@ -436,7 +436,7 @@ def _narrow(kinds: set[str] | None, column: pa.Array) -> set[str] | None:
 
 
 def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
-    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=True)
+    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
 
 
 def _csv_names(path: Path, codec: str, block: int) -> list[str]:
@@ -514,7 +514,7 @@ def _csv_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl
 
 def _csv_error(path: Path, codec: str, row: pcsv.InvalidRow | None, exc: Exception) -> Exception:
     """The one-line InputError for a failed CSV read (or ``_BlockTooSmall`` when that is all it was)."""
-    if row is not None and row.number is not None and row.number > 0:
+    if row is not None and row.number is not None and row.number > 0 and "\n" not in (row.text or "\n"):
         return InputError(_fields_message(path, row.number, row.number, row.expected_columns, row.actual_columns))
     problem = _locate_csv_problem(path, codec)
     if problem is not None:
