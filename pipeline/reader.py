@@ -436,7 +436,7 @@ def _narrow(kinds: set[str] | None, column: pa.Array) -> set[str] | None:
 
 
 def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
-    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
+    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=True)
 
 
 def _csv_names(path: Path, codec: str, block: int) -> list[str]:
