@@ -2,18 +2,34 @@
 
 Rows are read twice per run, once to build requests and once to write the output, instead of being
 held in memory: a 10M-row input then costs one chunk of memory, not ten million dicts.
+
+Every format is streamed, so memory stays at one read block plus one chunk whatever the file size:
+Parquet through pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read
+as text, then cast to the type inferred over the *whole* file by ``open_input``'s pass, so a float on
+row 900,000 of an int column widens the column instead of failing mid-run), JSONL line by line with
+orjson. ``open_input`` reads the whole file once (row count, types), so a bad line anywhere is found
+before anything is sent; the same checks run again on every later read.
+
+A parse or decode error is one ``InputError`` line: ``<path>: line N: <what is wrong>; <what to do>``,
+N being the 1-based physical line of the file (the CSV header is line 1).
 """
 
 from __future__ import annotations
 
+import codecs
 import random
+import re
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import orjson
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
@@ -23,6 +39,19 @@ __all__ = ["FORMATS", "ROW_NUMBER", "InputTable", "RowRange", "Selection", "open
 
 ROW_NUMBER = "__seedbatch_row"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
+
+#: Bytes pyarrow's CSV reader parses at a time; doubled (up to the cap) when one row is longer.
+CSV_BLOCK = 1 << 20
+CSV_BLOCK_CAP = 1 << 30
+#: JSONL lines turned into one frame at a time.
+JSONL_BATCH = 4096
+_UTF8 = ("utf-8", "utf-8-sig")
+#: What polars' CSV type inference accepts (RE2 syntax); a column takes the narrowest type that every
+#: non-empty value of the whole file matches: Int64, then Float64, else Boolean, else String.
+_INT_RE = r"^-?\d+$"
+_FLOAT_RE = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-?(inf|NaN)$"
+_BOOL_RE = r"(?i)^(true|false)$"
+_CSV_TYPES: dict[str, pl.DataType] = {"Int64": pl.Int64(), "Float64": pl.Float64(), "Boolean": pl.Boolean()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,18 +63,20 @@ class InputTable:
     columns: tuple[str, ...]
     dtypes: dict[str, str]
     rows: int
+    #: The text encoding of a CSV/JSONL file (``job.encoding``); any name Python's codecs know.
+    encoding: str = "utf-8"
+    #: CSV/JSONL: every column's polars type, inferred over the whole file by ``open_input``.
+    schema: dict[str, pl.DataType] | None = field(default=None, compare=False, repr=False)
+    #: CSV: bytes parsed at a time, large enough for the file's longest row.
+    block_size: int = CSV_BLOCK
 
 
-def _scan(path: Path, fmt: str) -> pl.LazyFrame:
-    if fmt == "parquet":
-        return pl.scan_parquet(path)
-    if fmt == "csv":
-        return pl.scan_csv(path, infer_schema_length=10_000, raise_if_empty=True)
-    return pl.scan_ndjson(path, infer_schema_length=10_000)
+def open_input(path: Path, encoding: str = "utf-8") -> InputTable:
+    """Check the input exists, has a known format, parses, and has rows; return its shape.
 
-
-def open_input(path: Path) -> InputTable:
-    """Check the input exists, has a known format, parses, and has rows; return its shape."""
+    CSV and JSONL are read once, whole and streamed, to count rows, infer types and find any bad
+    line before anything is sent; Parquet's shape comes from its footer.
+    """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
     if path.is_dir():
@@ -53,34 +84,74 @@ def open_input(path: Path) -> InputTable:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(f"{path}: unknown input format {path.suffix!r}; use .parquet, .csv or .jsonl")
+    codec = _codec(path, encoding)
+    if fmt == "parquet":
+        table = _open_parquet(path)
+    elif path.stat().st_size == 0:
+        raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
+    elif fmt == "csv":
+        table = _open_csv(path, codec)
+    else:
+        table = _open_jsonl(path, codec)
+    if table.rows == 0 and fmt == "ndjson":
+        raise InputError(f"{path}: input is empty (only blank lines)")
+    if table.rows == 0:
+        raise InputError(f"{path}: input has columns but no rows")
+    if ROW_NUMBER in table.columns:
+        raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
+    return InputTable(
+        path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size
+    )
+
+
+def _codec(path: Path, encoding: str) -> str:
+    """The canonical codec name of ``encoding``, or an InputError naming the bad value."""
     try:
-        lf = _scan(path, fmt)
+        info = codecs.lookup(encoding)
+    except LookupError:
+        info = None
+    if info is None or not getattr(info, "_is_text_encoding", True):
+        raise InputError(
+            f"{path}: unknown encoding {encoding!r} (job.encoding); "
+            'use a text encoding Python knows, e.g. "utf-8", "latin-1" or "cp1252"'
+        )
+    return info.name
+
+
+def _open_parquet(path: Path) -> InputTable:
+    try:
+        lf = pl.scan_parquet(path)
         schema = lf.collect_schema()
         rows = int(lf.select(pl.len()).collect().item())
-    except pl.exceptions.NoDataError:
-        raise InputError(f"{path}: input is empty (no header, no rows)") from None
     except (pl.exceptions.PolarsError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read {fmt} input: {first}") from None
-    if rows == 0:
-        raise InputError(f"{path}: input has columns but no rows")
-    if ROW_NUMBER in schema:
-        raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
-    return InputTable(path, fmt, tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
+        raise InputError(f"{path}: cannot read parquet input: {first}") from None
+    return InputTable(path, "parquet", tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
 
 
 def check_id_column(table: InputTable, column: str) -> None:
     """Row keys name paid work when ``job.dedupe`` is off: every row needs its own, non-null id."""
-    lf = _scan(table.path, table.format)
-    try:
-        counts = lf.select(nulls=pl.col(column).null_count(), repeated=pl.col(column).is_duplicated().sum()).collect()
-        nulls, repeated = counts.row(0)
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(f"{table.path}: cannot read id column {column!r}: {str(exc).splitlines()[0]}") from None
+    if table.format == "parquet":
+        lf = pl.scan_parquet(table.path)
+        try:
+            counts = lf.select(
+                nulls=pl.col(column).null_count(), repeated=pl.col(column).is_duplicated().sum()
+            ).collect()
+            nulls, repeated = counts.row(0)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise InputError(f"{table.path}: cannot read id column {column!r}: {str(exc).splitlines()[0]}") from None
+        ids = None
+    else:  # one column of the streamed file: the only way duplicates can be seen
+        ids = pl.concat([f.get_column(column) for f in read_frames(table, Selection(), 65_536, [column])])
+        nulls, repeated = ids.null_count(), int(ids.is_duplicated().sum())
     if nulls:
         raise InputError(f"{table.path}: job.id_column {column!r} is empty on {nulls} row(s); every row needs an id")
     if repeated:
-        example = lf.filter(pl.col(column).is_duplicated()).select(pl.col(column).first()).collect().item()
+        if ids is None:
+            lf = pl.scan_parquet(table.path)
+            example = lf.filter(pl.col(column).is_duplicated()).select(pl.col(column).first()).collect().item()
+        else:
+            example = ids.filter(ids.is_duplicated()).first()
         raise InputError(
             f"{table.path}: job.id_column {column!r} repeats values (e.g. {example!r} on {repeated} rows); "
             "ids must be unique when job.dedupe = false"
@@ -109,24 +180,51 @@ def read_frames(
     chunk_rows: int,
     columns: Sequence[str] | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """Chunks of the selected rows, each with ``ROW_NUMBER`` (the row's number in the whole input)."""
+    """Chunks of the selected rows, each with ``ROW_NUMBER`` (the row's number in the whole input).
+
+    A bad line met while reading is an ``InputError`` naming it, as in ``open_input``.
+    """
     if table.format == "parquet":
         yield from _parquet_frames(table, selection, chunk_rows, columns)
         return
-    lf = _scan(table.path, table.format).with_row_index(ROW_NUMBER)
-    if columns is not None:
-        lf = lf.select([ROW_NUMBER, *columns])
+    missing = [c for c in columns or () if c not in table.columns]
+    if missing:
+        raise InputError(f"{table.path}: no column {missing[0]!r} in the input")
     keep = selected_indices(table.rows, selection)
-    if keep is not None:
-        lf = lf.filter(pl.col(ROW_NUMBER).is_in(keep))
-    elif selection.limit is not None:
-        lf = lf.head(selection.limit)
-    try:
-        for frame in lf.collect_batches(chunk_size=chunk_rows, maintain_order=True):
-            if frame.height:
-                yield frame
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
+    limit = selection.limit if keep is None else None
+    if keep is not None and not keep:
+        return
+    stop = keep[-1] + 1 if keep else limit  # rows past the last selected one are not read
+    frames = _csv_frames(table, columns) if table.format == "csv" else _jsonl_frames(table, columns)
+    start = 0
+    for chunk in _rechunk(frames, chunk_rows):
+        if stop is not None and start >= stop:
+            return
+        frame = chunk.with_row_index(ROW_NUMBER, offset=start)
+        lo, start = start, start + chunk.height
+        if keep is not None:
+            here = keep[bisect_left(keep, lo) : bisect_left(keep, start)]
+            frame = frame.filter(pl.col(ROW_NUMBER).is_in(here)) if len(here) < chunk.height else frame
+        elif limit is not None and start > limit:
+            frame = frame.head(limit - lo)
+        if frame.height:
+            yield frame
+
+
+def _rechunk(frames: Iterator[pl.DataFrame], chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """Frames of exactly ``chunk_rows`` rows (the last may be shorter) from frames of any height."""
+    buf: list[pl.DataFrame] = []
+    held = 0
+    for frame in frames:
+        buf.append(frame)
+        held += frame.height
+        while held >= chunk_rows:
+            whole = pl.concat(buf) if len(buf) > 1 else buf[0]
+            yield whole.slice(0, chunk_rows)
+            buf = [whole.slice(chunk_rows)]
+            held -= chunk_rows
+    if held:
+        yield pl.concat(buf) if len(buf) > 1 else buf[0]
 
 
 def _parquet_frames(
@@ -188,3 +286,469 @@ def read_rows(
         keys: list[Any] = frame.get_column(id_column).to_list() if id_column else numbers
         values = frame.select(wanted).to_dicts() if wanted else [{} for _ in numbers]
         yield [Row(index=n, key=str(k), values=v) for n, k, v in zip(numbers, keys, values, strict=True)]
+
+
+# ----------------------------------------------------------------- bytes and text
+
+
+def _open_bytes(path: Path) -> BinaryIO:
+    """The one place input files are opened for streaming (tests wrap it to watch what is read)."""
+    return open(path, "rb")
+
+
+class _Tracked:
+    """A binary file as pyarrow reads it, counting the double quotes that go by.
+
+    An odd count at the end means a quoted field may run to the end of the file, which pyarrow
+    accepts silently as one long last value; that is when the slow, exact check runs.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.quotes = 0
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.quotes += data.count(b'"')
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+        self._raw.close()
+
+
+class _Undecodable(Exception):
+    def __init__(self, line: int, byte: int) -> None:
+        super().__init__(line, byte)
+        self.line = line
+        self.byte = byte
+
+
+def _decode_message(path: Path, codec: str, line: int, byte: int) -> str:
+    if codec in _UTF8:
+        return (
+            f"{path}: line {line}: the file is not UTF-8 (byte 0x{byte:02x} at line {line}); "
+            'set job.encoding, e.g. job.encoding = "latin-1"'
+        )
+    return (
+        f"{path}: line {line}: the file is not {codec} (byte 0x{byte:02x} at line {line}); "
+        'set job.encoding to the encoding it was saved in, e.g. job.encoding = "utf-8" or "cp1252"'
+    )
+
+
+def _text_lines(path: Path, codec: str) -> Iterator[tuple[int, str]]:
+    """Decoded physical lines (with their ``\\n``) and their 1-based numbers; ``_Undecodable`` on bad bytes."""
+    decoder = codecs.getincrementaldecoder(codec)("strict")
+    line = 1
+    pending = ""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                pending += decoder.decode(raw)
+            except UnicodeDecodeError as exc:
+                raise _Undecodable(line + pending.count("\n"), exc.object[exc.start]) from None
+            if "\n" in pending:
+                *whole, pending = pending.split("\n")
+                for text in whole:
+                    yield line, text + "\n"
+                    line += 1
+        try:
+            pending += decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise _Undecodable(line + pending.count("\n"), exc.object[exc.start]) from None
+    if pending:
+        yield line, pending
+
+
+# ----------------------------------------------------------------- CSV
+
+
+class _BlockTooSmall(Exception):
+    """One row is longer than the read block: read again with a larger one."""
+
+
+def _open_csv(path: Path, codec: str) -> InputTable:
+    """One streamed pass over the whole file: header, row count, bad lines, and each column's type."""
+    block = CSV_BLOCK
+    while True:
+        try:
+            names = _csv_names(path, codec, block)
+            seen: dict[str, set[str] | None] = dict.fromkeys(names)
+            rows = 0
+            for batch in _csv_batches(path, codec, block, names, None):
+                rows += batch.num_rows
+                for name, column in zip(names, batch.columns, strict=True):
+                    seen[name] = _narrow(seen[name], column)
+            break
+        except _BlockTooSmall:
+            if block >= CSV_BLOCK_CAP:
+                raise InputError(
+                    f"{path}: a row is longer than {CSV_BLOCK_CAP >> 20} MB; split the file or convert it to Parquet"
+                ) from None
+            block *= 4
+    schema: dict[str, pl.DataType] = {}
+    for name, kinds in seen.items():
+        kind = next((k for k in _CSV_TYPES if kinds and k in kinds), None)
+        schema[name] = _CSV_TYPES[kind] if kind else pl.String()
+    return InputTable(path, "csv", tuple(names), {k: str(v) for k, v in schema.items()}, rows, codec, schema, block)
+
+
+def _narrow(kinds: set[str] | None, column: pa.Array) -> set[str] | None:
+    """The types every non-empty value seen so far in a column parses as (None: no value yet)."""
+    if kinds is not None and not kinds:
+        return kinds
+    values = pc.drop_null(column)
+    if len(values) == 0:
+        return kinds
+    kinds = set(_CSV_TYPES) if kinds is None else kinds
+    for kind, pattern in (("Int64", _INT_RE), ("Float64", _FLOAT_RE), ("Boolean", _BOOL_RE)):
+        if kind in kinds and not pc.all(pc.match_substring_regex(values, pattern)).as_py():
+            kinds.discard(kind)
+    if "Int64" in kinds:
+        try:
+            pc.cast(values, pa.int64())
+        except pa.ArrowInvalid:  # more digits than an int64 holds: keep the text
+            kinds.discard("Int64")
+            kinds.discard("Float64")
+    return kinds
+
+
+def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
+    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=True)
+
+
+def _csv_names(path: Path, codec: str, block: int) -> list[str]:
+    """The header's column names (pyarrow parses the first block to find them)."""
+    with _open_bytes(path) as raw:
+        try:
+            reader = pcsv.open_csv(
+                raw,
+                read_options=_csv_read_options(codec, block),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda _: "skip"),
+            )
+            names = list(reader.schema.names)
+            reader.close()
+        except (pa.ArrowException, UnicodeError) as exc:
+            if "Empty CSV file" in str(exc):
+                raise InputError(f"{path}: input is empty (no header, no rows)") from None
+            raise _csv_error(path, codec, None, exc) from None
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InputError(f"{path}: line 1: column {name!r} appears twice in the header; rename one")
+    return names
+
+
+def _csv_batches(
+    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None
+) -> Iterator[pa.RecordBatch]:
+    """The file as record batches of text columns, one block at a time; bad lines are InputErrors."""
+    bad: list[pcsv.InvalidRow] = []
+
+    def on_invalid(row: pcsv.InvalidRow) -> str:
+        bad.append(row)
+        return "error"
+
+    raw = _Tracked(_open_bytes(path))
+    try:
+        reader = pcsv.open_csv(
+            raw,
+            read_options=_csv_read_options(codec, block),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            convert_options=pcsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()),
+                include_columns=list(columns) if columns is not None else None,
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,  # "" is an empty text, an empty field is null (as polars)
+            ),
+        )
+        yield from reader
+    except (pa.ArrowException, UnicodeError) as exc:
+        raise _csv_error(path, codec, bad[0] if bad else None, exc) from None
+    finally:
+        raw.close()
+    if raw.quotes % 2:
+        problem = _locate_csv_problem(path, codec)
+        if problem is not None:
+            raise InputError(problem)
+
+
+def _csv_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl.DataFrame]:
+    """The CSV as polars frames, one per read block, with the types ``open_input`` inferred."""
+    schema = table.schema or {}
+    codec = _codec(table.path, table.encoding)
+    for batch in _csv_batches(table.path, codec, table.block_size, table.columns, columns):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        casts = []
+        for name in frame.columns:
+            dtype = schema.get(name, pl.String())
+            if dtype == pl.Boolean:
+                casts.append(pl.col(name).str.to_lowercase().eq("true").alias(name))
+            elif dtype != pl.String:
+                casts.append(pl.col(name).cast(dtype))
+        yield frame.with_columns(casts) if casts else frame
+
+
+def _csv_error(path: Path, codec: str, row: pcsv.InvalidRow | None, exc: Exception) -> Exception:
+    """The one-line InputError for a failed CSV read (or ``_BlockTooSmall`` when that is all it was)."""
+    if row is not None and row.number is not None and row.number > 0 and "\n" not in (row.text or "\n"):
+        return InputError(_fields_message(path, row.number, row.number, row.expected_columns, row.actual_columns))
+    problem = _locate_csv_problem(path, codec)
+    if problem is not None:
+        return InputError(problem)
+    if "straddl" in str(exc):
+        return _BlockTooSmall()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"{path}: cannot read csv input: {first}; check that it is a CSV file with a header line")
+
+
+def _fields_message(path: Path, start: int, end: int, expected: int, got: int) -> str:
+    if end > start:
+        return (
+            f"{path}: line {start}: a quoted field opened on this line runs to line {end}, making a row of {got} "
+            f"fields instead of {expected}; close the quote (and write quotes inside a field as \"\")"
+        )
+    if got > expected:
+        return (
+            f"{path}: line {start}: {got} fields but the header has {expected}; "
+            "quote the field or remove the extra comma"
+        )
+    return (
+        f"{path}: line {start}: {got} fields but the header has {expected}; "
+        "add the missing fields (an empty one is just a comma) or fix the header"
+    )
+
+
+def _locate_csv_problem(path: Path, codec: str) -> str | None:
+    """The first bad line of a CSV file, found by a plain (slow, exact) pass; None if it is fine.
+
+    Run only after pyarrow failed or the quotes did not pair up: it decodes line by line and follows
+    quoting like pyarrow does, so it can name the line a record or a quoted field starts on.
+    """
+    expected: int | None = None
+    in_quote = False
+    quote_line = start = 0
+    fields = 1
+    try:
+        for line, text in _text_lines(path, codec):
+            if not in_quote:
+                if not text.strip("\r\n"):
+                    continue  # blank lines are skipped, as pyarrow does
+                start, fields = line, 1
+            pos = 0
+            while True:
+                if in_quote:
+                    q = text.find('"', pos)
+                    if q < 0:
+                        break
+                    if text.startswith('"', q + 1):
+                        pos = q + 2
+                        continue
+                    in_quote = False
+                    pos = q + 1
+                elif text.startswith('"', pos):
+                    in_quote, quote_line, pos = True, line, pos + 1
+                    continue
+                comma = text.find(",", pos)
+                if comma < 0:
+                    break
+                fields, pos = fields + 1, comma + 1
+            if in_quote:
+                continue
+            if expected is None:
+                expected = fields
+            elif fields != expected:
+                return _fields_message(path, quote_line if line > start else start, line, expected, fields)
+    except _Undecodable as exc:
+        return _decode_message(path, codec, exc.line, exc.byte)
+    if in_quote:
+        return (
+            f"{path}: line {quote_line}: a quoted field starts here and is never closed; "
+            'add the closing quote (and write quotes inside a field as "")'
+        )
+    return None
+
+
+# ----------------------------------------------------------------- JSONL
+
+
+def _open_jsonl(path: Path, codec: str) -> InputTable:
+    """One pass over every line: row count, bad lines, and the column types of the whole file."""
+    schema: dict[str, pl.DataType] = {}
+    rows = 0
+    for lines, records in _jsonl_batches(path, codec):
+        rows += len(records)
+        frame = _jsonl_frame(path, lines, records, None)
+        _check_lossless(path, lines, records, frame)
+        try:
+            schema = _merge(schema, dict(frame.schema))
+        except _Conflict as exc:
+            for line, record in zip(lines, records, strict=True):
+                if exc.name in record and record[exc.name] is not None:
+                    one = _jsonl_frame(path, [line], [record], None)
+                    try:
+                        _merge(schema, {exc.name: one.schema[exc.name]})
+                    except _Conflict:
+                        raise InputError(_conflict_message(path, line, exc.name, record[exc.name])) from None
+            raise InputError(_conflict_message(path, lines[0], exc.name, None)) from None
+    return InputTable(path, "ndjson", tuple(schema), {k: str(v) for k, v in schema.items()}, rows, codec, schema)
+
+
+class _Conflict(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _merge(a: dict[str, pl.DataType], b: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
+    """Types that hold both: numbers widen to Float64, mixed scalars become String, a nested field must
+    stay the same kind (object or array) on every line; columns in first-seen order."""
+    out = dict(a)
+    for name, dtype in b.items():
+        have = out.get(name)
+        if have is None or have == pl.Null:
+            out[name] = dtype
+        elif dtype in (have, pl.Null):
+            continue
+        elif have.is_numeric() and dtype.is_numeric():
+            out[name] = pl.Float64() if have.is_float() or dtype.is_float() else pl.Int64()
+        elif have.is_nested() or dtype.is_nested():
+            if type(have) is not type(dtype):
+                raise _Conflict(name)
+            try:
+                both = pl.concat(
+                    [pl.DataFrame(schema={name: have}), pl.DataFrame(schema={name: dtype})], how="diagonal_relaxed"
+                )
+            except pl.exceptions.PolarsError:
+                raise _Conflict(name) from None
+            out[name] = both.schema[name]
+        else:
+            out[name] = pl.String()
+    return out
+
+
+def _check_lossless(path: Path, lines: list[int], records: list[dict[str, Any]], frame: pl.DataFrame) -> None:
+    """polars turns a value that does not fit its column's inferred type into null: refuse that line."""
+    for name in frame.columns:
+        given = sum(1 for r in records if r.get(name) is not None)
+        if given == frame.height - frame.get_column(name).null_count():
+            continue
+        kept = frame.get_column(name).is_not_null().to_list()
+        for line, record, ok in zip(lines, records, kept, strict=True):
+            if record.get(name) is not None and not ok:
+                raise InputError(_conflict_message(path, line, name, record[name]))
+
+
+def _conflict_message(path: Path, line: int, name: str, value: object) -> str:
+    here = f"holds {_json_kind(value)} here, " if value is not None else ""
+    return (
+        f"{path}: line {line}: field {name!r} {here}unlike its type on other lines; "
+        "give the field one type on every line (or quote it as text everywhere)"
+    )
+
+
+def _jsonl_batches(path: Path, codec: str) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+    """Objects of a JSONL file, ``JSONL_BATCH`` lines at a time, with their line numbers."""
+    lines: list[int] = []
+    records: list[dict[str, Any]] = []
+    source: Iterator[tuple[int, bytes | str]]
+    source = _byte_lines(path) if codec in _UTF8 else iter(_text_lines(path, codec))
+    try:
+        for line, text in source:
+            if not text.strip():
+                continue
+            try:
+                record = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise InputError(_json_message(path, codec, line, text, exc)) from None
+            if not isinstance(record, dict):
+                raise InputError(
+                    f"{path}: line {line}: not a JSON object ({_json_kind(record)}); "
+                    "each line must be one {...} object: fix or remove that line"
+                )
+            lines.append(line)
+            records.append(record)
+            if len(records) >= JSONL_BATCH:
+                yield lines, records
+                lines, records = [], []
+    except _Undecodable as exc:
+        raise InputError(_decode_message(path, codec, exc.line, exc.byte)) from None
+    if records:
+        yield lines, records
+
+
+def _byte_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with _open_bytes(path) as f:
+        for line, raw in enumerate(f, 1):
+            yield line, raw[3:] if line == 1 and raw.startswith(codecs.BOM_UTF8) else raw
+
+
+_ORJSON_WHERE = re.compile(r":? line \d+ column (\d+) \(char \d+\)$")
+
+
+def _json_message(path: Path, codec: str, line: int, text: bytes | str, exc: Exception) -> str:
+    if isinstance(text, bytes):
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return _decode_message(path, codec, line, text[bad.start])
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid JSON"
+    what = _ORJSON_WHERE.sub(lambda m: f" at column {m.group(1)}", what)
+    return f"{path}: line {line}: not valid JSON ({what}); fix or remove that line"
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, dict):
+        return "an object"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _jsonl_frame(
+    path: Path, lines: list[int], records: list[dict[str, Any]], schema: dict[str, pl.DataType] | None
+) -> pl.DataFrame:
+    """One batch of objects as a frame; with ``schema``, cast to the types of the whole file."""
+    try:
+        frame = pl.DataFrame(records, infer_schema_length=None)
+        if frame.height != len(records):  # every object empty
+            frame = pl.DataFrame({"_": [None] * len(records)}).drop("_")
+        if schema is not None:
+            base = pl.DataFrame(schema=schema)
+            frame = pl.concat([base, frame], how="diagonal_relaxed") if frame.width else _nulls(schema, len(records))
+            if frame.schema != schema:
+                frame = frame.cast(pl.Schema(schema))
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as exc:
+        if len(records) > 1:
+            for line, record in zip(lines, records, strict=True):
+                _jsonl_frame(path, [line], [record], schema)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{path}: line {lines[0]}: cannot use this object ({first}); give each field one type on every line"
+        ) from None
+    return frame
+
+
+def _nulls(schema: dict[str, pl.DataType], n: int) -> pl.DataFrame:
+    return pl.DataFrame([pl.Series(k, [None] * n, dtype=v) for k, v in schema.items()])
+
+
+def _jsonl_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl.DataFrame]:
+    schema = table.schema or {}
+    for lines, records in _jsonl_batches(table.path, _codec(table.path, table.encoding)):
+        frame = _jsonl_frame(table.path, lines, records, schema)
+        yield frame.select(columns) if columns is not None else frame

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 import pytest
 
+from pipeline import reader
 from pipeline.errors import InputError
 from pipeline.prepare import iter_requests, prepare
 from pipeline.reader import (
     ROW_NUMBER,
+    InputTable,
     RowRange,
     Selection,
     open_input,
@@ -89,13 +94,13 @@ def test_header_only_csv(tmp_path: Path) -> None:
 def test_empty_jsonl(tmp_path: Path) -> None:
     p = tmp_path / "empty.jsonl"
     p.write_bytes(b"")
-    assert "cannot read ndjson input" in _input_error(p)
+    assert "input is empty" in _input_error(p)
 
 
 def test_bad_jsonl_line(tmp_path: Path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "ok"}\n{not json\n')
-    assert "cannot read ndjson input" in _input_error(p)
+    assert ": line 2: not valid JSON (" in _input_error(p)
 
 
 @pytest.mark.parametrize("name", ["t.xlsx", "t.json", "t.txt", "noext"])
@@ -284,3 +289,170 @@ def test_read_rows_in_a_row_range_keeps_only_those_positions(tmp_path: Path) -> 
     assert [r.index for r in rows] == list(range(150, 420))
     assert rows[0].key == "r150"
     assert len(chunks) == 4  # frames before 150 and after 420 are not converted
+
+
+# ----------------------------------------------------------------- bad lines, encodings, streaming
+
+
+def _read_all(table: InputTable) -> int:
+    return sum(len(c) for c in read_rows(table, Selection(), 500, list(table.columns), None))
+
+
+def _line_error(path: Path, good: bytes, bad: bytes, encoding: str = "utf-8") -> tuple[str, str]:
+    """The error of ``open_input`` on ``bad``, and of a full ``read_rows`` pass (the runner's pre-pass)
+    over a table opened while the file still held ``good``: both must name the line, in one line."""
+    path.write_bytes(bad)
+    with pytest.raises(InputError) as opened:
+        open_input(path, encoding=encoding)
+    path.write_bytes(good)
+    table = open_input(path, encoding=encoding)
+    path.write_bytes(bad)
+    with pytest.raises(InputError) as reading:
+        _read_all(table)
+    messages = (str(opened.value), str(reading.value))
+    for msg in messages:
+        assert re.fullmatch(rf"{re.escape(str(path))}: line \d+: [^\n]+; [^\n]+", msg), msg
+    return messages
+
+
+def _csv_lines(n: int) -> list[bytes]:
+    return [b"id,text,n"] + [b"id-%d,row %d,%d" % (i, i, i) for i in range(n)]
+
+
+def test_extra_field_names_its_line(tmp_path: Path) -> None:
+    lines = _csv_lines(5_000)
+    good = b"\n".join(lines) + b"\n"
+    lines[4_000] += b",extra"  # row 3,999 (0-based) is on line 4,001: the header is line 1
+    for msg in _line_error(tmp_path / "extra.csv", good, b"\n".join(lines) + b"\n"):
+        assert ": line 4001: 4 fields but the header has 3; quote the field or remove the extra comma" in msg
+
+
+def test_unterminated_quote_names_the_line_it_starts_on(tmp_path: Path) -> None:
+    lines = _csv_lines(100)
+    good = b"\n".join(lines) + b"\n"
+    lines[97] = b'id-96,"oops this never ends,96'  # line 98
+    for msg in _line_error(tmp_path / "quote.csv", good, b"\n".join(lines) + b"\n"):
+        assert ": line 98: a quoted field starts here and is never closed" in msg
+
+
+def test_bad_jsonl_line_names_its_line(tmp_path: Path) -> None:
+    good = b'{"a": 1}\n{"a": 2}\n{"a": 3}\n{"a": 4}\n'
+    bad = b'{"a": 1}\n{"a": 2}\n{"a": 1,,}\n{"a": 4}\n'
+    for msg in _line_error(tmp_path / "bad.jsonl", good, bad):
+        assert ": line 3: not valid JSON (" in msg
+        assert "fix or remove that line" in msg
+        assert "Error" not in msg
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
+    p = tmp_path / "list.jsonl"
+    p.write_text('{"a": 1}\n\n[1, 2]\n')
+    assert ": line 3: not a JSON object (an array)" in _input_error(p)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_latin1_input_asks_for_job_encoding_and_reads_with_it(tmp_path: Path, suffix: str) -> None:
+    p = tmp_path / f"latin.{suffix}"
+    text = "text\nok\ncafé\n" if suffix == "csv" else '{"text": "ok"}\n{"text": "café"}\n'
+    p.write_bytes(text.encode("latin-1"))
+    line = 3 if suffix == "csv" else 2
+    msg = _input_error(p)
+    assert f": line {line}: the file is not UTF-8 (byte 0xe9 at line {line}); set job.encoding" in msg
+    assert 'job.encoding = "latin-1"' in msg
+    table = open_input(p, encoding="latin-1")
+    assert table.encoding == "latin-1"
+    assert [r.values["text"] for c in read_rows(table, Selection(), 10, ["text"], None) for r in c] == ["ok", "café"]
+
+
+def test_utf8_with_bom_and_cp1252(tmp_path: Path) -> None:
+    p = tmp_path / "bom.csv"
+    p.write_bytes("\ufefftext\n“quoted” café\n".encode())
+    assert open_input(p).columns == ("text",)
+    p.write_bytes("text\n“quoted” café\n".encode("cp1252"))
+    rows = [r for c in read_rows(open_input(p, encoding="cp1252"), Selection(), 10, ["text"], None) for r in c]
+    assert rows[0].values["text"] == "“quoted” café"
+
+
+@pytest.mark.parametrize("encoding", ["no-such-codec", "rot13"])
+def test_unknown_encoding(tmp_path: Path, encoding: str) -> None:
+    p = tmp_path / "a.csv"
+    p.write_text("text\nx\n")
+    with pytest.raises(InputError) as info:
+        open_input(p, encoding=encoding)
+    assert str(info.value) == (
+        f"{p}: unknown encoding {encoding!r} (job.encoding); "
+        'use a text encoding Python knows, e.g. "utf-8", "latin-1" or "cp1252"'
+    )
+
+
+def test_csv_types_match_polars_and_hold_for_the_whole_file(tmp_path: Path) -> None:
+    p = tmp_path / "types.csv"
+    p.write_text('i,f,b,s,e,q\n1,1.5,true,x,,""\n-2,3,False,7,,a\n')
+    assert open_input(p).dtypes == {k: str(v) for k, v in pl.read_csv(p).schema.items()}
+    names = ["i", "f", "b", "s", "e", "q"]
+    rows = [r.values for c in read_rows(open_input(p), Selection(), 10, names, None) for r in c]
+    assert rows[0] == {"i": 1, "f": 1.5, "b": True, "s": "x", "e": None, "q": ""}
+    # A float or a word far past any inference window widens the column instead of failing mid-run.
+    n = 30_000
+    body = "".join(f"{i},{i},{i}\n" for i in range(n))
+    p.write_text("a,b,c\n" + body + "1,2.5,word\n")
+    table = open_input(p)
+    assert table.dtypes == {"a": "Int64", "b": "Float64", "c": "String"}
+    last = [r for c in read_rows(table, Selection(), 5_000, ["a", "b", "c"], None) for r in c][-1]
+    assert last.values == {"a": 1, "b": 2.5, "c": "word"}
+
+
+def test_row_longer_than_a_read_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "CSV_BLOCK", 1 << 12)
+    p = tmp_path / "long.csv"
+    p.write_text('a,b\n1,"' + "x\n" * 10_000 + '"\n2,y\n')
+    rows = [r for c in read_rows(open_input(p), Selection(), 10, ["a", "b"], None) for r in c]
+    assert [r.values["a"] for r in rows] == [1, 2]
+    assert len(rows[0].values["b"]) == 20_000
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_chunks_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """The first chunk of a large file comes before most of the file has been read.
+
+    pyarrow's CSV reader reads up to 32 blocks ahead on an I/O thread: a bounded amount, which a
+    small block makes small next to this file.
+    """
+    monkeypatch.setattr(reader, "CSV_BLOCK", 1 << 14)
+    big = tmp_path / f"big.{fmt}"
+    n = 200_000
+    df = pl.DataFrame({"id": [f"id-{i}" for i in range(n)], "text": [f"row {i} " * 3 for i in range(n)]})
+    df.write_csv(big) if fmt == "csv" else df.write_ndjson(big)
+    table = open_input(big)
+    read = [0]
+    opened = reader._open_bytes
+
+    class Counting:
+        def __init__(self, raw: BinaryIO) -> None:
+            self.raw = raw
+
+        def read(self, size: int = -1) -> bytes:
+            data = self.raw.read(size)
+            read[0] += len(data)
+            return data
+
+        def __iter__(self) -> Iterator[bytes]:
+            for line in self.raw:
+                read[0] += len(line)
+                yield line
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.raw.close()
+
+        def close(self) -> None:
+            self.raw.close()
+
+    monkeypatch.setattr(reader, "_open_bytes", lambda path: Counting(opened(path)))
+    chunks = read_rows(table, Selection(), 100, ["text"], "id")
+    first = next(chunks)
+    assert [r.key for r in first] == [f"id-{i}" for i in range(100)]
+    assert 0 < read[0] < big.stat().st_size / 4
+    chunks.close()
