@@ -128,7 +128,29 @@ def override_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """A wrong flag is a user mistake like any other: one line on stderr and exit 2, not click's usage block."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # `seedbatch` alone: the help is the answer
+            click.echo(exc.format_message())
+            sys.exit(0)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            _say_error("error", exc.format_message() + hint, EXIT_USAGE, "text")
+            sys.exit(EXIT_USAGE)
+        except click.exceptions.Abort:
+            click.echo("seedbatch: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="seedbatch")
 def main() -> None:
     """Run LLM chat-completion jobs over tables: rate-limited, resumable, typed Parquet out."""

@@ -87,7 +87,7 @@ def prepare(
     """
     selection = selection or Selection()
     schema = load_schema(spec)
-    table = open_input(spec.job.input)
+    table = open_input(spec.job.input, encoding=spec.job.encoding)
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
     renderer = Renderer(spec, schema, builder.cells if builder else None)
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
@@ -126,14 +126,12 @@ def prepare(
 def read_all(p: Prepared) -> None:
     """Parse every selected row once before anything is paid for (bounded memory: one chunk at a time).
 
-    A malformed line at row 4,000 of 5,000 then stops the run before its first request, with the file
-    and line, instead of after 4,000 paid answers. Rendering cannot fail on a parsed row: every per-row
-    problem (bad media, empty placeholders, over the context) is that row's outcome, not the run's.
+    Every column, not only the prompt's: the output is written from all of them, and a broken line in
+    a column the prompt does not use must stop the run now, not after every answer was paid for.
+    Rendering cannot fail on a parsed row: every per-row problem (bad media, empty placeholders, over
+    the context) is that row's outcome, not the run's.
     """
-    columns = [*p.renderer.fields, *p.spec.media.image_columns, *p.spec.media.video_columns]
-    if p.spec.job.id_column:
-        columns.append(p.spec.job.id_column)
-    for _ in read_frames(p.table, p.selection, p.spec.job.chunk_rows, list(dict.fromkeys(columns))):
+    for _ in read_frames(p.table, p.selection, p.spec.job.chunk_rows):
         pass
 
 

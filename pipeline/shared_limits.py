@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import SpecError
 from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
 
 #: Furthest ahead a reservation may reach; beyond it a taker sleeps and asks again.
@@ -133,13 +134,19 @@ class SqliteQuota(ReservingQuota):
         self.rpm = rpm
         self.tpm = tpm
         self.clock = clock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=OFF")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, level REAL, updated REAL) WITHOUT ROWID"
-        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=OFF")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, level REAL, updated REAL) WITHOUT ROWID"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise SpecError(
+                f"{path}: cannot open the shared limiter file ({exc}); set limits.shared_limiter_file to a "
+                "writable place"
+            ) from None
 
     async def _reserve(self, tokens: float) -> tuple[bool, float]:
         return self._reserve_now(tokens)

@@ -238,6 +238,15 @@ class JobSpec(_Strict):
     def _check(self) -> JobSpec:
         if self.output.format == "json_schema" and self.output.schema_ is None:
             raise ValueError("output.format = 'json_schema' needs output.schema (a file path or a table)")
+        if self.job.run_output is not None:
+            try:
+                example = self.job.run_output.format(date="2026-01-01", run_id="20260101T000000Z-abcdef")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"job.run_output {self.job.run_output!r}: only {{date}} and {{run_id}} may be used ({exc!r})"
+                ) from None
+            if not example.lower().endswith((".parquet", ".pq")):
+                raise ValueError(f"job.run_output {self.job.run_output!r} must end in .parquet")
         if self.limits.shared_limiter is not None and self.limits.rpm is None and self.limits.tpm is None:
             raise ValueError("limits.shared_limiter shares limits.rpm/limits.tpm: set at least one of them")
         if self.endpoint.preset == "local" and self.endpoint.base_url and not is_loopback(self.endpoint.base_url):

@@ -56,6 +56,8 @@ def check_output_path(path: Path, input_columns: Iterable[str]) -> None:
         )
     if path.suffix.lower() not in (".parquet", ".pq"):
         raise SpecError(f"{path}: job.output must end in .parquet")
+    if path.is_dir():
+        raise SpecError(f"{path}: job.output is a folder; give a file name ending in .parquet")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
