@@ -99,9 +99,7 @@ def open_input(path: Path, encoding: str = "utf-8") -> InputTable:
         raise InputError(f"{path}: input has columns but no rows")
     if ROW_NUMBER in table.columns:
         raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
-    return InputTable(
-        path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size
-    )
+    return InputTable(path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size)
 
 
 def _codec(path: Path, encoding: str) -> str:
@@ -421,7 +419,9 @@ def _narrow(kinds: set[str] | None, column: pa.Array) -> set[str] | None:
 
 
 def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
-    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=True)
+    # No reader threads: pyarrow's read-ahead thread calls back into Python for the file object, and a run
+    # that stops early (an error, a --limit) left it running at exit: "terminate called", SIGABRT.
+    return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
 
 
 def _csv_names(path: Path, codec: str, block: int) -> list[str]:
@@ -456,6 +456,7 @@ def _csv_batches(
         return "error"
 
     raw = _Tracked(_open_bytes(path))
+    reader: pcsv.CSVStreamingReader | None = None
     try:
         reader = pcsv.open_csv(
             raw,
@@ -473,6 +474,8 @@ def _csv_batches(
     except (pa.ArrowException, UnicodeError) as exc:
         raise _csv_error(path, codec, bad[0] if bad else None, exc) from None
     finally:
+        if reader is not None:
+            reader.close()
         raw.close()
     if raw.quotes % 2:
         problem = _locate_csv_problem(path, codec)
@@ -514,7 +517,7 @@ def _fields_message(path: Path, start: int, end: int, expected: int, got: int) -
     if end > start:
         return (
             f"{path}: line {start}: a quoted field opened on this line runs to line {end}, making a row of {got} "
-            f"fields instead of {expected}; close the quote (and write quotes inside a field as \"\")"
+            f'fields instead of {expected}; close the quote (and write quotes inside a field as "")'
         )
     if got > expected:
         return (
