@@ -127,12 +127,14 @@ class Server:
         rpm: float | None = None,
         tpm: float | None = None,
         cpu: int | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         cmd = [*SEEDBATCH, "serve", "--port", "0", "--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms)]
         if rpm is not None:
             cmd += ["--rpm", str(rpm)]
         if tpm is not None:
             cmd += ["--tpm", str(tpm)]
+        cmd += list(extra)  # e.g. fault options: --fail-5xx 0.05 --drop 0.02 --hang 0.005 --hang-s 120
         self.cmd = pinned(cmd, cpu)
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
@@ -419,6 +421,50 @@ user = "Review {{review_id}} of a {{product}} ({{stars}} stars): {{text}}"
 
 [endpoint]
 preset = "vllm"
+"""
+    path = OUT / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def write_default_job(
+    name: str,
+    input_path: Path,
+    *,
+    rpm: float | None = None,
+    preset: str = "vllm",
+    max_tokens: int = 64,
+) -> Path:
+    """A job TOML like ``write_job`` but with the job's DEFAULT limits: only ``rpm`` when given.
+
+    No concurrency, attempts or timeouts, so a benchmark measures whatever the client picks on its own
+    (the pacing benchmark must stay valid while the defaults change). ``preset = "local"`` runs the
+    built-in API in-process; "vllm" takes the URL from ``--base-url``.
+    """
+    OUT.mkdir(parents=True, exist_ok=True)
+    limits = f"rpm = {rpm}" if rpm is not None else ""
+    # Absolute paths: a job file's relative paths are resolved beside the job file (here benchmarks/out/).
+    text = f"""# Written by benchmarks/common.py for the {name!r} benchmark (default limits).
+[job]
+name = "{name}"
+input = "{input_path.resolve()}"
+output = "{(OUT / name).resolve()}.parquet"
+id_column = "review_id"
+
+[model]
+name = "{MODEL}"
+max_tokens = {max_tokens}
+temperature = 0.0
+
+[prompt]
+system = "You label product reviews. Answer with one word: positive, negative or neutral."
+user = "Review {{review_id}} of a {{product}} ({{stars}} stars): {{text}}"
+
+[limits]
+{limits}
+
+[endpoint]
+preset = "{preset}"
 """
     path = OUT / f"{name}.toml"
     path.write_text(text)

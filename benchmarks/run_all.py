@@ -1,6 +1,6 @@
 """Run the seedbatch benchmarks against the built-in local API and write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py                      # all seven, full sizes -> benchmarks/RESULTS.md
+    python benchmarks/run_all.py                      # all eight, full sizes -> benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick              # small sizes -> benchmarks/out/RESULTS.quick.md
     python benchmarks/run_all.py --only overhead      # one (repeatable, or comma-separated)
 
@@ -20,6 +20,7 @@ import bench_crash
 import bench_inflight
 import bench_memory
 import bench_overhead
+import bench_pacing
 import bench_ray
 import bench_resume
 import bench_throughput
@@ -34,6 +35,7 @@ BENCHMARKS: list[ModuleType] = [
     bench_resume,
     bench_crash,
     bench_ray,
+    bench_pacing,
 ]
 NAMES = [m.NAME for m in BENCHMARKS]
 
