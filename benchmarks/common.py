@@ -403,8 +403,8 @@ def write_job(
     text = f"""# Written by benchmarks/common.py for the {name!r} benchmark.
 [job]
 name = "{name}"
-input = "{rel(input_path)}"
-output = "{rel(OUT / name)}.parquet"
+input = "{input_path.resolve()}"
+output = "{(OUT / name).resolve()}.parquet"
 id_column = "review_id"
 
 [model]

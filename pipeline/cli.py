@@ -290,7 +290,9 @@ def plan(
     if p.est_minutes is not None:
         click.echo(f"duration       ~{p.est_minutes:.1f} min, bound by {p.binding_limit}")
     else:
-        click.echo("duration       unbounded by limits (no rpm/tpm set): depends on the server")
+        click.echo("duration       unbounded by limits (no rpm/tpm set): paced by the server's rate-limit headers")
+    for warning in p.warnings:
+        click.echo(f"warning        {warning}")
 
 
 @main.command()

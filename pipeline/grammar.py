@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Private helpers reused rather than copied: local-pointer $ref resolution and type-list reading.
-from pipeline.schema_types import _resolve_ref, _type_names
+from pipeline.schema_types import resolve_ref, type_names
 
 __all__ = ["CHARS_PER_TOKEN", "document_size_tokens", "enforceable", "fit_warnings"]
 
@@ -114,7 +114,7 @@ def _has_type(value: Any, kind: str) -> bool:
 
 def _deref(node: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
     """A ``$ref`` node as one schema: its target, plus any sibling keywords (2020-12 applies both)."""
-    target = _resolve_ref(node["$ref"], root)
+    target = resolve_ref(node["$ref"], root)
     siblings = {k: v for k, v in node.items() if k != "$ref"}
     if not isinstance(target, Mapping):
         return target if not siblings else {"allOf": [target, siblings]}
@@ -175,7 +175,7 @@ def _is_tight_one_of(key: str, branches: list[Any]) -> bool:
         return False
     kinds: list[str] = []
     for branch in branches:
-        names = _type_names(branch) if isinstance(branch, Mapping) else []
+        names = type_names(branch) if isinstance(branch, Mapping) else []
         if len(names) != 1 or "$ref" in branch:
             return False
         kinds.append("number" if names[0] == "integer" else names[0])
@@ -214,7 +214,7 @@ class _Tightener:
                 continue
             else:
                 out[key] = copy.deepcopy(value)  # not, if/then/else, contains, ...: tightening there could loosen
-        kinds = list(dict.fromkeys(_type_names(out)))
+        kinds = list(dict.fromkeys(type_names(out)))
         if len(kinds) > 1:
             return self.split(out, kinds)
         if isinstance(out.get("type"), list) and kinds:
@@ -370,7 +370,7 @@ class _Sizer:
         for key in ("anyOf", "oneOf"):
             if isinstance(node.get(key), list):
                 return _union([self.size(b, seen) for b in node[key]])
-        kinds = _type_names(node)
+        kinds = type_names(node)
         if not kinds:
             if isinstance(node.get("enum"), list):
                 return _literals(node["enum"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from pipeline.grammar import enforceable, fit_warnings
 from pipeline.ledger import Ledger
 from pipeline.prepare import Prepared, iter_requests, prepare
 from pipeline.records import Selection, needs_sending
@@ -25,6 +26,8 @@ class Plan:
     max_cost_usd: float | None
     est_minutes: float | None
     binding_limit: str | None
+    warnings: list[str]
+    """Things that will go wrong for every row (e.g. the schema's answer cannot fit in max_tokens)."""
 
 
 @dataclass
@@ -82,8 +85,32 @@ def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors:
     if candidates:
         minutes, binding = max(candidates)
     return Plan(
-        p.rows, answered, duplicates, to_send, too_long, skipped, prompt, completion, expected, cost, minutes, binding
+        p.rows,
+        answered,
+        duplicates,
+        to_send,
+        too_long,
+        skipped,
+        prompt,
+        completion,
+        expected,
+        cost,
+        minutes,
+        binding,
+        schema_warnings(p),
     )
+
+
+def schema_warnings(p: Prepared) -> list[str]:
+    """Whether an answer of the schema, as the server will enforce it, can fit in ``max_tokens``."""
+    if p.schema is None:
+        return []
+    spec = p.spec
+    sent = p.schema
+    if spec.structured_output == "json_object_schema":
+        sent = enforceable(p.schema, max_tokens=spec.model.max_tokens)
+    source = "output.schema" if isinstance(spec.output.schema_, dict) else str(spec.output.schema_)
+    return fit_warnings(sent, spec.model.max_tokens, source=source)
 
 
 def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import SpecError
+from pipeline.grammar import enforceable
 from pipeline.records import NotSent, Request, Row
 from pipeline.spec import JobSpec
 
@@ -98,7 +99,10 @@ def structured_format(spec: JobSpec, schema: dict[str, Any] | None) -> tuple[dic
             "json_schema": {"name": spec.output.name, "schema": schema, "strict": spec.output.strict},
         }, None
     if dialect == "json_object_schema":
-        return {"type": "json_object", "schema": schema}, None
+        # A grammar-based server (llama.cpp) enforces only what its grammar can express: bounded integer
+        # ranges become enums, open strings and arrays get lengths that fit max_tokens. The answer is
+        # still validated against the job's own schema.
+        return {"type": "json_object", "schema": enforceable(schema, max_tokens=spec.model.max_tokens)}, None
     instructions = (
         "Answer with one JSON document and nothing else. It must validate against this JSON Schema:\n"
         + orjson.dumps(schema).decode()

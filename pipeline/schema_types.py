@@ -85,7 +85,7 @@ def _one_line(text: str) -> str:
     return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 3] + "..."
 
 
-def _type_names(node: Mapping[str, Any]) -> list[str]:
+def type_names(node: Mapping[str, Any]) -> list[str]:
     t = node.get("type")
     if isinstance(t, str):
         return [t]
@@ -146,7 +146,7 @@ def _walk(node: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[Mapping
 
 
 def _strict_problem(node: Mapping[str, Any]) -> str | None:
-    if "object" not in _type_names(node) and "properties" not in node:
+    if "object" not in type_names(node) and "properties" not in node:
         return None
     if node.get("additionalProperties") is not False:
         return "strict mode needs additionalProperties: false on every object"
@@ -248,7 +248,7 @@ _BY_TYPE: dict[str, _Plan] = {"string": _STRING, "integer": _INT, "number": _FLO
 
 
 def _is_null_schema(node: Any) -> bool:
-    return isinstance(node, Mapping) and _type_names(node) == ["null"] and not {"anyOf", "oneOf", "$ref"} & set(node)
+    return isinstance(node, Mapping) and type_names(node) == ["null"] and not {"anyOf", "oneOf", "$ref"} & set(node)
 
 
 def _merge(plans: list[_Plan]) -> _Plan:
@@ -284,7 +284,7 @@ def _plan(node: Any, root: Mapping[str, Any], seen: frozenset[str]) -> _Plan:
     all_of = node.get("allOf")
     if isinstance(all_of, list):
         return _plan(all_of[0], root, seen) if len(all_of) == 1 else _JSON
-    types = [t for t in _type_names(node) if t != "null"]
+    types = [t for t in type_names(node) if t != "null"]
     if "const" in node and not types:
         return _STRING if isinstance(node["const"], str) else _JSON
     if len(types) != 1:

@@ -151,8 +151,10 @@ class OutputSection(_Strict):
     """Prefix for the typed columns made from the schema's top-level properties."""
     invalid_retries: int = Field(default=2, ge=0, le=10)
     """Extra tries when an answer is not valid JSON or breaks the schema."""
-    reask_with_error: bool = False
-    """On an invalid answer, re-ask with the validation error appended instead of the same request."""
+    reask_with_error: bool = True
+    """On an invalid answer, re-ask with the answer and its validation error appended. Off: the re-ask is the
+    same request with a sampling step (temperature +0.3, or the next seed), never the identical request a
+    deterministic server would answer the same way."""
     truncated_retries: int = Field(default=0, ge=0, le=5)
     """Retry a truncated answer this many times, doubling max_tokens each time (capped by max_tokens_cap)."""
     max_tokens_cap: int = Field(default=16_384, ge=1)

@@ -27,7 +27,7 @@ from pipeline.grammar import (
     enforceable,
     fit_warnings,
 )
-from pipeline.schema_types import _resolve_ref, check_schema
+from pipeline.schema_types import check_schema, resolve_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = json.loads((ROOT / "jobs/schemas/ticket_triage.json").read_text(encoding="utf-8"))
@@ -272,7 +272,7 @@ def test_recursive_ref_is_kept_with_its_defs() -> None:
     assert tree["properties"]["label"]["maxLength"] >= STRING_MIN_CHARS
     assert tree["properties"]["children"]["items"] == {"$ref": "#/$defs/node"}
     assert out["$defs"] == RECURSIVE["$defs"]
-    _resolve_ref("#/$defs/node", out)  # still resolves in the output
+    resolve_ref("#/$defs/node", out)  # still resolves in the output
     Draft202012Validator.check_schema(out)
     assert document_size_tokens(out)[1] is None  # recursion is unbounded
 
@@ -456,7 +456,7 @@ def documents(node: Any, root: dict[str, Any]) -> st.SearchStrategy[Any]:
     if node is True or not isinstance(node, dict):
         return st.none() | st.booleans() | st.integers(-5, 5) | _TEXT
     if "$ref" in node:
-        return documents(_resolve_ref(node["$ref"], root), root)
+        return documents(resolve_ref(node["$ref"], root), root)
     for key in ("anyOf", "oneOf"):
         if key in node:
             return st.one_of([documents(b, root) for b in node[key]])

@@ -30,7 +30,7 @@ import polars as pl
 import pytest
 
 from pipeline.costs import price_for
-from pipeline.spec import load_spec
+from pipeline.spec import PATH_KEYS, load_spec
 from pipeline.validator import parse_document
 
 pytestmark = [pytest.mark.llm, pytest.mark.timeout(900)]
@@ -217,8 +217,12 @@ def _toml_value(value: Any) -> str:
 
 
 def job_copy(tmp_path: Path, job: str, **sections: dict[str, Any]) -> Path:
-    """``jobs/<job>`` with some keys changed, written to tmp_path (paths in it stay relative to ROOT)."""
+    """``jobs/<job>`` with some keys changed, written to tmp_path; its relative paths made absolute."""
     data = tomllib.loads((ROOT / "jobs" / job).read_text(encoding="utf-8"))
+    for section, key in PATH_KEYS:
+        value = data.get(section, {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            data[section][key] = os.path.normpath(ROOT / "jobs" / value)
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     lines: list[str] = []
@@ -231,7 +235,9 @@ def job_copy(tmp_path: Path, job: str, **sections: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(job: Path, server: LlamaServer, output: Path, limit: int) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    job: Path, server: LlamaServer | RecordingProxy, output: Path, limit: int
+) -> subprocess.CompletedProcess[str]:
     """``seedbatch run JOB --endpoint llamacpp --base-url ... --output ... --limit N`` from the project root."""
     cmd = [
         sys.executable,
@@ -257,11 +263,13 @@ def run_cli(job: Path, server: LlamaServer, output: Path, limit: int) -> subproc
     return done
 
 
-def check_rows(df: pl.DataFrame, job: Path, server: LlamaServer, output: Path, rows: int) -> dict[str, int]:
+def check_rows(
+    df: pl.DataFrame, job: Path, server: LlamaServer | RecordingProxy, output: Path, rows: int
+) -> dict[str, int]:
     """Every row has a real answer or a clear status; ok rows validate; usage and cost are the server's."""
     spec = load_spec(job, {"endpoint": "llamacpp", "base_url": server.base_url, "output": output})
     assert spec.structured_output == "json_object_schema"
-    schema = json.loads((ROOT / str(spec.output.schema_)).read_text(encoding="utf-8"))
+    schema = json.loads(Path(str(spec.output.schema_)).read_text(encoding="utf-8"))
     price = price_for(spec)
     assert price is not None, "cost columns need a price: self-hosted presets default to one"
     assert df.height == rows
@@ -289,6 +297,70 @@ def check_rows(df: pl.DataFrame, job: Path, server: LlamaServer, output: Path, r
     assert manifest["prompt_tokens"] == df["prompt_tokens"].sum()
     counts = df["status"].value_counts()
     return dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
+
+
+class RecordingProxy:
+    """A loopback HTTP proxy in front of llama.cpp that records every request body it forwards.
+
+    It is how the tier measures what seedbatch sent (e.g. whether a row was ever asked the identical
+    request twice), without trusting seedbatch's own counters.
+    """
+
+    def __init__(self, upstream: LlamaServer) -> None:
+        import http.server
+        import threading
+
+        self.upstream = upstream
+        self.bodies: list[tuple[int, bytes]] = []  # (HTTP status, request body)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                reply = httpx.post(
+                    f"http://127.0.0.1:{upstream.port}{self.path}",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=600,
+                )
+                proxy.bodies.append((reply.status_code, body))
+                self.send_response(reply.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.upstream.log_tail(lines)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def identical_repeats(bodies: list[tuple[int, bytes]]) -> int:
+    """Answered requests (200) whose exact body had already been answered for the same row."""
+    seen: set[bytes] = set()
+    repeats = 0
+    for status, body in bodies:
+        if status != 200:
+            continue
+        if body in seen:
+            repeats += 1
+        seen.add(body)
+    return repeats
 
 
 # -------------------------------------------------------------------------------------------- tests
@@ -332,3 +404,41 @@ def test_llamacpp_takes_json_object_schema_not_json_schema(llm_server: LlamaServ
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "length"
     assert choice["message"]["content"].startswith("{")
+
+
+def test_nested_triage_converges_on_llamacpp(llm_server: LlamaServer, tmp_path: Path) -> None:
+    """Issue "structured output that converges": enum, bounded integer, nested object, array of objects,
+    nullable fields; temperature 0, max_tokens 200, 30 tickets. Figures go to stdout and a JSON file."""
+    rows = 30
+    job = job_copy(tmp_path, "triage_tickets.toml", limits={"concurrency": 1})
+    output = tmp_path / "triage_tickets.parquet"
+    proxy = RecordingProxy(llm_server)
+    try:
+        started = time.monotonic()
+        run_cli(job, proxy, output, limit=rows)
+        wall = time.monotonic() - started
+    finally:
+        proxy.close()
+    df = pl.read_parquet(output)
+    counts = check_rows(df, job, proxy, output, rows=rows)
+    completion = int(df["completion_tokens"].sum())
+    figures = {
+        "rows": rows,
+        "ok": counts.get("ok", 0),
+        "truncated": counts.get("truncated", 0),
+        "invalid_output": counts.get("invalid_output", 0),
+        "requests_answered": sum(1 for status, _ in proxy.bodies if status == 200),
+        "identical_repeats": identical_repeats(proxy.bodies),
+        "wall_s": round(wall, 1),
+        "wall_s_per_row": round(wall / rows, 2),
+        "completion_tokens": completion,
+        "server_tokens_per_s": round(completion / wall, 1),
+    }
+    print("\ntriage on llama.cpp + Gemma 3 270M:", json.dumps(figures))
+    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
+    (ROOT / "benchmarks" / "out" / "llm_triage.json").write_text(json.dumps(figures, indent=1))
+    # A retry must differ from the try it repeats: a deterministic server would give the same answer.
+    assert figures["identical_repeats"] == 0, figures
+    # Targets (issue): >= 90% ok, <= 5% truncated. The assertion is a floor well below them, so a
+    # different build of llama.cpp does not turn CI red; the note reports the measured figures.
+    assert figures["ok"] >= rows // 2, figures

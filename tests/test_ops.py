@@ -19,7 +19,7 @@ from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job
 from pipeline.runner import ExitCode
 from pipeline.spec import load_spec
-from tests.conftest import ROOT, example_job, make_spec, reviews, run, write_job
+from tests.helpers import ROOT, example_job, make_spec, reviews, run, write_job
 
 
 def test_progress_is_a_json_line_when_not_a_terminal(tmp_path: Path, api: LocalAPI) -> None:

@@ -24,8 +24,7 @@ from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.records import Outcome, Usage
 from pipeline.runner import ExitCode, RunSummary
-from tests.conftest import example_job, make_spec, reviews, run
-from tests.test_resume import TIMING, write_job
+from tests.helpers import TIMING, Poller, example_job, make_spec, reviews, run, write_job
 
 RATE_TOLERANCE = 0.05
 
@@ -42,35 +41,6 @@ def ray_local() -> Iterator[Any]:
 
 def on_ray(workers: int = 2) -> dict[str, Any]:
     return {"kind": "ray", "workers": workers}
-
-
-class Poller:
-    """Samples the local API's ``received`` counter every 50 ms: the admissions a limit is measured on."""
-
-    def __init__(self, api: LocalAPI) -> None:
-        self.api = api
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic(), int(self.api.stats()["received"])))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> Poller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def rpm(self, total: int) -> tuple[float, float]:
-        """(requests/min admitted between the first admission and the ``total``-th, window seconds)."""
-        first = next((t, n) for t, n in self.samples if n > 0)
-        last = next((t, n) for t, n in self.samples if n >= total)
-        return (last[1] - first[1]) / (last[0] - first[0]) * 60.0, last[0] - first[0]
 
 
 # ------------------------------------------------------------------------------------------ no Ray needed

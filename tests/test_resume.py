@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,28 +15,7 @@ from pipeline.errors import LockedError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import job_status
 from pipeline.runner import ExitCode
-from tests.conftest import make_spec, reviews, run, write_job
-
-#: Columns that legitimately differ between two runs of the same job.
-TIMING = ["latency_ms", "response_id"]
-
-
-def start(job: Path, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def finish(job: Path, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
-    """Run the job to its end in a subprocess (a real ``seedbatch run``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress"],
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-    )
+from tests.helpers import TIMING, finish, make_spec, reviews, run, start, write_job
 
 
 def sent(api: LocalAPI) -> int:

@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
 from pipeline.writer import OUTPUT_COLUMNS
-from tests.conftest import ROOT, example_job, make_spec, reviews, run, write_job
+from tests.helpers import ROOT, example_job, make_spec, reviews, run, write_job
 
 
 def test_demo_job_end_to_end(tmp_path: Path, api: LocalAPI) -> None:

@@ -25,7 +25,7 @@ from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job
 from pipeline.runner import ExitCode, RunOptions, run_job
 from pipeline.spec import LOCAL_ENDPOINT, load_spec
-from tests.conftest import ROOT, make_spec, reviews, run, to_toml, write_job
+from tests.helpers import ROOT, make_spec, reviews, run, to_toml, write_job
 
 
 def _cli(args: list[str], cwd: Path | None = None, stdin: int | None = subprocess.DEVNULL) -> tuple[int, str, str]:

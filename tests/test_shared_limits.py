@@ -15,9 +15,7 @@ from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
 from pipeline.shared_limits import ReservationBucket, SqliteQuota, reserve
-from tests.conftest import make_spec, reviews
-from tests.test_ray import Poller
-from tests.test_resume import start, write_job
+from tests.helpers import Poller, make_spec, reviews, start, write_job
 
 
 def test_reservations_hold_the_rate_and_reach_no_further_than_the_horizon() -> None:

@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
 from pipeline.schema_types import column_dtypes
-from tests.conftest import ROOT, example_job, make_spec, reviews, run
+from tests.helpers import ROOT, example_job, make_spec, reviews, run
 
 REVIEW_SCHEMA = json.loads((ROOT / "jobs/schemas/review_label.json").read_text())
 INVOICE_SCHEMA = json.loads((ROOT / "jobs/schemas/invoice.json").read_text())
