@@ -104,6 +104,7 @@ class InFlightLimit:
         self._recent_size = recent
         self._baseline: float | None = None
         self._last_cut = -math.inf
+        self._first_send: float | None = None
         self.grown = min(max(start, self.floor), self.ceiling)
 
     def on_answer(self, latency_s: float) -> None:
@@ -123,10 +124,21 @@ class InFlightLimit:
             self._last_cut = now
             self.grown = max(self.floor, int(self.grown * self.decrease))
 
+    def on_send(self) -> None:
+        if self._first_send is None:
+            self._first_send = self.clock()
+
     def limit(self, target_rps: float | None) -> int:
         q = self.latency.quantile(self.q)
-        if target_rps is None or q is None:
+        if target_rps is None:
             return self.grown
+        if q is None:
+            # No answer yet: every request sent so far is still in flight, so latency is at least the age of
+            # the first one. Growing with that age keeps a 20 s model from idling at ``start`` for 20 s.
+            if self._first_send is None:
+                return self.grown
+            age = self.clock() - self._first_send + 1.0
+            return min(self.ceiling, max(self.grown, math.ceil(target_rps * age * self.headroom)))
         return min(self.ceiling, max(self.floor, math.ceil(target_rps * q * self.headroom)))
 
 
@@ -384,6 +396,7 @@ class Pacing:
 
     def on_send(self) -> None:
         self.rates.on_send()
+        self.in_flight.on_send()
 
     # -- what came back
     def on_reply(

@@ -41,6 +41,19 @@ def test_in_flight_cap_is_littles_law_and_follows_latency_up_and_down() -> None:
     assert limit.limit(1.0) == 4  # the floor
 
 
+def test_before_any_answer_the_cap_grows_with_the_age_of_the_first_request() -> None:
+    """A 20 s model at 100/s: nothing comes back for 20 s, yet the cap must let ~100 more out each second."""
+    clock = Clock()
+    limit = InFlightLimit(ceiling=4096, start=32, headroom=1.5, clock=clock)
+    limit.on_send()
+    assert limit.limit(100.0) == 150  # (0 s + 1 s) × 100/s × 1.5
+    clock.now = 10.0
+    assert limit.limit(100.0) == 1650  # everything sent in 11 s is still in flight
+    clock.now = 40.0
+    assert limit.limit(100.0) == 4096  # the ceiling
+    assert limit.limit(None) == 32  # no rate known: AIMD from the start value
+
+
 def test_in_flight_cap_grows_while_latency_is_flat_and_shrinks_when_it_rises() -> None:
     clock = Clock()
     limit = InFlightLimit(ceiling=100, start=8, recent=16, clock=clock)
