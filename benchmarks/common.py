@@ -400,6 +400,29 @@ def write_job(
         limits.append(f"rpm = {rpm}")
     if tpm is not None:
         limits.append(f"tpm = {tpm}")
+    return _job_file(name, input_path, max_tokens, limits, "vllm")
+
+
+def write_default_job(
+    name: str,
+    input_path: Path,
+    *,
+    rpm: float | None = None,
+    preset: str = "vllm",
+    max_tokens: int = 64,
+) -> Path:
+    """A job TOML like ``write_job`` but with the job's DEFAULT limits: only ``rpm`` when given.
+
+    No concurrency, attempts or timeouts, so a benchmark measures whatever the client picks on its own
+    (the pacing benchmark must stay valid while the defaults change). ``preset = "local"`` runs the
+    built-in API in-process; "vllm" takes the URL from ``--base-url``.
+    """
+    OUT.mkdir(parents=True, exist_ok=True)
+    return _job_file(name, input_path, max_tokens, [f"rpm = {rpm}"] if rpm is not None else [], preset)
+
+
+def _job_file(name: str, input_path: Path, max_tokens: int, limits: list[str], preset: str) -> Path:
+    """The benchmarks' one job shape; absolute paths, since a job file's relative paths are beside it."""
     text = f"""# Written by benchmarks/common.py for the {name!r} benchmark.
 [job]
 name = "{name}"
@@ -418,50 +441,6 @@ user = "Review {{review_id}} of a {{product}} ({{stars}} stars): {{text}}"
 
 [limits]
 {chr(10).join(limits)}
-
-[endpoint]
-preset = "vllm"
-"""
-    path = OUT / f"{name}.toml"
-    path.write_text(text)
-    return path
-
-
-def write_default_job(
-    name: str,
-    input_path: Path,
-    *,
-    rpm: float | None = None,
-    preset: str = "vllm",
-    max_tokens: int = 64,
-) -> Path:
-    """A job TOML like ``write_job`` but with the job's DEFAULT limits: only ``rpm`` when given.
-
-    No concurrency, attempts or timeouts, so a benchmark measures whatever the client picks on its own
-    (the pacing benchmark must stay valid while the defaults change). ``preset = "local"`` runs the
-    built-in API in-process; "vllm" takes the URL from ``--base-url``.
-    """
-    OUT.mkdir(parents=True, exist_ok=True)
-    limits = f"rpm = {rpm}" if rpm is not None else ""
-    # Absolute paths: a job file's relative paths are resolved beside the job file (here benchmarks/out/).
-    text = f"""# Written by benchmarks/common.py for the {name!r} benchmark (default limits).
-[job]
-name = "{name}"
-input = "{input_path.resolve()}"
-output = "{(OUT / name).resolve()}.parquet"
-id_column = "review_id"
-
-[model]
-name = "{MODEL}"
-max_tokens = {max_tokens}
-temperature = 0.0
-
-[prompt]
-system = "You label product reviews. Answer with one word: positive, negative or neutral."
-user = "Review {{review_id}} of a {{product}} ({{stars}} stars): {{text}}"
-
-[limits]
-{limits}
 
 [endpoint]
 preset = "{preset}"
