@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -73,10 +74,25 @@ def strip_fence(text: str) -> str:
 
 def parse_document(content: str) -> Any:
     """The JSON document in an answer (fence tolerated); raises ``ValueError`` when there is none."""
+    return read_document(content)[0]
+
+
+def read_document(content: str) -> tuple[Any, str]:
+    """The document and its text as strict JSON: the answer without a fence, or re-written when needed.
+
+    A raw newline or tab inside a string (strict JSON wants ``\\n``) is the one leniency: its meaning is
+    unambiguous, and grammar servers let models write it (llama.cpp's bounded-string rule allows control
+    characters). Such a document is accepted and its text re-written, so ``json.loads(content)`` works.
+    """
+    text = strip_fence(content).strip()
     try:
-        return orjson.loads(strip_fence(content))
+        return orjson.loads(text), text
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"answer is not valid JSON ({exc})") from None
+        try:
+            doc = json.loads(text, strict=False)
+        except ValueError:
+            raise ValueError(f"answer is not valid JSON ({exc})") from None
+        return doc, json.dumps(doc, ensure_ascii=False)
 
 
 def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Judgement:
@@ -116,7 +132,7 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Jud
     if text is None:
         return verdict("invalid_output", "answer has no content")
     try:
-        doc = parse_document(text)
+        doc, document = read_document(text)
     except ValueError as exc:
         return verdict("invalid_output", str(exc))
     if not isinstance(doc, dict):
@@ -127,4 +143,4 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Jud
             return verdict("invalid_output", f"answer did not match schema {problem}")
     # ``content`` of an accepted answer is the document itself, so json.loads(content) works on every ok
     # row; a Markdown fence around it is dropped (a rejected answer keeps its raw text for diagnosis).
-    return replace(base, content=strip_fence(text).strip())
+    return replace(base, content=document)

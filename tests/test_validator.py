@@ -221,6 +221,15 @@ def test_fenced_json_is_accepted_and_content_is_the_document() -> None:
     assert json.loads(j.content) == {"label": "neg", "score": 0.1}
 
 
+def test_a_raw_newline_inside_a_string_is_accepted_and_content_rewritten_as_strict_json() -> None:
+    """llama.cpp's bounded-string grammar lets a model write a raw newline inside a string."""
+    text = '{"label": "neg", "score": 0.1, "note": "line one\nline two"}'.replace("\\n", "\n")
+    schema = {**SCHEMA, "properties": {**SCHEMA["properties"], "note": {"type": "string"}}}
+    j = judge(reply(text), expects_json=True, check=compile_validator(schema))
+    assert j.status == "ok", j.error
+    assert json.loads(j.content)["note"] == "line one\nline two"
+
+
 def test_rejected_fenced_answer_keeps_its_raw_text() -> None:
     text = '```json\n{"label": "maybe", "score": 0.1}\n```'
     j = judge(reply(text), expects_json=True, check=compile_validator(SCHEMA))
