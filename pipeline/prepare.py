@@ -131,6 +131,8 @@ def read_all(p: Prepared) -> None:
     Rendering cannot fail on a parsed row: every per-row problem (bad media, empty placeholders, over
     the context) is that row's outcome, not the run's.
     """
+    if p.table.format != "parquet":
+        return  # open_input already parsed every line of a CSV or JSONL file (types, row count, bad lines)
     for _ in read_frames(p.table, p.selection, p.spec.job.chunk_rows):
         pass
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.records import RunSummary
+
+if TYPE_CHECKING:  # rich loads only for the live panel at a terminal: cron runs skip its import
+    from rich.live import Live
+    from rich.table import Table
 
 
 def snapshot(summary: RunSummary, in_flight: int) -> dict[str, Any]:
@@ -51,6 +50,9 @@ class Reporter:
         self.log_format = log_format
         self.live: Live | None = None
         if live:
+            from rich.console import Console
+            from rich.live import Live
+
             self.live = Live(console=Console(file=self.stream), refresh_per_second=4, transient=True)
 
     def __enter__(self) -> Reporter:
@@ -78,6 +80,9 @@ class Reporter:
 
 
 def render_table(s: dict[str, Any]) -> Table:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
     t = Table.grid(padding=(0, 2))
     pct = 100.0 * s["rows_done"] / s["rows_total"] if s["rows_total"] else 100.0
     eta = f"{s['eta_s']:.0f}s" if s["eta_s"] is not None else "?"

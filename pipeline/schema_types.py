@@ -43,8 +43,6 @@ from urllib.parse import unquote
 
 import polars as pl
 import pyarrow as pa
-from jsonschema.exceptions import ValidationError, best_match
-from jsonschema.validators import Draft202012Validator, validator_for
 from polars.datatypes import DataTypeClass
 
 from pipeline.errors import SpecError
@@ -169,6 +167,9 @@ def check_schema(schema: object, *, strict: bool, source: str) -> None:
     """
     if not isinstance(schema, dict):
         raise SpecError(f"{source}: $: a schema must be a JSON object, got {type(schema).__name__}")
+    from jsonschema.exceptions import best_match  # jsonschema loads for schema jobs only
+    from jsonschema.validators import Draft202012Validator, validator_for
+
     cls = validator_for(schema, default=Draft202012Validator)
     meta_cls = validator_for(cls.META_SCHEMA, default=cls)
     error = best_match(meta_cls(cls.META_SCHEMA).iter_errors(schema))
@@ -204,6 +205,9 @@ def compile_validator(schema: dict[str, Any]) -> Callable[[object], str | None]:
     The validator instance (and the $ref registry it builds) is made here, not per answer, because
     it runs on every row. ``best_match`` picks the error a person would fix first.
     """
+    from jsonschema.exceptions import ValidationError, best_match
+    from jsonschema.validators import Draft202012Validator, validator_for
+
     validator = validator_for(schema, default=Draft202012Validator)(schema)
 
     def check(doc: object) -> str | None:
