@@ -439,6 +439,6 @@ def test_nested_triage_converges_on_llamacpp(llm_server: LlamaServer, tmp_path: 
     (ROOT / "benchmarks" / "out" / "llm_triage.json").write_text(json.dumps(figures, indent=1))
     # A retry must differ from the try it repeats: a deterministic server would give the same answer.
     assert figures["identical_repeats"] == 0, figures
-    # Targets (issue): >= 90% ok, <= 5% truncated. The assertion is a floor well below them, so a
-    # different build of llama.cpp does not turn CI red; the note reports the measured figures.
-    assert figures["ok"] >= rows // 2, figures
+    # The issue's targets: >= 90% schema-valid, <= 5% truncated (30/30 and 0 measured on this machine).
+    assert figures["ok"] >= 0.9 * rows, figures
+    assert figures["truncated"] <= 0.05 * rows, figures
