@@ -189,18 +189,23 @@ def test_kill_test_many_sigkills_no_answer_paid_twice(tmp_path: Path, api: Local
     rng = random.Random(11)
     killed = 0
     in_flight_at_kills = 0
+    def unanswered() -> int:
+        s = api.stats()
+        return int(s["received"] - sum(s["by_status"].values()) - s["dropped"])
+
     while killed < kills:
+        settled = unanswered()  # requests of earlier lives the server never finished (their client died)
         proc = start(job)
         time.sleep(rng.uniform(0.6, 2.0))
         if proc.poll() is not None:
             proc.communicate()
             break
         # Requests the server holds unanswered right now: the client dies before their answers arrive.
-        s = api.stats()
-        in_flight_at_kills += s["received"] - sum(s["by_status"].values()) - s["dropped"]
+        in_flight_at_kills += unanswered() - settled
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()  # reap it and close its pipes
         killed += 1
+        time.sleep(0.5)  # the killed life's requests finish (or are dropped) before the next count
     final = finish(job, timeout=300)
     assert final.returncode == ExitCode.OK, final.stderr
     stats = api.stats()
