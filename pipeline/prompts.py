@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 
 from pipeline.errors import SpecError
-from pipeline.grammar import enforceable
 from pipeline.records import NotSent, Request, Row
 from pipeline.spec import JobSpec
 
@@ -102,6 +101,8 @@ def structured_format(spec: JobSpec, schema: dict[str, Any] | None) -> tuple[dic
         # A grammar-based server (llama.cpp) enforces only what its grammar can express: bounded integer
         # ranges become enums, open strings and arrays get lengths that fit max_tokens. The answer is
         # still validated against the job's own schema.
+        from pipeline.grammar import enforceable  # (imported here: the local API uses prompts' constants)
+
         return {"type": "json_object", "schema": enforceable(schema, max_tokens=spec.model.max_tokens)}, None
     instructions = (
         "Answer with one JSON document and nothing else. It must validate against this JSON Schema:\n"
