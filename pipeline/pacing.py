@@ -90,6 +90,7 @@ class InFlightLimit:
         recent: int = 16,
         slow_ratio: float = 2.0,
         decrease: float = 0.75,
+        queueing_s: float = 0.25,
         clock: Clock = time.monotonic,
     ) -> None:
         self.ceiling = max(1, ceiling)
@@ -105,6 +106,7 @@ class InFlightLimit:
         self._baseline: float | None = None
         self._last_cut = -math.inf
         self._first_send: float | None = None
+        self.queueing_s = queueing_s
         self.grown = min(max(start, self.floor), self.ceiling)
 
     def on_answer(self, latency_s: float) -> None:
@@ -139,7 +141,9 @@ class InFlightLimit:
                 return self.grown
             age = self.clock() - self._first_send + 1.0
             return min(self.ceiling, max(self.grown, math.ceil(target_rps * age * self.headroom)))
-        return min(self.ceiling, max(self.floor, math.ceil(target_rps * q * self.headroom)))
+        # A slot is held from the pacer's wait to the answer, not only for the server's latency: the
+        # quarter second covers that queueing (at 50/s and 100 ms, 8 slots held the run to 0.63 of the rate).
+        return min(self.ceiling, max(self.floor, math.ceil(target_rps * (q + self.queueing_s) * self.headroom)))
 
 
 class RateControl:

@@ -42,9 +42,14 @@ class AdjustableLimiter(AsyncLimiter):
         self._rate_per_sec = per_second
 
     def set_limit(self, per_second: float) -> None:
-        """A new rate with a bucket of ``time_period`` seconds of it (one request at least)."""
+        """A new rate with a bucket of ``time_period`` seconds of it (one request at least).
+
+        The level is clamped to the new bucket: a burst taken at a higher rate (a job limit 4× the
+        server's) must not be paid back at the lower one, which stalled every send for ~4 s.
+        """
         self.set_rate(per_second)
         self.max_rate = max(1.0, per_second * self.time_period)
+        self._level = min(self._level, self.max_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +304,11 @@ class Pacer:
             self.prompt_ratio += 0.05 * (prompt_tokens / est_prompt_tokens - self.prompt_ratio)
         if completion_tokens is not None and max_tokens > 0:
             self.completion_ratio += 0.05 * (completion_tokens / max_tokens - self.completion_ratio)
+        if self.control is not None:
+            # Waiters set the buckets when they started waiting; an answer is the moment to apply what was
+            # learned since (a recovered factor, the server's limit): 400 waiters otherwise kept a 429's
+            # ×0.7 rate for the whole queue.
+            self._follow(self.control)
         self._maybe_recover()
 
     def on_rate_limited(self, retry_after: float | None = None, ratelimit: ServerLimits | None = None) -> None:

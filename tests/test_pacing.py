@@ -29,7 +29,7 @@ def test_window_quantiles_follow_the_last_values() -> None:
 
 
 def test_in_flight_cap_is_littles_law_and_follows_latency_up_and_down() -> None:
-    limit = InFlightLimit(ceiling=2048, floor=4, start=32, headroom=1.5, window=100)
+    limit = InFlightLimit(ceiling=2048, floor=4, start=32, headroom=1.5, window=100, queueing_s=0.0)
     assert limit.limit(100.0) == 32  # nothing observed yet: a modest start, not 1
     for _ in range(100):
         limit.on_answer(20.0)
@@ -39,6 +39,15 @@ def test_in_flight_cap_is_littles_law_and_follows_latency_up_and_down() -> None:
         limit.on_answer(0.2)
     assert limit.limit(50.0) == 15  # latency fell: 50/s × 0.2 s × 1.5
     assert limit.limit(1.0) == 4  # the floor
+
+
+def test_the_cap_holds_room_for_the_pacer_queue_as_well_as_the_latency() -> None:
+    """At 47.5/s and 100 ms, rate × p90 × 1.5 = 8 slots held a run to 0.63 of the rate: slots are also
+    held while waiting for the pacer, so a quarter second of sends is added."""
+    limit = InFlightLimit(ceiling=2048, window=10)
+    for _ in range(10):
+        limit.on_answer(0.1)
+    assert limit.limit(47.5) == 25  # 47.5 × (0.1 + 0.25) × 1.5
 
 
 def test_before_any_answer_the_cap_grows_with_the_age_of_the_first_request() -> None:
@@ -216,8 +225,8 @@ def test_pacing_in_flight_cap_uses_the_learned_rate() -> None:
     assert pacing.in_flight_limit() == 32
     for _ in range(50):
         pacing.on_reply(20.0, RateLimits(limit_requests=6000))
-    # 6000 rpm × 0.95 = 95 req/s, × 20 s × 1.5 headroom.
-    assert pacing.in_flight_limit() == 2850
+    # 6000 rpm × 0.95 = 95 req/s, × (20 s + 0.25 s of pacer queueing) × 1.5 headroom.
+    assert pacing.in_flight_limit() == 2886
 
 
 def test_tpm_bounds_the_target_rate_through_tokens_per_answer() -> None:

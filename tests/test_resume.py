@@ -189,6 +189,7 @@ def test_kill_test_many_sigkills_no_answer_paid_twice(tmp_path: Path, api: Local
     rng = random.Random(11)
     killed = 0
     in_flight_at_kills = 0
+
     def unanswered() -> int:
         s = api.stats()
         return int(s["received"] - sum(s["by_status"].values()) - s["dropped"])

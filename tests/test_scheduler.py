@@ -291,3 +291,41 @@ def test_pacer_follows_the_rate_learned_from_headers() -> None:
 
     asyncio.run(go())
     assert pacing.take_message() == "server limit 3000 rpm is below the job's 12000; pacing to the server"
+
+
+def test_a_lower_limit_does_not_make_a_burst_taken_at_the_higher_one_wait_at_the_lower_rate() -> None:
+    """A job limit 4x the server's: the opening burst filled a 200-request bucket; at the server's 47.5/s
+    paying that back took ~4 s with nothing sent. The level is clamped to the new bucket instead."""
+    from pipeline.scheduler import AdjustableLimiter
+
+    async def go() -> float:
+        limiter = AdjustableLimiter(200, 1.0)
+        for _ in range(200):
+            await limiter.acquire(1)
+        limiter.set_limit(47.5)
+        return limiter._level
+
+    assert asyncio.run(go()) <= 47.5
+
+
+def test_an_answer_applies_the_recovered_rate_to_requests_already_waiting() -> None:
+    """Requests waiting in the bucket took its rate when they started waiting; an answer updates it."""
+    from pipeline.pacing import Pacing
+    from pipeline.records import RateLimits
+
+    now = [0.0]
+    pacing = Pacing(12000, None, clock=lambda: now[0])
+    pacer = Pacer(12000, None, control=pacing, clock=lambda: now[0])
+
+    async def go() -> tuple[float, float]:
+        pacer.on_rate_limited(0.0, RateLimits(limit_requests=3000))
+        await pacer.acquire(1)
+        assert pacer.requests is not None
+        during = pacer.requests.max_rate  # 3000 × 0.95 × 0.7 per minute, as a 1 s bucket
+        now[0] = 5.0  # no 429 since: the factor recovers
+        pacer.observe(10, 10, 10, 10)
+        return during, pacer.requests.max_rate
+
+    during, after = asyncio.run(go())
+    assert during == pytest.approx(3000 * 0.95 * 0.7 / 60)
+    assert after == pytest.approx(3000 * 0.95 / 60)
