@@ -162,7 +162,7 @@ class RateControl:
         tpm: float | None,
         *,
         clock: Clock = time.monotonic,
-        margin: float = 0.95,
+        margin: float = 1.0,  # 0.95 cost 5% of every run; at 1.0 the 429s stayed under 1% (make bench)
         decrease: float = 0.7,
         decrease_every_s: float = 1.0,
         min_factor: float = 0.05,

@@ -286,8 +286,8 @@ def test_pacer_follows_the_rate_learned_from_headers() -> None:
         assert pacer.requests is not None and pacer.requests.max_rate == pytest.approx(200)
         pacing.on_reply(1.0, RateLimits(limit_requests=3000, limit_tokens=60_000))
         await pacer.acquire(1)
-        assert pacer.requests.max_rate == pytest.approx(3000 * 0.95 / 60)
-        assert pacer.tokens is not None and pacer.tokens.max_rate == pytest.approx(60_000 * 0.95 / 60 * 6)
+        assert pacer.requests.max_rate == pytest.approx(3000 / 60)
+        assert pacer.tokens is not None and pacer.tokens.max_rate == pytest.approx(60_000 / 60 * 6)
 
     asyncio.run(go())
     assert pacing.take_message() == "server limit 3000 rpm is below the job's 12000; pacing to the server"
@@ -321,11 +321,11 @@ def test_an_answer_applies_the_recovered_rate_to_requests_already_waiting() -> N
         pacer.on_rate_limited(0.0, RateLimits(limit_requests=3000))
         await pacer.acquire(1)
         assert pacer.requests is not None
-        during = pacer.requests.max_rate  # 3000 × 0.95 × 0.7 per minute, as a 1 s bucket
+        during = pacer.requests.max_rate  # 3000 × 0.7 per minute, as a 1 s bucket
         now[0] = 5.0  # no 429 since: the factor recovers
         pacer.observe(10, 10, 10, 10)
         return during, pacer.requests.max_rate
 
     during, after = asyncio.run(go())
-    assert during == pytest.approx(3000 * 0.95 * 0.7 / 60)
-    assert after == pytest.approx(3000 * 0.95 / 60)
+    assert during == pytest.approx(3000 * 0.7 / 60)
+    assert after == pytest.approx(3000 / 60)
