@@ -48,15 +48,25 @@ class ServerLimits(Protocol):
 
 
 class Window:
-    """The last ``size`` values and their quantiles (sorted on demand, kept until the next value)."""
+    """The last ``size`` values and their quantiles.
 
-    def __init__(self, size: int) -> None:
+    The sorted copy is refreshed once ``stale_after`` values have arrived since the last sort, when a value
+    falls outside the sorted range, or while the window is small; not on every value: the cap and the timeout read quantiles on every request, and a
+    sort of 512 floats per request cost ~0.1 ms of client CPU at 2,000 requests/s.
+    """
+
+    def __init__(self, size: int, stale_after: int = 16) -> None:
         self._values: collections.deque[float] = collections.deque(maxlen=size)
         self._sorted: list[float] | None = None
+        self._since = 0
+        self._stale_after = stale_after
 
     def add(self, value: float) -> None:
         self._values.append(value)
-        self._sorted = None
+        self._since += 1
+        stale = self._since >= self._stale_after or len(self._sorted or ()) < 64
+        if self._sorted is not None and (stale or not self._sorted[0] <= value <= self._sorted[-1]):
+            self._sorted = None  # a new extreme (a timeout, a fast answer) counts at once
 
     def __len__(self) -> int:
         return len(self._values)
@@ -66,6 +76,7 @@ class Window:
             return None
         if self._sorted is None:
             self._sorted = sorted(self._values)
+            self._since = 0
         return self._sorted[min(len(self._sorted) - 1, int(q * len(self._sorted)))]
 
 
