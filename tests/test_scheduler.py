@@ -287,7 +287,8 @@ def test_pacer_follows_the_rate_learned_from_headers() -> None:
         pacing.on_reply(1.0, RateLimits(limit_requests=3000, limit_tokens=60_000))
         await pacer.acquire(1)
         assert pacer.requests.max_rate == pytest.approx(3000 / 60)
-        assert pacer.tokens is not None and pacer.tokens.max_rate == pytest.approx(60_000 / 60)  # a 1 s bucket, like the server's window
+        # A 1 s token bucket, like the server's window.
+        assert pacer.tokens is not None and pacer.tokens.max_rate == pytest.approx(60_000 / 60)
 
     asyncio.run(go())
     assert pacing.take_message() == "server limit 3000 rpm is below the job's 12000; pacing to the server"
