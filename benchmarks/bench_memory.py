@@ -18,12 +18,15 @@ from common import (
     Server,
     clean_job,
     client_cmd,
+    free_port,
     make_reviews,
     require_ok,
     run_client,
     write_job,
 )
 
+#: The server's port, reused by the resume benchmark: its rerun must reach the endpoint that answered.
+PORT = free_port()
 NAME = "memory"
 TITLE = "Memory (peak RSS of the client over a large input)"
 
@@ -83,7 +86,7 @@ def run(quick: bool) -> BenchResult:
             "runs": f"--limit {first_n:,} on a fresh ledger, then the whole file on the same ledger",
         }
     )
-    with Server() as server:
+    with Server(port=PORT) as server:
         first, full = answer_all(quick, server, fresh=True)
         stats = server.stats()
     assert first is not None

@@ -39,7 +39,7 @@ def run(quick: bool) -> BenchResult:
             "ledger": f"{ledger.name}, {ledger.stat().st_size / 1e6:,.0f} MB" if ledger.exists() else "built first",
         }
     )
-    with Server() as server:
+    with Server(port=bench_memory.PORT) as server:
         if not ledger.exists():
             result.notes.append("the ledger was missing: the memory benchmark's runs were made first")
             bench_memory.answer_all(quick, server, fresh=True)

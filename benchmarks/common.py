@@ -15,6 +15,7 @@ import platform
 import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,14 @@ OUT = BENCH / "out"
 #: The seedbatch CLI of the interpreter running the benchmarks (same venv, no PATH lookup).
 SEEDBATCH = [sys.executable, "-m", "pipeline"]
 MODEL = "bytedance/dola-seed-2-0-lite"
+
+
+def free_port() -> int:
+    """A loopback port free now: a benchmark that resumes another's ledger must reach the same endpoint,
+    since answers are keyed by the endpoint's URL (port included)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def rel(path: Path) -> str:
@@ -128,8 +137,9 @@ class Server:
         tpm: float | None = None,
         cpu: int | None = None,
         extra: Sequence[str] = (),
+        port: int = 0,
     ) -> None:
-        cmd = [*SEEDBATCH, "serve", "--port", "0", "--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms)]
+        cmd = [*SEEDBATCH, "serve", "--port", str(port), "--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms)]
         if rpm is not None:
             cmd += ["--rpm", str(rpm)]
         if tpm is not None:
