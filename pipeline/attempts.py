@@ -24,7 +24,9 @@ instead, so a deterministic server cannot be paid twice for the same mistake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -152,8 +154,12 @@ class Attempts:
             summary.requests_sent += 1
             self.in_flight += 1
             timeout = self.pacing.timeout_s(max_tokens)
+            started = time.monotonic()
             try:
-                reply = await self.send(body, timeout)
+                if self.pacing.deadline.settled():
+                    reply = await self.send(body, timeout)
+                else:
+                    reply = await self._send_watched(body, max_tokens, started)
             except RetryableError as exc:
                 self.budget.settle(worst, 0.0)
                 unconfirmed += exc.sent
@@ -161,7 +167,7 @@ class Attempts:
                     summary.http_429 += 1
                     self.pacer.on_rate_limited(exc.retry_after, ratelimit_of(exc))
                 else:
-                    timed_out = timeout if exc.kind == "timeout" else None
+                    timed_out = time.monotonic() - started if exc.kind == "timeout" else None
                     self.pacing.on_error(ratelimit_of(exc), timed_out_s=timed_out)
                 count_error(summary, exc.kind, str(exc))
                 raise
@@ -227,6 +233,29 @@ class Attempts:
             if last.status != "ok":
                 count_error(summary, last.status, last.error or "")
             return self._outcome(req, last, usage, attempts, unconfirmed, latency)
+
+    async def _send_watched(self, body: bytes, max_tokens: int, started: float) -> Reply:
+        """``send``, abandoned when the deadline learned *while it waits* passes.
+
+        The first requests of a run go out before any latency is known, with the ceiling as their timeout;
+        one of them hanging for 120 s held a 20 s run for 120 s. Until the deadline has settled, each
+        request re-reads it twice a second (later requests take the cheap path: one fixed timeout).
+        """
+        task = asyncio.ensure_future(self.send(body, None))
+        try:
+            while True:
+                deadline = self.pacing.timeout_s(max_tokens)
+                remaining = started + deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RetryableError(f"no answer within {deadline:g}s", kind="timeout", sent=True)
+                done, _ = await asyncio.wait({task}, timeout=min(remaining, 0.5))
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RetryableError):
+                    await task
 
     def _reask(self, req: Request, body: bytes, max_tokens: int, last: Judgement, tried: set[bytes]) -> bytes | None:
         """The next try after an invalid answer, or None when every candidate was already sent.

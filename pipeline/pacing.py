@@ -314,6 +314,10 @@ class Deadline:
         if completion_tokens and completion_tokens >= 16 and latency_s > 0:
             self.tokens_per_s.add(completion_tokens / latency_s)
 
+    def settled(self) -> bool:
+        """Enough answers seen for the timeout to follow them (before that it is the ceiling)."""
+        return len(self.latency) >= self.min_samples
+
     def on_timeout(self, timeout_s: float) -> None:
         """A request got no answer within ``timeout_s``: it took at least that, so the next deadline widens."""
         self.latency.add(timeout_s)

@@ -109,7 +109,7 @@ def test_ok_on_the_first_try() -> None:
     out = answer(attempts)
     assert (out.status, out.attempts, out.content) == ("ok", 1, '{"label": "pos"}')
     assert summary.requests_sent == 1 and summary.retries == 0
-    assert send.timeouts == [120.0], "until latencies are known, the timeout is the configured ceiling"
+    assert send.timeouts == [None], "until latencies are known, the request is watched, not given a timeout"
 
 
 def test_429s_pace_but_never_use_up_attempts() -> None:
@@ -225,3 +225,39 @@ def test_sampling_step_moves_the_seed_when_the_temperature_cannot_rise(temperatu
     out = answer(attempts, request(temperature))
     assert out.status == "ok"
     assert send.bodies[1]["seed"] == 1
+
+
+def test_a_request_sent_before_latencies_were_known_is_abandoned_when_they_are() -> None:
+    """The first requests go out with no deadline known; one that hangs is cut once answers set one."""
+    from pipeline.pacing import Deadline
+
+    pacing = Pacing(None, None, deadline=Deadline(5.0, floor_s=0.2, min_samples=2))
+
+    async def hang_then_answer(body: bytes, timeout_s: float | None) -> Reply:
+        if not hung:
+            hung.append(True)
+            await asyncio.sleep(3600)  # the hung request
+        return reply('{"label": "pos"}')
+
+    hung: list[bool] = []
+
+    async def go() -> Any:
+        attempts = Attempts(
+            send=hang_then_answer,
+            pacer=Pacer(None, None, control=pacing),
+            pacing=pacing,
+            budget=Budget(None),
+            judge=partial(judge, expects_json=True, check=compile_validator(SCHEMA)),
+            price=None,
+            policy=AnswerPolicy(retry=RetryPolicy(max_attempts=3)),
+            summary=RunSummary(job="t", run_id="r"),
+            stop=asyncio.Event(),
+        )
+        answering = asyncio.ensure_future(attempts.answer(request()))
+        await asyncio.sleep(0.05)
+        for _ in range(2):  # other requests come back fast: the deadline becomes 0.2 s
+            pacing.on_reply(0.01)
+        return await asyncio.wait_for(answering, 10)
+
+    out = asyncio.run(go())
+    assert out.status == "ok" and out.attempts == 2
