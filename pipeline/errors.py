@@ -5,6 +5,7 @@
     SeedbatchError                    base; every error seedbatch raises on purpose
     ├── SpecError                     bad job file, bad schema, bad flag        → exit 2, nothing sent
     ├── InputError                    missing/corrupt input, missing column     → exit 2, nothing sent
+    │   └── PartialOutputError        the input broke mid-run: partial output   → exit 2, answers kept
     ├── LockedError                   another run of this job holds its lock    → exit 5, nothing sent
     ├── FatalAPIError                 401/403/404: every row would fail         → stop now, ledger kept, exit 4
     └── RequestError                  one request went wrong
@@ -36,6 +37,10 @@ class InputError(SeedbatchError):
     """The input table is missing, unreadable or lacks a column the job needs."""
 
     exit_code = 2
+
+
+class PartialOutputError(InputError):
+    """The input broke after sending began: the rows read before it were written as a partial output."""
 
 
 class LockedError(SeedbatchError):

@@ -22,7 +22,7 @@ import orjson
 import polars as pl
 
 from pipeline import __version__, schema_types
-from pipeline.errors import InputError, SeedbatchError, SpecError
+from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
@@ -97,9 +97,8 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
             ledger.answers_for_rows,
             typed=typed,
         )
-    except InputError as exc:
-        if "a partial output" in str(exc):
-            summary.output_path = str(spec.job.output)
+    except PartialOutputError:
+        summary.output_path = str(spec.job.output)
         raise
     summary.output_path = str(spec.job.output)
     if spec.job.run_output:

@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, SpecError
+from pipeline.errors import InputError, PartialOutputError, SpecError
 from pipeline.ledger import ANSWER_COLUMNS as _LEDGER_ORDER
 
 #: The columns seedbatch adds after the input's, with their types. One name per concept: these are
@@ -160,5 +160,7 @@ def write_output(
                 writer.close()
     if broken is not None:
         written = sum(counts.values())
-        raise InputError(f"{broken} (a partial output of the {written:,} rows read before it was written to {path})")
+        raise PartialOutputError(
+            f"{broken} (a partial output of the {written:,} rows read before it was written to {path})"
+        )
     return counts
