@@ -80,6 +80,8 @@ class AnswerPolicy:
     truncated_retries: int = 0
     max_tokens_cap: int = 16_384
     row_token_budget: int | None = None
+    streaming: bool = False
+    """``send`` streams and detects stalls itself: no deadline from observed latency cuts a live stream."""
 
 
 class _Stopped(Exception):
@@ -156,7 +158,9 @@ class Attempts:
             timeout = self.pacing.timeout_s(max_tokens)
             started = time.monotonic()
             try:
-                if self.pacing.deadline.settled():
+                if pol.streaming:
+                    reply = await self.send(body, None)
+                elif self.pacing.deadline.settled():
                     reply = await self.send(body, timeout)
                 else:
                     reply = await self._send_watched(body, max_tokens, started)

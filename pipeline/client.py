@@ -216,8 +216,26 @@ class _Assembly:
             for key in ("content", "reasoning_content", "refusal"):
                 if isinstance(delta.get(key), str):
                     slot["parts"].setdefault(key, []).append(delta[key])
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    self._feed_tool_call(slot, call)
             if choice.get("finish_reason"):
                 slot["finish_reason"] = choice["finish_reason"]
+
+    @staticmethod
+    def _feed_tool_call(slot: dict[str, Any], call: dict[str, Any]) -> None:
+        """A tool call arrives as pieces keyed by ``index``: id and name once, ``arguments`` in fragments."""
+        calls = slot.setdefault("tool_calls", {})
+        entry = calls.setdefault(int(call.get("index") or 0), {"id": None, "type": "function", "name": "", "args": []})
+        if call.get("id"):
+            entry["id"] = call["id"]
+        if call.get("type"):
+            entry["type"] = call["type"]
+        function = call.get("function") or {}
+        if isinstance(function.get("name"), str):
+            entry["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            entry["args"].append(function["arguments"])
 
     def result(self) -> dict[str, Any]:
         if not self.choices:
@@ -229,6 +247,15 @@ class _Assembly:
             slot = self.choices[index]
             message: dict[str, Any] = {"role": "assistant", "content": None}
             message.update({key: "".join(parts) for key, parts in slot["parts"].items()})
+            if slot.get("tool_calls"):
+                message["tool_calls"] = [
+                    {
+                        "id": call["id"],
+                        "type": call["type"],
+                        "function": {"name": call["name"], "arguments": "".join(call["args"])},
+                    }
+                    for _, call in sorted(slot["tool_calls"].items())
+                ]
             choices.append({"index": index, "message": message, "finish_reason": slot["finish_reason"]})
         return {**self.top, "object": "chat.completion", "choices": choices}
 
@@ -286,6 +313,9 @@ class Client:
         streamed: dict[str, Any] | None = None
         limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         timeouts = self._timeouts if timeout_s is None else {**self._timeouts, "read": limit, "write": limit}
+        stall = self.stall_s if stall_s is None else stall_s
+        if stream:  # every read, the response's first bytes included, is bounded by the stall time
+            timeouts = {**timeouts, "read": min(stall, limit)}
         try:
             async with asyncio.timeout(limit):
                 request = httpx.Request(
@@ -294,7 +324,7 @@ class Client:
                 response = await self._transport.handle_async_request(request)
                 try:
                     if stream and response.status_code == 200 and _is_sse(response):
-                        streamed = await _read_events(response, self.stall_s if stall_s is None else stall_s)
+                        streamed = await _read_events(response, stall)
                     else:
                         await response.aread()
                 finally:
@@ -303,7 +333,7 @@ class Client:
             raise RetryableError(f"no answer within {limit:g}s", kind="timeout", sent=True) from None
         except httpx.TimeoutException as exc:
             sent = _was_sent(exc)
-            kind = "timeout" if sent else "connect"
+            kind = ("stall" if stream and isinstance(exc, httpx.ReadTimeout) else "timeout") if sent else "connect"
             raise RetryableError(f"{kind}: {type(exc).__name__}", kind=kind, sent=sent) from None
         except httpx.TransportError as exc:
             sent = _was_sent(exc)

@@ -200,6 +200,13 @@ class EndpointSection(_Strict):
     """File holding the API key; used when set, else the variable."""
     structured_output: Literal["json_schema", "json_object_schema", "instructions"] | None = None
     """How a schema is sent: OpenAI ``json_schema``, llama.cpp ``json_object`` + schema, or in the prompt."""
+    stream: bool = False
+    """Receive answers as server-sent events (``stream: true`` with ``stream_options.include_usage``): a request
+    whose stream goes quiet for ``stall_s`` is abandoned and retried however long the answer has been running,
+    so a slow reasoning model is never cut off while it is still writing. The answer, its reasoning and usage
+    are put back together from the chunks; the ledger and output are the same as without streaming."""
+    stall_s: float = Field(default=30.0, gt=0)
+    """With ``stream``: seconds without a chunk (the first one included) after which the request is retried."""
     local_latency_ms: float = Field(default=0.0, ge=0)
     """With preset 'local': simulated model latency of the built-in server."""
 

@@ -55,6 +55,7 @@ def answer_policy(spec: JobSpec) -> AnswerPolicy:
         truncated_retries=out.truncated_retries,
         max_tokens_cap=out.max_tokens_cap,
         row_token_budget=out.row_token_budget,
+        streaming=spec.endpoint.stream,
     )
 
 
@@ -184,9 +185,10 @@ class Dispatch:
             connect_timeout_s=spec.limits.connect_timeout_s,
             max_connections=spec.limits.concurrency,
             transport=self.options.transport,
+            stall_s=spec.endpoint.stall_s,
         )
         self.attempts = Attempts(
-            send=client.send,
+            send=partial(client.send, stream=True) if spec.endpoint.stream else client.send,
             pacer=self.pacer,
             pacing=self.pacing,
             budget=self.budget,

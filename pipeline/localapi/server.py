@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pipeline.localapi import streaming
 from pipeline.localapi.answers import Answer, Answerer, completion, refusal, truncate, usd_for
 from pipeline.localapi.faults import Fault, Faults, Hangs, marker_status, wants_refusal
 from pipeline.localapi.limits import Clock, RateLimits, Verdict, request_tokens
@@ -257,6 +258,7 @@ class _Server:
             )
 
         roll = self.faults.roll(cfg.drop_rate, cfg.hang_rate, cfg.fail_5xx_rate)
+        stall = False
         if roll.fault is Fault.DROP:
             self.dropped += 1
             if request.transport is not None:
@@ -264,7 +266,10 @@ class _Server:
             await self.hangs.hang()
         elif roll.fault is Fault.HANG:
             self.hung += 1
-            await self.hangs.hang(cfg.hang_s)  # a finite hang then answers normally
+            if parsed.stream:
+                stall = True  # a stream stalls after its first chunk, as a stuck generation does
+            else:
+                await self.hangs.hang(cfg.hang_s)  # a finite hang then answers normally
         elif roll.fault is Fault.SERVER_ERROR:
             self._count(roll.status)
             message = "The local API simulated a server error; retry the request."
@@ -285,7 +290,28 @@ class _Server:
                 if broken is not None:
                     answer.set_content(broken)
             truncate(answer, parsed.max_tokens)
-        return self._ok(cfg, parsed, answer, body_hash, headers)
+        data = self._ok(cfg, parsed, answer, body_hash)
+        if parsed.stream:
+            return await self._stream(request, data, parsed.include_usage, headers, cfg.hang_s if stall else 0.0)
+        return web.Response(body=orjson.dumps(data), content_type=_JSON, headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        data: dict[str, Any],
+        include_usage: bool,
+        headers: dict[str, str] | None,
+        stall_s: float | None,
+    ) -> web.StreamResponse:
+        """Send ``data`` as server-sent events; ``stall_s`` (None: for ever) holds the stream after its first chunk."""
+        response = web.StreamResponse(headers={**(headers or {}), "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, event in enumerate(streaming.events(data, include_usage)):
+            await response.write(event)
+            if i == 0 and stall_s != 0.0:
+                await self.hangs.hang(stall_s)
+        await response.write_eof()
+        return response
 
     def _limit(self, cfg: ServerConfig, parsed: Parsed | None, answer: Answer | None, raw_len: int) -> Verdict:
         """Admit or refuse one request; the buckets are rebuilt (full) when the limits change."""
@@ -302,9 +328,8 @@ class _Server:
         )
         return self.limits.check(tokens)
 
-    def _ok(
-        self, cfg: ServerConfig, parsed: Parsed, answer: Answer, body_hash: bytes, headers: dict[str, str] | None
-    ) -> web.Response:
+    def _ok(self, cfg: ServerConfig, parsed: Parsed, answer: Answer, body_hash: bytes) -> dict[str, Any]:
+        """The answer as a ``chat.completion``, counted as answered (billed) whether it goes plain or streamed."""
         completion_tokens = answer.content_tokens + answer.reasoning_tokens
         prompt = parsed.prompt_tokens
         usd = usd_for(prompt, completion_tokens, cfg.input_per_million, cfg.output_per_million)
@@ -316,7 +341,7 @@ class _Server:
         self.completion_tokens += completion_tokens
         self.usd_spent += usd
         self.ok_by_hash[body_hash] = self.ok_by_hash.get(body_hash, 0) + 1
-        return web.Response(body=orjson.dumps(data), content_type=_JSON, headers=headers)
+        return data
 
 
 @dataclass

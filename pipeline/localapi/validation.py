@@ -60,6 +60,8 @@ class Parsed:
     effort: str | None
     fmt: str  # "text" | "json_object" | "json_schema"
     schema: dict[str, Any] | None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk carries the usage
 
 
 def count_tokens(text: str) -> int:
@@ -199,14 +201,20 @@ def parse(body: Any) -> Parsed:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("Invalid 'stream': expected a boolean.", "stream")
-    if stream:
-        raise BadRequest("'stream': true is not supported by the seedbatch local API.", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage"), bool):
+            raise BadRequest("Invalid 'stream_options': expected {\"include_usage\": true|false}.", "stream_options")
+        if not stream:
+            raise BadRequest("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        include_usage = options["include_usage"]
     fmt, schema = response_format(body.get("response_format"))
 
     joined = "\n".join(texts)
     prompt_tokens = len(TOKEN_RE.findall(joined)) + extra
     digest = hashlib.sha256("\x1f".join(keys).encode() + b"\x1e" + joined.encode()).digest()
-    return Parsed(prompt_tokens, digest, last_user, media, max_tokens, effort, fmt, schema)
+    return Parsed(prompt_tokens, digest, last_user, media, max_tokens, effort, fmt, schema, bool(stream), include_usage)
 
 
 def response_format(rf: Any) -> tuple[str, dict[str, Any] | None]:

@@ -1,0 +1,162 @@
+"""``endpoint.stream``: answers as server-sent events from the local API, put back together by the client.
+
+What a user relies on: a streamed run writes the same output as a plain one (content, reasoning, usage,
+cost), and a stream that goes quiet is abandoned after ``stall_s`` and sent again, however long the
+answer has been running, so every row still ends ok.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import orjson
+import polars as pl
+import pytest
+
+from pipeline.client import Client
+from pipeline.errors import RetryableError
+from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.localapi.streaming import events
+from tests.helpers import make_spec, run
+
+COMPARED = [
+    "review_id",
+    "status",
+    "content",
+    "reasoning_content",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "usd_spent",
+]
+
+
+def _output(spec_path: Path) -> pl.DataFrame:
+    return pl.read_parquet(spec_path).select(COMPARED).sort("review_id")
+
+
+def test_streamed_run_writes_the_same_output_as_a_plain_one(tmp_path: Path, api: LocalAPI) -> None:
+    sections = {"model": {"max_tokens": 200, "reasoning_effort": "low"}}
+    plain = make_spec(tmp_path / "plain", api, n=40, **sections)
+    run(plain)
+    received_plain = api.stats()["received"]
+    streamed = make_spec(tmp_path / "streamed", api, n=40, endpoint={"stream": True}, **sections)
+    summary = run(streamed)
+
+    assert summary.rows_by_status == {"ok": 40}
+    assert api.stats()["received"] - received_plain == 40
+    a, b = _output(plain.job.output), _output(streamed.job.output)
+    assert a.get_column("reasoning_content").null_count() == 0  # the comparison covers reasoning too
+    assert a.equals(b)
+
+
+def test_a_stalled_stream_is_abandoned_and_sent_again(tmp_path: Path, api: LocalAPI) -> None:
+    # One stream in four stops after its first chunk and never continues; plain requests would wait for the
+    # observed-latency deadline (at least 10 s), a stream is given up after stall_s of silence.
+    api.config = ServerConfig(hang_rate=0.25, hang_s=None, seed=3)
+    api.reset()  # the faults start afresh from this seed
+    spec = make_spec(tmp_path, api, n=40, endpoint={"stream": True, "stall_s": 0.3})
+    summary = run(spec)
+    out = pl.read_parquet(spec.job.output)
+
+    assert out.get_column("status").to_list() == ["ok"] * 40
+    assert api.stats()["hung"] >= 4, "too few stalls to prove anything"
+    assert summary.retries >= api.stats()["hung"]
+    assert summary.errors_by_kind.get("stall", 0) >= api.stats()["hung"]
+
+
+def test_the_local_api_stream_reassembles_to_its_plain_answer(api: LocalAPI) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Label: a fine kettle"}],
+        "reasoning_effort": "medium",
+        "max_tokens": 300,
+    }
+    with httpx.Client() as http:
+        plain = http.post(f"{api.base_url}/chat/completions", json=body).json()
+        raw = http.post(
+            f"{api.base_url}/chat/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.endswith("data: [DONE]\n\n")
+
+    async def reassemble() -> dict[str, object]:
+        transport = httpx.MockTransport(
+            lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=raw.content)
+        )
+        client = Client("http://127.0.0.1:1/v1", None, transport=transport)
+        reply = await client.send(orjson.dumps(body), stream=True)
+        return reply.data
+
+    data = asyncio.run(reassemble())
+    assert data["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]  # type: ignore[index]
+    assert data["choices"][0]["message"]["reasoning_content"] == plain["choices"][0]["message"]["reasoning_content"]  # type: ignore[index]
+    assert data["usage"] == plain["usage"]
+    assert data["meta"] == plain["meta"]
+
+
+def test_stream_options_without_stream_is_a_400(api: LocalAPI) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}
+    answer = httpx.post(f"{api.base_url}/chat/completions", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "stream_options"
+
+
+def test_streamed_tool_call_fragments_are_joined() -> None:
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+                        ]
+                    },
+                }
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": '}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    content = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+    async def go() -> dict[str, object]:
+        transport = httpx.MockTransport(
+            lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=content)
+        )
+        reply = await Client("http://x/v1", None, transport=transport).send(b'{"messages": []}', stream=True)
+        return reply.data
+
+    message = asyncio.run(go())["choices"][0]["message"]  # type: ignore[index]
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+
+
+def test_a_stream_cut_before_its_end_is_retryable() -> None:
+    whole = events(
+        {
+            "id": "x",
+            "model": "m",
+            "choices": [{"index": 0, "message": {"content": "hello there"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        },
+        include_usage=True,
+    )
+    cut = b"".join(whole[:2])  # role and the first piece of content, then the connection ends
+
+    async def go() -> None:
+        transport = httpx.MockTransport(
+            lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=cut)
+        )
+        await Client("http://x/v1", None, transport=transport).send(b'{"messages": []}', stream=True)
+
+    with pytest.raises(RetryableError) as err:
+        asyncio.run(go())
+    assert err.value.kind == "connection"
