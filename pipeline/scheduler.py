@@ -1,27 +1,23 @@
 """Concurrency, request and token pacing, retries. Knows nothing of rows, files or the ledger.
 
 Pacing is a leaky bucket (aiolimiter) holding one second of quota, so a run starts smoothly instead
-of spending a minute's quota in its first second, and a 429 lowers the rate (multiplicatively, then
-recovering slowly) instead of pausing every worker.
-
-With a ``pipeline.pacing.Pacing`` (``Pacer(control=...)``, ``run_all(limit=...)``, ``call_paced``) the
-loop is closed: the buckets follow the rates it learns from the server, a 429's Retry-After holds new
-sends, the in-flight cap follows latency, and 429s are waited out instead of counted as tries.
+of spending a minute's quota in its first second. The policy is ``pipeline.pacing.Pacing``'s
+(``Pacer(control=...)``, ``run_all(limit=...)``, ``call_paced``): the buckets follow the rates it learns
+from the server, a 429's Retry-After holds new sends, the in-flight cap follows latency, and 429s are
+waited out instead of counted as tries. Retries run on tenacity with ``_RetryBudget`` as its stop and wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from pipeline.errors import RetryableError
 from pipeline.pacing import Pacing, ServerLimits, retry_delay
@@ -69,64 +65,77 @@ class RetryPolicy:
 _JITTER = random.Random()
 
 
-def _delay(policy: RetryPolicy, rnd: random.Random, exc: BaseException | None, attempt: int) -> float:
-    if isinstance(exc, RetryableError) and exc.retry_after is not None:
-        return float(exc.retry_after) + rnd.uniform(0, min(policy.jitter_s, 0.25 + exc.retry_after * 0.1))
-    exp: float = policy.backoff_initial_s * 2.0 ** max(attempt - 1, 0)
-    return min(policy.backoff_max_s, exp) + rnd.uniform(0, policy.jitter_s)
+class _RetryBudget:
+    """One request's budget of retries; tenacity asks it whether to stop and how long to wait.
 
-
-def backoff_wait(
-    policy: RetryPolicy, rng: random.Random | None = None, offset: int = 0
-) -> Callable[[RetryCallState], float]:
-    """Tenacity wait: the server's ``Retry-After`` when given, else exponential backoff with jitter."""
-    rnd = rng or _JITTER
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        return _delay(policy, rnd, exc, state.attempt_number + offset)
-
-    return wait
-
-
-async def call_with_retries(
-    fn: Callable[[], Awaitable[T]],
-    policy: RetryPolicy,
-    *,
-    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    on_retry: Callable[[BaseException, float], None] | None = None,
-    rng: random.Random | None = None,
-) -> T:
-    """Run ``fn`` until it succeeds, raises a non-retryable error, or tries run out (last error raised).
-
-    The first try runs outside tenacity: almost every request succeeds at once, and building a
-    retrying object per request cost ~10% of the client's CPU at 2,000 requests/s.
+    A 429 is a pacing signal, not a failed try: the next try waits for the pause the caller set with
+    ``pacing.on_rate_limited`` (shared by every request) or else the Retry-After, as long as the 429
+    waits of this request add up to at most ``policy.rate_limit_wait_s``. Other retryable errors count
+    towards ``policy.max_attempts``; a lone one is retried at once (0.05-0.25 s), backoff grows only
+    while they persist (``pacing.retry_delay``).
     """
-    try:
-        return await fn()
-    except RetryableError as exc:
-        if policy.max_attempts <= 1:
-            raise
-        first_wait = _delay(policy, rng or _JITTER, exc, 1)
-        if on_retry is not None:
-            on_retry(exc, first_wait)
-    await sleep(first_wait)
 
-    def before_sleep(state: RetryCallState) -> None:
-        if on_retry is not None and state.outcome is not None and state.next_action is not None:
-            exc = state.outcome.exception()
-            assert exc is not None
-            on_retry(exc, state.next_action.sleep)
+    def __init__(self, policy: RetryPolicy, pacing: Pacing | None, rng: random.Random) -> None:
+        self.policy = policy
+        self.pacing = pacing
+        self.rng = rng
+        self.failures = 0
+        self.throttled = 0
+        self.waited = 0.0
+        self._decided: tuple[int, float | None] = (0, None)
 
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts - 1),
-        wait=backoff_wait(policy, rng, offset=1),
-        retry=retry_if_exception_type(RetryableError),
-        sleep=sleep,
-        reraise=True,
-        before_sleep=before_sleep,
-    )
-    return await retrying(fn)
+    def after(self, exc: RetryableError) -> float | None:
+        """Seconds to wait before the next try after ``exc``, or None when this request's budget is spent."""
+        policy, rnd = self.policy, self.rng
+        if exc.status_code == 429:
+            self.throttled += 1
+            wait = self.pacing.pause_s() if self.pacing is not None else 0.0
+            if wait <= 0.0:  # no shared pause (none given, or the 429 was not reported): this one's own
+                exp = policy.backoff_initial_s * 2.0 ** (self.throttled - 1)
+                wait = exc.retry_after if exc.retry_after is not None else min(policy.backoff_max_s, exp)
+            wait += rnd.uniform(0, min(policy.jitter_s, 0.05 + wait * 0.1))
+            if self.waited + wait > policy.rate_limit_wait_s:
+                return None
+            self.waited += wait
+            return wait
+        self.failures += 1
+        if self.failures >= policy.max_attempts:
+            return None
+        delay = self.pacing.retry_delay if self.pacing is not None else _retry_delay
+        return delay(
+            self.failures,
+            exc.retry_after,
+            initial_s=policy.backoff_initial_s,
+            max_s=policy.backoff_max_s,
+            jitter_s=policy.jitter_s,
+            rng=rnd,
+        )
+
+    def _decide(self, state: RetryCallState) -> float | None:
+        # tenacity asks ``wait`` and ``stop`` about the same failed try: decide once per try.
+        if self._decided[0] != state.attempt_number:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            assert isinstance(exc, RetryableError)  # ``retry`` lets nothing else through
+            self._decided = (state.attempt_number, self.after(exc))
+        return self._decided[1]
+
+    def stop(self, state: RetryCallState) -> bool:
+        return self._decide(state) is None
+
+    def wait(self, state: RetryCallState) -> float:
+        return self._decide(state) or 0.0
+
+
+def _retry_delay(
+    failures: int,
+    retry_after: float | None,
+    *,
+    initial_s: float,
+    max_s: float,
+    jitter_s: float,
+    rng: random.Random,
+) -> float:
+    return retry_delay(failures, retry_after=retry_after, initial_s=initial_s, max_s=max_s, jitter_s=jitter_s, rng=rng)
 
 
 async def call_paced(
@@ -140,55 +149,37 @@ async def call_paced(
 ) -> T:
     """Run ``fn`` until it succeeds, raises a non-retryable error, or its budget of waiting runs out.
 
-    A 429 is a pacing signal, not a failed try: the next try waits for the pause the caller set with
-    ``pacing.on_rate_limited`` (shared by every request) or else the Retry-After, as long as the 429
-    waits of this request add up to at most ``policy.rate_limit_wait_s``. Other retryable errors count
-    towards ``policy.max_attempts``; a lone one is retried at once (0.05-0.25 s), backoff grows only
-    while they persist (``pacing.retry_delay``). The last error is raised when either budget is spent.
+    The rules are ``_RetryBudget``'s; tenacity runs the loop. The first try runs outside tenacity:
+    almost every request succeeds at once, and building a retrying object per request cost ~10% of the
+    client's CPU at 2,000 requests/s. The last error is raised when the budget is spent.
     """
-    rnd = rng or _JITTER
-    failures = 0
-    throttled = 0
-    waited = 0.0
-    while True:
-        try:
-            return await fn()
-        except RetryableError as exc:
-            if exc.status_code == 429:
-                throttled += 1
-                wait = pacing.pause_s() if pacing is not None else 0.0
-                if wait <= 0.0:  # no shared pause (none given, or the 429 was not reported): this one's own
-                    exp = policy.backoff_initial_s * 2.0 ** (throttled - 1)
-                    wait = exc.retry_after if exc.retry_after is not None else min(policy.backoff_max_s, exp)
-                wait += rnd.uniform(0, min(policy.jitter_s, 0.05 + wait * 0.1))
-                if waited + wait > policy.rate_limit_wait_s:
-                    raise
-                waited += wait
-            else:
-                failures += 1
-                if failures >= policy.max_attempts:
-                    raise
-                if pacing is not None:
-                    wait = pacing.retry_delay(
-                        failures,
-                        exc.retry_after,
-                        initial_s=policy.backoff_initial_s,
-                        max_s=policy.backoff_max_s,
-                        jitter_s=policy.jitter_s,
-                        rng=rnd,
-                    )
-                else:
-                    wait = retry_delay(
-                        failures,
-                        retry_after=exc.retry_after,
-                        initial_s=policy.backoff_initial_s,
-                        max_s=policy.backoff_max_s,
-                        jitter_s=policy.jitter_s,
-                        rng=rnd,
-                    )
-            if on_retry is not None:
-                on_retry(exc, wait)
-        await sleep(wait)
+    try:
+        return await fn()
+    except RetryableError as exc:
+        first = exc
+    budget = _RetryBudget(policy, pacing, rng or _JITTER)
+    wait = budget.after(first)
+    if wait is None:
+        raise first
+    if on_retry is not None:
+        on_retry(first, wait)
+    await sleep(wait)
+
+    def before_sleep(state: RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None and state.next_action is not None:
+            exc = state.outcome.exception()
+            assert exc is not None
+            on_retry(exc, state.next_action.sleep)
+
+    retrying = AsyncRetrying(
+        stop=budget.stop,
+        wait=budget.wait,
+        retry=retry_if_exception_type(RetryableError),
+        sleep=sleep,
+        reraise=True,
+        before_sleep=before_sleep,
+    )
+    return await retrying(fn)
 
 
 class Quota(Protocol):
@@ -205,10 +196,12 @@ class Quota(Protocol):
 
 
 class Pacer:
-    """Request and token pacing shared by all workers of one run (one event loop).
+    """Request and token buckets shared by all workers of one run (one event loop), set by ``control``.
 
-    With a ``quota`` the limits are held there instead of in this process's own buckets, so several
-    processes on one key keep its RPM/TPM together; 429 handling (the factor) stays the same.
+    ``control`` (``pipeline.pacing.Pacing``) decides the rates: the job's limits, lowered after 429s,
+    or the server's learned from its headers; the buckets only space the sends. With a ``quota`` the
+    limits are held there instead of in this process's own buckets, so several processes on one key
+    keep its RPM/TPM together.
     """
 
     def __init__(
@@ -216,21 +209,14 @@ class Pacer:
         rpm: float | None,
         tpm: float | None,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        decrease: float = 0.8,
-        recover_after_s: float = 10.0,
+        control: Pacing,
         quota: Quota | None = None,
-        control: Pacing | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
-        self.clock = clock
         self.control = control
         self.sleep = sleep
-        self.decrease = decrease
-        self.recover_after_s = recover_after_s
-        self.factor = 1.0
         self.quota = quota
         local = quota is None
         self.requests = AdjustableLimiter(rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS) if rpm and local else None
@@ -239,9 +225,6 @@ class Pacer:
         )
         self._primed = False
         self._followed: tuple[float | None, float | None] = (None, None)
-        self._last_decrease = -1e9
-        self._last_recover = clock()
-        self._recent: collections.deque[float] = collections.deque(maxlen=4096)
         # Correction of the prompt-token estimate from what the server reports (ratio, EMA).
         self.prompt_ratio = 1.0
         self.completion_ratio = 1.0
@@ -265,20 +248,17 @@ class Pacer:
     async def acquire(self, tokens: int) -> None:
         if not self._primed:
             self._prime()
-        if self.control is not None:
-            # New sends wait out a 429's pause, then take from buckets set to the learned rates.
-            while (pause := self.control.pause_s()) > 0:
-                await self.sleep(pause)
-            self._follow(self.control)
+        # New sends wait out a 429's pause, then take from buckets set to the learned rates.
+        while (pause := self.control.pause_s()) > 0:
+            await self.sleep(pause)
+        self._follow(self.control)
         if self.quota is not None:
             await self.quota.take(float(tokens) if self.tpm else 0.0)
         if self.requests is not None:
             await self.requests.acquire(1)
         if self.tokens is not None:
             await self.tokens.acquire(min(float(tokens), self.tokens.max_rate))
-        self._recent.append(self.clock())
-        if self.control is not None:
-            self.control.on_send()
+        self.control.on_send()
 
     def _follow(self, control: Pacing) -> None:
         """Set the buckets to ``control``'s rates (made on first need: a limit learned from headers)."""
@@ -307,53 +287,14 @@ class Pacer:
             self.prompt_ratio += 0.05 * (prompt_tokens / est_prompt_tokens - self.prompt_ratio)
         if completion_tokens is not None and max_tokens > 0:
             self.completion_ratio += 0.05 * (completion_tokens / max_tokens - self.completion_ratio)
-        if self.control is not None:
-            # Waiters set the buckets when they started waiting; an answer is the moment to apply what was
-            # learned since (a recovered factor, the server's limit): 400 waiters otherwise kept a 429's
-            # ×0.7 rate for the whole queue.
-            self._follow(self.control)
-        self._maybe_recover()
+        # Waiters set the buckets when they started waiting; an answer is the moment to apply what was
+        # learned since (a recovered factor, the server's limit): 400 waiters otherwise kept a 429's
+        # ×0.7 rate for the whole queue.
+        self._follow(self.control)
 
     def on_rate_limited(self, retry_after: float | None = None, ratelimit: ServerLimits | None = None) -> None:
-        """A 429: lower the pace once per second at most; with no limit set, start one below what got through.
-
-        With a ``control`` this is ``control.on_rate_limited(retry_after, ratelimit)``: call one of the two.
-        """
-        if self.control is not None:
-            self.control.on_rate_limited(retry_after, ratelimit)
-            return
-        now = self.clock()
-        if now - self._last_decrease < 1.0:
-            return
-        self._last_decrease = now
-        self._last_recover = now
-        if self.requests is None and self.rpm is None:
-            # No limit was configured: start from the rate that was getting through, measured over the
-            # last 10 s or the run's age if shorter (a young run must not read as a slow one).
-            window = [t for t in self._recent if now - t <= 10.0]
-            span = min(10.0, max(1.0, now - window[0])) if window else 10.0
-            observed_rpm = max(len(window) / span * 60.0, 6.0)
-            self.rpm = observed_rpm
-            self.requests = AdjustableLimiter(observed_rpm / 60 * BUCKET_SECONDS, BUCKET_SECONDS)
-        self.factor = max(0.1, self.factor * self.decrease)
-        self._apply()
-
-    def _maybe_recover(self) -> None:
-        if self.factor >= 1.0:
-            return
-        now = self.clock()
-        if now - self._last_recover >= self.recover_after_s:
-            self._last_recover = now
-            self.factor = min(1.0, self.factor + 0.05)
-            self._apply()
-
-    def _apply(self) -> None:
-        if self.quota is not None:
-            self.quota.set_factor(self.factor)
-        if self.requests is not None and self.rpm:
-            self.requests.set_rate(self.rpm / 60 * self.factor)
-        if self.tokens is not None and self.tpm:
-            self.tokens.set_rate(self.tpm / 60 * self.factor)
+        """A 429: ``control`` lowers the rate and holds new sends for its Retry-After."""
+        self.control.on_rate_limited(retry_after, ratelimit)
 
 
 async def run_all(

@@ -86,7 +86,7 @@ def make(
     check = compile_validator(schema) if schema is not None else None
     attempts = Attempts(
         send=send,
-        pacer=Pacer(None, None, control=pacing, sleep=sleep, clock=clock),
+        pacer=Pacer(None, None, control=pacing, sleep=sleep),
         pacing=pacing,
         budget=Budget(budget),
         judge=partial(judge, expects_json=schema is not None, check=check),
