@@ -260,7 +260,7 @@ def run_small(result: BenchResult) -> None:
         statistics.median(walls) <= SMALL_WALL_S and ok == SMALL_ROWS,
     )
     result.add(
-        f"{tag} {SMALL_ROWS} rows, preset local: peak RSS of the seedbatch process (max of 3, os.wait4)",
+        f"{tag} {SMALL_ROWS} rows, preset local: peak RSS of the seedbatch process (max of 3, its own)",
         f"{rss:.0f} MB",
         f"≤ {SMALL_RSS_MB:.0f} MB",
         rss <= SMALL_RSS_MB,

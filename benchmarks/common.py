@@ -2,7 +2,7 @@
 
 Every figure a benchmark reports is computed from something measured here: the server's ``/_stats``
 counters (polled with timestamps), the client's own JSON summary line, and the kernel's rusage of the
-client process (``os.wait4``: CPU seconds and peak RSS of that one process, not of the harness).
+client process (``benchmarks/measured.py``: CPU seconds and peak RSS of that one process, not of the harness).
 """
 
 from __future__ import annotations
@@ -295,15 +295,21 @@ def run_client(
     kill_after: float | None = None,
     kill_when: Any = None,
 ) -> ClientRun:
-    """Run one client process to its end (or SIGKILL it) and take its own rusage with ``os.wait4``.
+    """Run one client process to its end (or SIGKILL it); its wall, CPU and peak RSS are its own.
 
-    ``kill_when``: an optional callable polled every 20 ms; when it returns True the process is SIGKILLed.
+    The client is started by ``benchmarks/measured.py`` (see there why: a child spawned straight from this
+    harness inherits the harness's peak RSS), which times it from spawn to exit and takes its ``wait4``
+    rusage. ``kill_when``: an optional callable polled every 20 ms; when it returns True the client (and
+    its launcher) is SIGKILLed, and the figures are the harness's view of it.
     """
     log = OUT / "client.stderr"
     OUT.mkdir(parents=True, exist_ok=True)
+    figures_path = OUT / f"client.{os.getpid()}.measured.json"
+    figures_path.unlink(missing_ok=True)
+    launcher = [sys.executable, str(ROOT / "benchmarks" / "measured.py"), str(figures_path), *cmd]
     with log.open("w") as err:
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=err, stderr=err)
+        proc = subprocess.Popen(launcher, cwd=ROOT, stdout=err, stderr=err, start_new_session=True)
         killed = False
         status = 0
         rusage = None
@@ -313,12 +319,12 @@ def run_client(
                 break
             now = time.monotonic()
             if (kill_after is not None and now - started >= kill_after) or (kill_when is not None and kill_when()):
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
                 _, status, rusage = os.wait4(proc.pid, 0)
                 break
             if now - started > timeout_s:
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 _, status, rusage = os.wait4(proc.pid, 0)
                 raise RuntimeError(f"client timed out after {timeout_s:.0f}s: {shell(cmd)}")
             time.sleep(0.02)
@@ -331,13 +337,23 @@ def run_client(
             with contextlib.suppress(json.JSONDecodeError):
                 summary = json.loads(line)
     assert rusage is not None
+    figures = {
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "user_s": rusage.ru_utime,
+        "sys_s": rusage.ru_stime,
+        "maxrss_mb": rusage.ru_maxrss / 1024.0,  # Linux: kilobytes
+    }
+    if not killed and figures_path.exists():
+        figures = json.loads(figures_path.read_text())
+        figures_path.unlink()
     return ClientRun(
         cmd=cmd,
-        returncode=proc.returncode,
-        wall_s=wall,
-        user_s=rusage.ru_utime,
-        sys_s=rusage.ru_stime,
-        maxrss_mb=rusage.ru_maxrss / 1024.0,  # Linux: kilobytes
+        returncode=int(figures["returncode"]),
+        wall_s=float(figures["wall_s"]),
+        user_s=float(figures["user_s"]),
+        sys_s=float(figures["sys_s"]),
+        maxrss_mb=float(figures["maxrss_mb"]),
         summary=summary,
         stderr_tail="\n".join(text.splitlines()[-8:]),
         killed=killed,
