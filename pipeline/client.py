@@ -260,10 +260,14 @@ class _Assembly:
         return {**self.top, "object": "chat.completion", "choices": choices}
 
 
-def default_transport(max_connections: int) -> httpx.AsyncBaseTransport:
+def default_transport(max_connections: int, *, tls: bool = True) -> httpx.AsyncBaseTransport:
+    """aiohttp under httpx's transport API. ``tls=False`` (a plain ``http://`` server, e.g. the local API or a
+    model server on this machine) skips loading the CA bundle: a connection that never does TLS needs no
+    certificates, and loading them was ~50 ms of every run's start."""
     from httpx_aiohttp import AiohttpTransport
 
-    return AiohttpTransport(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=None))
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
+    return AiohttpTransport(limits=limits, verify=tls)
 
 
 class Client:
@@ -293,7 +297,8 @@ class Client:
         # Requests go straight to an httpx transport (httpx's public transport API), not through
         # ``AsyncClient.post``: the client layer's cookie jar, redirect loop, auth flow and request
         # building took ~40% of the run's CPU in a profile, and a batch client uses none of them.
-        self._transport = transport or default_transport(max_connections)
+        tls = not self.base_url.lower().startswith("http://")
+        self._transport = transport or default_transport(max_connections, tls=tls)
         self._url = httpx.URL(self.url)
         self._headers = headers
         self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None).as_dict()

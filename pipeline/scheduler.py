@@ -338,10 +338,30 @@ async def run_all(
                 active -= 1
                 # Wake as many waiters as there is room now (the cap may have grown), not all of them.
                 gate.notify(max(1, limit() - active) if limit is not None else 1)
+            grow()
+
+    workers = 0
+    finished = False  # every item is queued: no new worker may start (it would wait for ever)
+    group: asyncio.TaskGroup | None = None
+
+    def grow() -> None:
+        """Start workers up to what the cap can use (all of ``concurrency`` without a cap).
+
+        Starting 4,096 workers at once held the run's first request back by every worker's first step
+        (~0.1 s); with a cap, a worker per request the cap admits (and a few spare) is enough, more as it grows.
+        """
+        nonlocal workers
+        if finished or group is None:
+            return
+        want = concurrency if limit is None else min(concurrency, max(1, limit()) + 16)
+        while workers < want:
+            workers += 1
+            group.create_task(work())
 
     async def produce() -> None:
         # No try/finally here: if the group is cancelled, putting the end markers into a full queue
         # nobody reads any more would hang the shutdown forever.
+        nonlocal finished
         if isinstance(items, AsyncIterator):
             async for item in items:
                 if stop is not None and stop.is_set():
@@ -352,7 +372,8 @@ async def run_all(
                 if stop is not None and stop.is_set():
                     break
                 await queue.put(item)
-        for _ in range(concurrency):
+        finished = True
+        for _ in range(workers):
             await queue.put(done)
 
     async def work() -> None:
@@ -373,6 +394,7 @@ async def run_all(
         assert limit is not None
         while True:
             await asyncio.sleep(0.1)
+            grow()
             async with gate:
                 free = limit() - active
                 if free > 0:
@@ -381,12 +403,13 @@ async def run_all(
     pumping = asyncio.create_task(pump()) if limit is not None else None
     try:
         async with asyncio.TaskGroup() as tg:
+            group = tg
             tg.create_task(produce())
-            for _ in range(concurrency):
-                tg.create_task(work())
-    except BaseExceptionGroup as group:
+            grow()
+    except BaseExceptionGroup as group_error:
         # The first real error (a fatal answer, a bug) is what the caller acts on, not the group.
-        first = next((e for e in group.exceptions if not isinstance(e, asyncio.CancelledError)), group.exceptions[0])
+        errors = group_error.exceptions
+        first = next((e for e in errors if not isinstance(e, asyncio.CancelledError)), errors[0])
         raise first from None
     finally:
         if pumping is not None:

@@ -332,3 +332,13 @@ def test_stream_asked_but_a_plain_json_answer_still_decodes() -> None:
         assert reply.data == OK_BODY
 
     run(go())
+
+
+def test_https_servers_are_verified_plain_http_skips_the_ca_bundle() -> None:
+    import ssl
+
+    secure = Client("https://api.example.com/v1", "k")
+    plain = Client("http://127.0.0.1:8080/v1", None)
+    assert secure._transport.ssl_context.verify_mode == ssl.CERT_REQUIRED  # type: ignore[attr-defined]
+    assert secure._transport.ssl_context.check_hostname  # type: ignore[attr-defined]
+    assert plain._transport.ssl_context.verify_mode == ssl.CERT_NONE  # type: ignore[attr-defined]
