@@ -75,6 +75,7 @@ class Scenario:
     quick_jitter_ms: float | None = None
     quick_faults: tuple[str, ...] | None = None
     quick_bound_s: float = 120.0
+    stream: bool = False  # the job sets endpoint.stream (stall_s left at its default)
 
 
 SCENARIOS = [
@@ -105,6 +106,12 @@ SCENARIOS = [
         latency_ms=100, jitter_ms=0, server_rpm=6000, job_rpm=6000, target=0.50,
         faults=("--hang", "0.005", "--hang-s", "120"), bound_s=400,
         quick_faults=("--hang", "0.02", "--hang-s", "30"),
+    ),
+    Scenario(
+        num=8, title="S6 with endpoint.stream = true: 0.5% of streams stall 120 s after their first chunk",
+        rows=2000, quick_rows=200, latency_ms=100, jitter_ms=0, server_rpm=6000, job_rpm=6000, target=0.50,
+        faults=("--hang", "0.005", "--hang-s", "120"), bound_s=400,
+        quick_faults=("--hang", "0.02", "--hang-s", "30"), stream=True,
     ),
 ]  # fmt: skip
 SMALL_ROWS = 10
@@ -150,7 +157,7 @@ def run_scenario(result: BenchResult, sc: Scenario, quick: bool) -> None:
     name = f"bench_pacing_{sc.num}"
     data = make_reviews(OUT / f"reviews_{rows}.parquet", rows)
     clean_job(name)
-    job = write_default_job(name, data, rpm=sc.job_rpm)
+    job = write_default_job(name, data, rpm=sc.job_rpm, stream=sc.stream)
     with Server(latency_ms=latency, jitter_ms=jitter, rpm=sc.server_rpm, extra=faults) as server:
         cmd = client_cmd("run", job, "--base-url", server.base_url)
         with server.poll(0.2) as samples:
@@ -340,7 +347,7 @@ def run(quick: bool, scenarios: set[int] | None = None) -> BenchResult:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--scenarios", default="", help="comma-separated scenario numbers 1-7 (default: all)")
+    ap.add_argument("--scenarios", default="", help="comma-separated scenario numbers 1-8 (default: all)")
     ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args()
     chosen = {int(x) for x in args.scenarios.split(",") if x.strip()} or None

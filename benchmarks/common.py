@@ -436,6 +436,7 @@ def write_default_job(
     rpm: float | None = None,
     preset: str = "vllm",
     max_tokens: int = 64,
+    stream: bool = False,
 ) -> Path:
     """A job TOML like ``write_job`` but with the job's DEFAULT limits: only ``rpm`` when given.
 
@@ -444,10 +445,13 @@ def write_default_job(
     built-in API in-process; "vllm" takes the URL from ``--base-url``.
     """
     OUT.mkdir(parents=True, exist_ok=True)
-    return _job_file(name, input_path, max_tokens, [f"rpm = {rpm}"] if rpm is not None else [], preset)
+    limits = [f"rpm = {rpm}"] if rpm is not None else []
+    return _job_file(name, input_path, max_tokens, limits, preset, ["stream = true"] if stream else [])
 
 
-def _job_file(name: str, input_path: Path, max_tokens: int, limits: list[str], preset: str) -> Path:
+def _job_file(
+    name: str, input_path: Path, max_tokens: int, limits: list[str], preset: str, endpoint: list[str] | None = None
+) -> Path:
     """The benchmarks' one job shape; absolute paths, since a job file's relative paths are beside it."""
     text = f"""# Written by benchmarks/common.py for the {name!r} benchmark.
 [job]
@@ -470,6 +474,7 @@ user = "Review {{review_id}} of a {{product}} ({{stars}} stars): {{text}}"
 
 [endpoint]
 preset = "{preset}"
+{chr(10).join(endpoint or [])}
 """
     path = OUT / f"{name}.toml"
     path.write_text(text)

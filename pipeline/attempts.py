@@ -40,6 +40,9 @@ from pipeline.records import Outcome, Reply, Request, RunSummary, Usage, count_e
 from pipeline.scheduler import Pacer, RetryPolicy, call_paced
 from pipeline.validator import Judgement
 
+#: POST one body. The second argument is the deadline learned from observed latency (None: the ceiling):
+#: a plain request must be answered within it; a streamed one (``AnswerPolicy.streaming``) must not fall
+#: silent for longer than it, however long the whole answer runs.
 Send = Callable[[bytes, float | None], Awaitable[Reply]]
 Judge = Callable[[Reply], Judgement]
 
@@ -81,7 +84,7 @@ class AnswerPolicy:
     max_tokens_cap: int = 16_384
     row_token_budget: int | None = None
     streaming: bool = False
-    """``send`` streams and detects stalls itself: no deadline from observed latency cuts a live stream."""
+    """``send`` streams: the learned deadline bounds silence between chunks, never a live stream's length."""
 
 
 class _Stopped(Exception):
@@ -158,9 +161,7 @@ class Attempts:
             timeout = self.pacing.timeout_s(max_tokens)
             started = time.monotonic()
             try:
-                if pol.streaming:
-                    reply = await self.send(body, None)
-                elif self.pacing.deadline.settled():
+                if pol.streaming or self.pacing.deadline.settled():
                     reply = await self.send(body, timeout)
                 else:
                     reply = await self._send_watched(body, max_tokens, started)

@@ -8,10 +8,12 @@ concurrency): httpx's own pool costs several times more CPU per request once hun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import math
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -155,17 +157,38 @@ def _is_sse(response: httpx.Response) -> bool:
     return "text/event-stream" in response.headers.get("content-type", "")
 
 
-async def _read_events(response: httpx.Response, stall_s: float) -> dict[str, Any]:
-    """Read an SSE chat-completion stream into one answer; a gap of ``stall_s`` between chunks is a stall."""
+def _constant(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+async def _next_piece(chunks: AsyncIterator[bytes], stall: Callable[[], float]) -> bytes | None:
+    """The next piece of the stream, or a stall once it has been silent for ``stall()`` (read twice a second)."""
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    waiting = asyncio.ensure_future(anext(chunks, None))
+    try:
+        while True:
+            limit = stall()
+            remaining = quiet_since + limit - loop.time()
+            if remaining <= 0:
+                raise RetryableError(f"stream stalled: no chunk for {limit:g}s", kind="stall", sent=True)
+            done, _ = await asyncio.wait({waiting}, timeout=min(remaining, 0.5))
+            if done:
+                return waiting.result()
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await waiting
+
+
+async def _read_events(response: httpx.Response, stall: Callable[[], float]) -> dict[str, Any]:
+    """Read an SSE chat-completion stream into one answer; a silence of ``stall()`` between chunks is a stall."""
     chunks = response.aiter_bytes()
     answer = _Assembly()
     pending = b""
     while not answer.done:
-        try:
-            async with asyncio.timeout(stall_s):
-                piece = await anext(chunks, None)
-        except TimeoutError:
-            raise RetryableError(f"stream stalled: no chunk for {stall_s:g}s", kind="stall", sent=True) from None
+        piece = await _next_piece(chunks, stall)
         if piece is None:
             break
         pending += piece
@@ -304,13 +327,19 @@ class Client:
         self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=None).as_dict()
 
     async def send(
-        self, body: bytes, timeout_s: float | None = None, *, stream: bool = False, stall_s: float | None = None
+        self,
+        body: bytes,
+        timeout_s: float | None = None,
+        *,
+        stream: bool = False,
+        stall_s: float | Callable[[], float] | None = None,
     ) -> Reply:
         """POST one body; ``timeout_s`` overrides the client's timeout for this call (never above it).
 
         With ``stream`` the answer comes as server-sent events (``stream_options.include_usage`` asked
         for) and is put back together into the shape of a plain answer; no chunk for ``stall_s``
-        (default: the client's) is a ``RetryableError(kind="stall")``.
+        (default: the client's; a callable is read again while waiting, so a limit learned meanwhile
+        applies to streams already open) is a ``RetryableError(kind="stall")``.
         """
         started = time.perf_counter()
         if stream:
@@ -318,9 +347,10 @@ class Client:
         streamed: dict[str, Any] | None = None
         limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         timeouts = self._timeouts if timeout_s is None else {**self._timeouts, "read": limit, "write": limit}
-        stall = self.stall_s if stall_s is None else stall_s
-        if stream:  # every read, the response's first bytes included, is bounded by the stall time
-            timeouts = {**timeouts, "read": min(stall, limit)}
+        given = self.stall_s if stall_s is None else stall_s
+        stall = given if callable(given) else _constant(given)
+        if stream:  # the response's first bytes are bounded by the stall time too
+            timeouts = {**timeouts, "read": min(stall(), limit)}
         try:
             async with asyncio.timeout(limit):
                 request = httpx.Request(

@@ -206,7 +206,8 @@ class EndpointSection(_Strict):
     so a slow reasoning model is never cut off while it is still writing. The answer, its reasoning and usage
     are put back together from the chunks; the ledger and output are the same as without streaming."""
     stall_s: float = Field(default=30.0, gt=0)
-    """With ``stream``: seconds without a chunk (the first one included) after which the request is retried."""
+    """With ``stream``: seconds without a chunk (the first one included) after which the request is retried;
+    shorter once answers have been seen (the deadline learned from them, 3 × their p99, at least 10 s)."""
     local_latency_ms: float = Field(default=0.0, ge=0)
     """With preset 'local': simulated model latency of the built-in server."""
 

@@ -8,6 +8,7 @@ answer has been running, so every row still ends ok.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ import orjson
 import polars as pl
 import pytest
 
-from pipeline.client import Client
+from pipeline.client import Client, _next_piece
 from pipeline.errors import RetryableError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.localapi.streaming import events
@@ -160,3 +161,49 @@ def test_a_stream_cut_before_its_end_is_retryable() -> None:
     with pytest.raises(RetryableError) as err:
         asyncio.run(go())
     assert err.value.kind == "connection"
+
+
+def test_a_stream_may_be_silent_for_the_learned_deadline_at_most() -> None:
+    from pipeline.executors.local import streaming_send
+    from pipeline.records import Reply
+
+    learned = [600.0]
+    limits: list[float] = []
+
+    class Recording:
+        async def send(self, body: bytes, timeout_s: float | None, *, stream: bool, stall_s: object) -> Reply:
+            assert stream and timeout_s is None  # the whole answer is never timed, only its silences
+            assert callable(stall_s)
+            limits.append(stall_s())
+            learned[0] = 12.0  # learned while the stream is open: the stream's limit follows
+            limits.append(stall_s())
+            return Reply(data={}, latency_ms=1.0)
+
+    send = streaming_send(Recording(), 30.0, lambda: learned[0])  # type: ignore[arg-type]
+    asyncio.run(send(b"{}", None))
+    assert limits == [30.0, 12.0]
+
+
+def test_a_silent_stream_is_cut_by_a_limit_learned_while_it_waits() -> None:
+    async def go() -> float:
+        async def pieces() -> AsyncIterator[bytes]:
+            yield b"data: {}\n\n"
+            await asyncio.sleep(60)
+            yield b"never"
+
+        limit = [30.0]
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, lambda: limit.__setitem__(0, 0.3))
+        started = loop.time()
+        with pytest.raises(RetryableError) as err:
+            await _next_piece(_after_first(pieces()), lambda: limit[0])
+        assert err.value.kind == "stall"
+        return loop.time() - started
+
+    assert asyncio.run(go()) < 2.0
+
+
+async def _after_first(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    await anext(chunks)
+    async for piece in chunks:
+        yield piece

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 from pipeline import schema_types
-from pipeline.attempts import AnswerPolicy, Attempts, Budget
+from pipeline.attempts import AnswerPolicy, Attempts, Budget, Send
 from pipeline.client import Client
 from pipeline.errors import FatalAPIError
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.pacing import Pacing
 from pipeline.prepare import Prepared, iter_requests
-from pipeline.records import NOT_SENT, Outcome, Request, RunSummary, StopReason, count_error, needs_sending
+from pipeline.records import NOT_SENT, Outcome, Reply, Request, RunSummary, StopReason, count_error, needs_sending
 from pipeline.scheduler import Pacer, Quota, RetryPolicy, run_all
 from pipeline.spec import JobSpec
 from pipeline.validator import judge
@@ -57,6 +57,24 @@ def answer_policy(spec: JobSpec) -> AnswerPolicy:
         row_token_budget=out.row_token_budget,
         streaming=spec.endpoint.stream,
     )
+
+
+def streaming_send(client: Client, stall_s: float, silence: Callable[[], float]) -> Send:
+    """``client.send`` streaming: a stream silent for ``stall_s`` or ``silence()``, if shorter, is stalled.
+
+    ``silence`` is the deadline learned from whole answers (3 × their p99, at least 10 s): no healthy
+    stream is silent for longer than an entire answer takes, so a hung stream is dropped as soon as a hung
+    plain request would be, and one that keeps writing is never cut off. It is read again while a stream
+    waits, so streams opened before the deadline was learned get it too.
+    """
+
+    def limit() -> float:
+        return min(stall_s, silence())
+
+    async def send(body: bytes, deadline_s: float | None) -> Reply:
+        return await client.send(body, None, stream=True, stall_s=limit)
+
+    return send
 
 
 class Dispatch:
@@ -188,7 +206,9 @@ class Dispatch:
             stall_s=spec.endpoint.stall_s,
         )
         self.attempts = Attempts(
-            send=partial(client.send, stream=True) if spec.endpoint.stream else client.send,
+            send=streaming_send(client, spec.endpoint.stall_s, self.pacing.timeout_s)
+            if spec.endpoint.stream
+            else client.send,
             pacer=self.pacer,
             pacing=self.pacing,
             budget=self.budget,
