@@ -341,7 +341,7 @@ async def run_all(
             grow()
 
     workers = 0
-    finished = False  # every item is queued: no new worker may start (it would wait for ever)
+    finished = False  # every item is queued
     group: asyncio.TaskGroup | None = None
 
     def grow() -> None:
@@ -351,7 +351,7 @@ async def run_all(
         (~0.1 s); with a cap, a worker per request the cap admits (and a few spare) is enough, more as it grows.
         """
         nonlocal workers
-        if finished or group is None:
+        if group is None or (finished and queue.empty()):
             return
         want = concurrency if limit is None else min(concurrency, max(1, limit()) + 16)
         while workers < want:
@@ -359,7 +359,7 @@ async def run_all(
             group.create_task(work())
 
     async def produce() -> None:
-        # No try/finally here: if the group is cancelled, putting the end markers into a full queue
+        # No try/finally here: if the group is cancelled, putting the end marker into a full queue
         # nobody reads any more would hang the shutdown forever.
         nonlocal finished
         if isinstance(items, AsyncIterator):
@@ -373,13 +373,13 @@ async def run_all(
                     break
                 await queue.put(item)
         finished = True
-        for _ in range(workers):
-            await queue.put(done)
+        await queue.put(done)
 
     async def work() -> None:
         while True:
             item = await queue.get()
             if item is done:
+                queue.put_nowait(done)  # one marker ends every worker, however many started
                 return
             if stop is not None and stop.is_set():
                 continue

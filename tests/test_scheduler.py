@@ -337,3 +337,27 @@ def test_an_answer_applies_the_recovered_rate_to_requests_already_waiting() -> N
     during, after = asyncio.run(go())
     assert during == pytest.approx(3000 * 0.7 / 60)
     assert after == pytest.approx(3000 / 60)
+
+
+def test_run_all_starts_workers_as_the_cap_can_use_them() -> None:
+    """4,096 workers started at once held the first request back by each one's first step."""
+    cap = [4]
+    seen: list[tuple[int, int]] = []  # (cap, tasks alive) at each start
+    handled: list[int] = []
+
+    async def handle(i: int) -> int:
+        seen.append((cap[0], len(asyncio.all_tasks())))
+        if i == 50:
+            cap[0] = 40  # the cap grows mid-run: more workers start
+        await asyncio.sleep(0.001)
+        return i
+
+    async def on_result(i: int, r: int) -> None:
+        handled.append(r)
+
+    asyncio.run(run_all(range(300), handle, on_result, concurrency=4096, limit=lambda: cap[0]))
+    assert sorted(handled) == list(range(300))
+    others = 3  # the producer, the pump and the main task
+    assert max(n for c, n in seen if c == 4) <= 4 + 16 + others
+    assert max(n for c, n in seen) <= 40 + 16 + others
+    assert max(n for c, n in seen if c == 40) > 4 + 16 + others  # all 300 items were queued: still grew
