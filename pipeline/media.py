@@ -134,6 +134,10 @@ class MediaBuilder:
             raise ValueError(f"{kind} file not found: {text}")
         return path, size
 
+    def load(self, cell: Any, kind: Kind) -> str:
+        """The URL to send for one cell or message part (data URI for a path or bytes); ValueError if it cannot be."""
+        return self._load(cell, kind)
+
     def _load(self, cell: Any, kind: Kind) -> str:
         url = self._url(cell)
         if url is not None:

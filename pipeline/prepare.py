@@ -87,10 +87,17 @@ def prepare(
     """
     selection = selection or Selection()
     schema = load_schema(spec)
-    table = open_input(spec.job.input, encoding=spec.job.encoding)
+    messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
+    table = open_input(spec.job.input, spec.job.encoding, [messages_column] if messages_column else [])
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
-    renderer = Renderer(spec, schema, builder.cells if builder else None)
+    # Media inside message lists follow the [media] rules (size, formats), whatever columns are named.
+    loader = media.MediaBuilder(spec.media).load if messages_column else None
+    renderer = Renderer(spec, schema, builder.cells if builder else None, loader)
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
+    if messages_column is not None:
+        check_messages_type(table, messages_column)
+    if spec.job.input_format == "openai_batch" and spec.job.id_column:
+        check_id_column(table, spec.job.id_column, "in an OpenAI Batch input file")
     if spec.job.id_column and spec.job.id_column not in table.columns:
         raise SpecError(f"{spec.source or 'job'}: job.id_column {spec.job.id_column!r} is not an input column")
     if spec.job.id_column and not spec.job.dedupe:
@@ -137,13 +144,27 @@ def read_all(p: Prepared) -> None:
         pass
 
 
+def check_messages_type(table: InputTable, column: str) -> None:
+    """A message column must hold lists (or their JSON text): any other type fails every row, so it fails the load."""
+    dtype = table.dtypes.get(column, "")
+    if dtype.startswith(("String", "List", "Array", "Null")) or dtype in ("str", "null"):
+        return
+    raise SpecError(
+        f"{table.path}: column {column!r} is {dtype}; prompt.messages_column needs a list of {{role, content}} "
+        "messages per row (a Parquet list<struct<role, content>> column, or the list as JSON text)"
+    )
+
+
 def check_distinct_files(spec: JobSpec) -> None:
     """The output, ledger and manifest must not be the input (or each other): writing one would destroy it."""
     written = {"job.output": spec.job.output, "the ledger": spec.ledger_path, "the manifest": spec.manifest_path}
+    if spec.job.batch_output is not None:
+        written["job.batch_output"] = spec.job.batch_output
     input_path = spec.job.input.resolve()
     for what, path in written.items():
         if path.resolve() == input_path:
-            raise SpecError(f"{path}: {what} is the input file; writing it would destroy the input: change job.output")
+            fix = what if what == "job.batch_output" else "job.output"
+            raise SpecError(f"{path}: {what} is the input file; writing it would destroy the input: change {fix}")
     if spec.ledger_path.resolve() == spec.job.output.resolve():
         raise SpecError(f"{spec.ledger_path}: job.ledger is job.output; give the ledger its own file")
 
