@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("one request, one job's checks", {"prepare", "attempts"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning"}),
+    ("composers", {"runner", "planning", "starter"}),
     ("the command", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]
