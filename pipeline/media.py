@@ -156,6 +156,11 @@ class MediaBuilder:
         mime = self._check(len(data), data, kind, f"file {path}")
         return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
+    def check(self, cell: Any, kind: Kind) -> str:
+        """``load``'s verdict from the size and first bytes alone (ValueError if bad); returns a stand-in URL."""
+        self._inspect(cell, kind)
+        return cell if isinstance(cell, str) else "data:"
+
     def _inspect(self, cell: Any, kind: Kind) -> None:
         """``_load``'s verdict from the size and first bytes alone: what the pre-scan can afford."""
         if self._url(cell) is not None:

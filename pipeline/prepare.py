@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import media, schema_types
 from pipeline.costs import Price, price_for
-from pipeline.errors import SpecError
+from pipeline.errors import InputError, SpecError
 from pipeline.prompts import Renderer
 from pipeline.reader import InputTable, check_id_column, open_input, read_frames, read_rows, selected_rows
 from pipeline.records import Request, RowRange, Selection
@@ -96,6 +96,8 @@ def prepare(
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
     if messages_column is not None:
         check_messages_type(table, messages_column)
+        if spec.media.strict_inputs:
+            require_clean_messages(spec, table, selection, schema)
     if spec.job.input_format == "openai_batch" and spec.job.id_column:
         check_id_column(table, spec.job.id_column, "in an OpenAI Batch input file")
     if spec.job.id_column and spec.job.id_column not in table.columns:
@@ -142,6 +144,33 @@ def read_all(p: Prepared) -> None:
         return  # open_input already parsed every line of a CSV or JSONL file (types, row count, bad lines)
     for _ in read_frames(p.table, p.selection, p.spec.job.chunk_rows):
         pass
+
+
+def require_clean_messages(
+    spec: JobSpec, table: InputTable, selection: Selection, schema: dict[str, Any] | None
+) -> None:
+    """With ``media.strict_inputs``, any message list that cannot be sent stops the run before the first request.
+
+    The rows are rendered with media checked by size and first bytes only (no file is read whole).
+    """
+    checker = Renderer(spec, schema, None, media.MediaBuilder(spec.media).check)
+    checker.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
+    problems: list[str] = []
+    count = 0
+    size = min(spec.job.chunk_rows, media.CHUNK_ROWS)
+    for rows in read_rows(table, selection, size, checker.fields, spec.job.id_column):
+        for row in rows:
+            ns = checker.render(row).not_sent
+            if ns is not None and ns.error_kind == "messages":
+                count += 1
+                if len(problems) < media.SHOWN_PROBLEMS:
+                    problems.append(ns.error)
+    if count:
+        more = f" (+{count - len(problems)} more)" if count > len(problems) else ""
+        raise InputError(
+            f"{count} row(s) hold messages that cannot be sent and media.strict_inputs is on; nothing was sent: "
+            f"{'; '.join(problems)}{more}"
+        )
 
 
 def check_messages_type(table: InputTable, column: str) -> None:

@@ -383,6 +383,17 @@ CASES: list[Case] = [
         "column 'messages' is Int64",
     ),
     Case(
+        "strict inputs with a bad message list",
+        "`strict_inputs = true`, a message with role `robot`",
+        with_input(
+            "in.jsonl",
+            '{"review_id": "r-1", "messages": [{"role": "robot", "content": "hi"}]}\n',
+            prompt={"user": None, "messages_column": "messages"},
+            media={"strict_inputs": True},
+        ),
+        "unknown role 'robot'",
+    ),
+    Case(
         "prompt.user and prompt.messages_column together",
         '`user = "..."` and `messages_column = "text"`',
         job(prompt={"messages_column": "text"}),

@@ -202,3 +202,23 @@ def test_example_job_runs_on_the_local_api(tmp_path: Path, api: LocalAPI) -> Non
     assert summary.rows_by_status == {"ok": source.height}
     assert out.get_column("chat_id").to_list() == source.get_column("chat_id").to_list()
     assert out.schema["messages"] == source.schema["messages"]
+
+
+def test_strict_inputs_stop_the_run_on_a_bad_message_list(tmp_path: Path, api: LocalAPI) -> None:
+    cells = [
+        json.dumps(chat(1)),
+        json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "gone.png"}}]}]),
+        json.dumps([{"role": "robot", "content": "hi"}]),
+    ]
+    pl.DataFrame({"chat_id": ["ok", "gone", "robot"], "messages": cells}).write_csv(tmp_path / "chats.csv")
+    job = write_conv_job(tmp_path, api, "chats.csv")
+
+    result = cli("run", str(job), "--no-progress", "--strict-inputs")
+
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "seedbatch: error: 2 row(s) hold messages that cannot be sent and media.strict_inputs is on; nothing was "
+        "sent: row 'gone': column 'messages': message 1, part 1: image file not found: gone.png; "
+        "row 'robot': column 'messages': message 1: unknown role 'robot'; use one of system, user, assistant, tool"
+    )
+    assert api.stats()["received"] == 0
