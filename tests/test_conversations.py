@@ -222,3 +222,31 @@ def test_strict_inputs_stop_the_run_on_a_bad_message_list(tmp_path: Path, api: L
         "row 'robot': column 'messages': message 1: unknown role 'robot'; use one of system, user, assistant, tool"
     )
     assert api.stats()["received"] == 0
+
+
+def test_parquet_parts_with_image_bytes(tmp_path: Path, api: LocalAPI) -> None:
+    """A Parquet column of content parts, the image as raw bytes: sent as a data URI of those bytes."""
+    part = pl.Struct({"type": pl.String, "text": pl.String, "image_url": pl.Struct({"url": pl.Binary})})
+    dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.List(part)}))
+    messages = [
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What colour is this?", "image_url": None},
+                    {"type": "image_url", "text": None, "image_url": {"url": png(i)}},
+                ],
+            }
+        ]
+        for i in range(3)
+    ]
+    frame = pl.DataFrame(
+        {"chat_id": ["a", "b", "c"], "messages": messages}, schema={"chat_id": pl.String, "messages": dtype}
+    )
+    frame.write_parquet(tmp_path / "chats.parquet")
+    job = write_conv_job(tmp_path, api, "chats.parquet")
+
+    assert cli("run", str(job), "--no-progress").exit_code == 0
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    for i, content in enumerate(out.get_column("content")):
+        assert f"[image:{hashlib.sha256(png(i)).hexdigest()[:12]}]" in content
