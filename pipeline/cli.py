@@ -355,6 +355,31 @@ def show(output: Path, n: int, only_status: str | None, width: int, debug: bool)
 
 
 @main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--job",
+    "job_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the job (default: jobs/<input name>.toml).",
+)
+@click.option("--schema", is_flag=True, help="Also write a JSON Schema stub (jobs/schemas/<name>.json) and use it.")
+@click.option("--force", is_flag=True, help="Overwrite the job (and schema) if they exist.")
+@debug_opt
+@guarded
+def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, debug: bool) -> None:
+    """Write a commented starter job for INPUT (.parquet, .csv, .jsonl or an OpenAI Batch input file)."""
+    from pipeline.starter import starter_job
+
+    job_path = job_path or Path("jobs") / f"{input_path.stem}.toml"
+    made = starter_job(input_path, job_path, schema=schema, force=force)
+    click.echo(f"wrote {made.job} ({made.kind}: {len(made.columns)} input column(s))")
+    if made.schema is not None:
+        click.echo(f"wrote {made.schema} (a stub: put the fields you want back in it)")
+    click.echo(f"next: seedbatch plan {made.job}")
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8765, show_default=True)
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)

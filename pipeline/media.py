@@ -134,6 +134,10 @@ class MediaBuilder:
             raise ValueError(f"{kind} file not found: {text}")
         return path, size
 
+    def load(self, cell: Any, kind: Kind) -> str:
+        """The URL to send for one cell or message part (data URI for a path or bytes); ValueError if it cannot be."""
+        return self._load(cell, kind)
+
     def _load(self, cell: Any, kind: Kind) -> str:
         url = self._url(cell)
         if url is not None:
@@ -151,6 +155,11 @@ class MediaBuilder:
             raise ValueError(f"cannot read {kind} file {path}: {exc.strerror}") from None
         mime = self._check(len(data), data, kind, f"file {path}")
         return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+    def check(self, cell: Any, kind: Kind) -> str:
+        """``load``'s verdict from the size and first bytes alone (ValueError if bad); returns a stand-in URL."""
+        self._inspect(cell, kind)
+        return cell if isinstance(cell, str) else "data:"
 
     def _inspect(self, cell: Any, kind: Kind) -> None:
         """``_load``'s verdict from the size and first bytes alone: what the pre-scan can afford."""

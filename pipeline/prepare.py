@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import media, schema_types
 from pipeline.costs import Price, price_for
-from pipeline.errors import SpecError
+from pipeline.errors import InputError, SpecError
 from pipeline.prompts import Renderer
 from pipeline.reader import InputTable, check_id_column, open_input, read_frames, read_rows, selected_rows
 from pipeline.records import Request, RowRange, Selection
@@ -87,10 +87,19 @@ def prepare(
     """
     selection = selection or Selection()
     schema = load_schema(spec)
-    table = open_input(spec.job.input, encoding=spec.job.encoding)
+    messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
+    table = open_input(spec.job.input, spec.job.encoding, [messages_column] if messages_column else [])
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
-    renderer = Renderer(spec, schema, builder.cells if builder else None)
+    # Media inside message lists follow the [media] rules (size, formats), whatever columns are named.
+    loader = media.MediaBuilder(spec.media).load if messages_column else None
+    renderer = Renderer(spec, schema, builder.cells if builder else None, loader)
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
+    if messages_column is not None:
+        check_messages_type(table, messages_column)
+        if spec.media.strict_inputs:
+            require_clean_messages(spec, table, selection, schema)
+    if spec.job.input_format == "openai_batch" and spec.job.id_column:
+        check_id_column(table, spec.job.id_column, "in an OpenAI Batch input file")
     if spec.job.id_column and spec.job.id_column not in table.columns:
         raise SpecError(f"{spec.source or 'job'}: job.id_column {spec.job.id_column!r} is not an input column")
     if spec.job.id_column and not spec.job.dedupe:
@@ -137,13 +146,54 @@ def read_all(p: Prepared) -> None:
         pass
 
 
+def require_clean_messages(
+    spec: JobSpec, table: InputTable, selection: Selection, schema: dict[str, Any] | None
+) -> None:
+    """With ``media.strict_inputs``, any message list that cannot be sent stops the run before the first request.
+
+    The rows are rendered with media checked by size and first bytes only (no file is read whole).
+    """
+    checker = Renderer(spec, schema, None, media.MediaBuilder(spec.media).check)
+    checker.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
+    problems: list[str] = []
+    count = 0
+    size = min(spec.job.chunk_rows, media.CHUNK_ROWS)
+    for rows in read_rows(table, selection, size, checker.fields, spec.job.id_column):
+        for row in rows:
+            ns = checker.render(row).not_sent
+            if ns is not None and ns.error_kind == "messages":
+                count += 1
+                if len(problems) < media.SHOWN_PROBLEMS:
+                    problems.append(ns.error)
+    if count:
+        more = f" (+{count - len(problems)} more)" if count > len(problems) else ""
+        raise InputError(
+            f"{count} row(s) hold messages that cannot be sent and media.strict_inputs is on; nothing was sent: "
+            f"{'; '.join(problems)}{more}"
+        )
+
+
+def check_messages_type(table: InputTable, column: str) -> None:
+    """A message column must hold lists (or their JSON text): any other type fails every row, so it fails the load."""
+    dtype = table.dtypes.get(column, "")
+    if dtype.startswith(("String", "List", "Array", "Null")) or dtype in ("str", "null"):
+        return
+    raise SpecError(
+        f"{table.path}: column {column!r} is {dtype}; prompt.messages_column needs a list of {{role, content}} "
+        "messages per row (a Parquet list<struct<role, content>> column, or the list as JSON text)"
+    )
+
+
 def check_distinct_files(spec: JobSpec) -> None:
     """The output, ledger and manifest must not be the input (or each other): writing one would destroy it."""
     written = {"job.output": spec.job.output, "the ledger": spec.ledger_path, "the manifest": spec.manifest_path}
+    if spec.job.batch_output is not None:
+        written["job.batch_output"] = spec.job.batch_output
     input_path = spec.job.input.resolve()
     for what, path in written.items():
         if path.resolve() == input_path:
-            raise SpecError(f"{path}: {what} is the input file; writing it would destroy the input: change job.output")
+            fix = what if what == "job.batch_output" else "job.output"
+            raise SpecError(f"{path}: {what} is the input file; writing it would destroy the input: change {fix}")
     if spec.ledger_path.resolve() == spec.job.output.resolve():
         raise SpecError(f"{spec.ledger_path}: job.ledger is job.output; give the ledger its own file")
 

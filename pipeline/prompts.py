@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from pipeline import conversations
 from pipeline.errors import SpecError
 from pipeline.records import NotSent, Request, Row
 from pipeline.spec import JobSpec
@@ -119,14 +120,21 @@ class Renderer:
         spec: JobSpec,
         schema: dict[str, Any] | None = None,
         media: MediaBuilder | None = None,
+        load_media: conversations.MediaLoader | None = None,
     ) -> None:
         self.system = spec.prompt.system
-        self.user = spec.prompt.user
+        self.user = spec.prompt.user or ""
         self.media = media
         self.media_first = spec.media.position == "before"
         self.salted = not spec.job.dedupe
+        #: Whole message lists per row (``prompt.messages_column``, or an OpenAI Batch file's ``body``).
+        self.messages_column = spec.prompt.messages_column
+        self.batch = spec.job.input_format == "openai_batch"
+        self.load_media = load_media
         source = f"{spec.source}: " if spec.source else ""
-        fields = template_fields(self.user, f"{source}prompt.user")
+        fields = template_fields(self.user, f"{source}prompt.user") if spec.prompt.user is not None else []
+        if self.messages_column is not None:
+            fields = [self.messages_column]
         media_columns = [*spec.media.image_columns, *spec.media.video_columns]
         self.pieces: list[str | tuple[str]] | None = None
         if spec.media.position == "inline" and media_columns:
@@ -155,6 +163,14 @@ class Renderer:
                 self.params[key] = value
         if response_format is not None:
             self.params["response_format"] = response_format
+        #: The body keys the job decides over a Batch line's own (model is always the job's).
+        self.job_keys = frozenset(
+            {
+                "model",
+                *(k for k in self.params if k != "max_tokens"),
+                *(["max_tokens"] if "max_tokens" in m.model_fields_set else []),
+            }
+        )
         self.max_tokens = m.max_tokens
         self.context_tokens = spec.context_tokens
         self.send_empty = spec.prompt.send_empty
@@ -170,6 +186,22 @@ class Renderer:
         return not any(v.strip() for v in cells.values())
 
     def check_columns(self, columns: Sequence[str], where: str) -> None:
+        job = where.removesuffix(": prompt")
+        if self.batch:
+            if "body" not in columns:
+                raise SpecError(
+                    f"{job}: job.input_format = 'openai_batch' needs a 'body' on each line (an OpenAI Batch input "
+                    f"file: custom_id, method, url, body); the input has {', '.join(repr(c) for c in columns[:12])}"
+                )
+            # Without method/url (some providers' batch files) the body alone is the request.
+            self.fields = [c for c in ("method", "url", "body") if c in columns] + [
+                f for f in self.fields if f not in ("method", "url", "body")
+            ]
+        if self.messages_column is not None and self.messages_column not in columns:
+            raise SpecError(
+                f"{job}: prompt.messages_column {self.messages_column!r} is not an input column; "
+                f"input has {', '.join(repr(c) for c in columns[:12])}"
+            )
         missing = [f for f in self.fields if f not in columns]
         if missing:
             raise SpecError(
@@ -179,6 +211,8 @@ class Renderer:
 
     def render(self, row: Row) -> Request:
         # The hot loop of a run (and of every rerun, which must hash each row): kept lean on purpose.
+        if self.batch or self.messages_column is not None:
+            return self._render_messages(row)
         values = row.values
         cells = {name: _cell(values.get(name)) for name in self.fields}
         nulls = sum(1 for name in self.fields if values.get(name) is None)
@@ -247,6 +281,66 @@ class Renderer:
             est_prompt_tokens=est,
             max_tokens=self.max_tokens,
             null_cells=nulls,
+            not_sent=not_sent,
+        )
+
+    def _render_messages(self, row: Row) -> Request:
+        """A row that carries its whole message list; a list that cannot be sent is the row's error."""
+        values = row.values
+        column = "body" if self.batch else str(self.messages_column)
+        cells = {name: _cell(values.get(name)) for name in self.fields if name not in (column, "method", "url")}
+        params: dict[str, Any] = self.params
+        error = None
+        messages: list[dict[str, Any]] = []
+        chars = media = 0
+        try:
+            if self.batch:
+                raw, params = conversations.batch_line(values, self.params, self.job_keys)
+            else:
+                raw = conversations.decode(values.get(column))
+            if raw is not None:
+                messages, chars, media = conversations.normalize(raw, self.load_media)
+        except conversations.BadMessages as exc:
+            raw, error = None, f"row {row.key!r}: column {column!r}: {exc}"
+        system = self.system.format_map(cells) if self.system else None
+        if system:
+            chars += len(system)
+        sent = conversations.with_system(system, self.few_shot, messages)
+        if error is not None:
+            body = orjson.dumps({**params, "messages_error": error}, option=orjson.OPT_SORT_KEYS)
+        else:
+            body = orjson.dumps({**params, "messages": sent}, option=orjson.OPT_SORT_KEYS)
+        h = hashlib.blake2b(body, digest_size=16)
+        if self.salted:
+            h.update(b"\x00row:" + row.key.encode())
+        max_tokens = int(params.get("max_tokens", self.max_tokens))
+        est = (
+            TOKENS_PER_REQUEST
+            + TOKENS_PER_MESSAGE * len(sent)
+            + estimate_tokens("".join(x["content"] for x in self.few_shot))
+            + int(chars / CHARS_PER_TOKEN + 0.5)
+            + TOKENS_PER_IMAGE * media
+        )
+        not_sent = None
+        if error is not None:
+            not_sent = NotSent("error", error, "messages")
+        elif raw is None:
+            not_sent = NotSent("skipped", f"column {column!r} is null or holds no messages; not sent", "empty")
+        elif self.context_tokens is not None and est + max_tokens > self.context_tokens:
+            not_sent = NotSent(
+                "too_long",
+                f"prompt ~{est:,} tokens + max_tokens {max_tokens:,} exceeds the model's context of "
+                f"{self.context_tokens:,} tokens (model.context_tokens); not sent",
+                "too_long",
+            )
+        return Request(
+            row_index=row.index,
+            row_key=row.key,
+            body=body,
+            request_hash=h.hexdigest(),
+            est_prompt_tokens=est,
+            max_tokens=max_tokens,
+            null_cells=int(values.get(column) is None),
             not_sent=not_sent,
         )
 

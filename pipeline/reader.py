@@ -69,13 +69,17 @@ class InputTable:
     schema: dict[str, pl.DataType] | None = field(default=None, compare=False, repr=False)
     #: CSV: bytes parsed at a time, large enough for the file's longest row.
     block_size: int = CSV_BLOCK
+    #: JSONL: fields kept as JSON text whatever they hold (a message list, a Batch line's body), so a field
+    #: whose nesting differs from line to line (content as text here, as parts there) still reads.
+    json_columns: tuple[str, ...] = ()
 
 
-def open_input(path: Path, encoding: str = "utf-8") -> InputTable:
+def open_input(path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = ()) -> InputTable:
     """Check the input exists, has a known format, parses, and has rows; return its shape.
 
     CSV and JSONL are read once, whole and streamed, to count rows, infer types and find any bad
-    line before anything is sent; Parquet's shape comes from its footer.
+    line before anything is sent; Parquet's shape comes from its footer. ``json_columns`` of a JSONL
+    file are read as JSON text (see ``InputTable.json_columns``).
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
@@ -92,14 +96,16 @@ def open_input(path: Path, encoding: str = "utf-8") -> InputTable:
     elif fmt == "csv":
         table = _open_csv(path, codec)
     else:
-        table = _open_jsonl(path, codec)
+        table = _open_jsonl(path, codec, tuple(json_columns))
     if table.rows == 0 and fmt == "ndjson":
         raise InputError(f"{path}: input is empty (only blank lines)")
     if table.rows == 0:
         raise InputError(f"{path}: input has columns but no rows")
     if ROW_NUMBER in table.columns:
         raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
-    return InputTable(path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size)
+    return InputTable(
+        path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size, table.json_columns
+    )
 
 
 def _codec(path: Path, encoding: str) -> str:
@@ -127,7 +133,7 @@ def _open_parquet(path: Path) -> InputTable:
     return InputTable(path, "parquet", tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
 
 
-def check_id_column(table: InputTable, column: str) -> None:
+def check_id_column(table: InputTable, column: str, why: str = "when job.dedupe = false") -> None:
     """Row keys name paid work when ``job.dedupe`` is off: every row needs its own, non-null id."""
     if table.format == "parquet":
         lf = pl.scan_parquet(table.path)
@@ -152,7 +158,7 @@ def check_id_column(table: InputTable, column: str) -> None:
             example = ids.filter(ids.is_duplicated()).first()
         raise InputError(
             f"{table.path}: job.id_column {column!r} repeats values (e.g. {example!r} on {repeated} rows); "
-            "ids must be unique when job.dedupe = false"
+            f"ids must be unique {why}"
         )
 
 
@@ -583,11 +589,11 @@ def _locate_csv_problem(path: Path, codec: str) -> str | None:
 # ----------------------------------------------------------------- JSONL
 
 
-def _open_jsonl(path: Path, codec: str) -> InputTable:
+def _open_jsonl(path: Path, codec: str, json_columns: tuple[str, ...] = ()) -> InputTable:
     """One pass over every line: row count, bad lines, and the column types of the whole file."""
     schema: dict[str, pl.DataType] = {}
     rows = 0
-    for lines, records in _jsonl_batches(path, codec):
+    for lines, records in _jsonl_batches(path, codec, json_columns):
         rows += len(records)
         frame = _jsonl_frame(path, lines, records, None)
         _check_lossless(path, lines, records, frame)
@@ -602,7 +608,8 @@ def _open_jsonl(path: Path, codec: str) -> InputTable:
                     except _Conflict:
                         raise InputError(_conflict_message(path, line, exc.name, record[exc.name])) from None
             raise InputError(_conflict_message(path, lines[0], exc.name, None)) from None
-    return InputTable(path, "ndjson", tuple(schema), {k: str(v) for k, v in schema.items()}, rows, codec, schema)
+    dtypes = {k: str(v) for k, v in schema.items()}
+    return InputTable(path, "ndjson", tuple(schema), dtypes, rows, codec, schema, json_columns=json_columns)
 
 
 class _Conflict(Exception):
@@ -658,7 +665,9 @@ def _conflict_message(path: Path, line: int, name: str, value: object) -> str:
     )
 
 
-def _jsonl_batches(path: Path, codec: str) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+def _jsonl_batches(
+    path: Path, codec: str, json_columns: tuple[str, ...] = ()
+) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
     """Objects of a JSONL file, ``JSONL_BATCH`` lines at a time, with their line numbers."""
     lines: list[int] = []
     records: list[dict[str, Any]] = []
@@ -677,6 +686,10 @@ def _jsonl_batches(path: Path, codec: str) -> Iterator[tuple[list[int], list[dic
                     f"{path}: line {line}: not a JSON object ({_json_kind(record)}); "
                     "each line must be one {...} object: fix or remove that line"
                 )
+            for name in json_columns:
+                value = record.get(name)
+                if value is not None and not isinstance(value, str):
+                    record[name] = orjson.dumps(value).decode()
             lines.append(line)
             records.append(record)
             if len(records) >= JSONL_BATCH:
@@ -752,6 +765,6 @@ def _nulls(schema: dict[str, pl.DataType], n: int) -> pl.DataFrame:
 
 def _jsonl_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl.DataFrame]:
     schema = table.schema or {}
-    for lines, records in _jsonl_batches(table.path, _codec(table.path, table.encoding)):
+    for lines, records in _jsonl_batches(table.path, _codec(table.path, table.encoding), table.json_columns):
         frame = _jsonl_frame(table.path, lines, records, schema)
         yield frame.select(columns) if columns is not None else frame

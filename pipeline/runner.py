@@ -22,12 +22,13 @@ import orjson
 import polars as pl
 
 from pipeline import __version__, schema_types
+from pipeline.batch_output import write_batch_output
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
 from pipeline.prepare import Prepared, prepare
-from pipeline.reader import ROW_NUMBER, read_frames
+from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
 from pipeline.records import ExitCode, RunSummary, Selection, StopReason
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
@@ -101,6 +102,9 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
         summary.output_path = str(spec.job.output)
         raise
     summary.output_path = str(spec.job.output)
+    if spec.job.batch_output is not None:
+        rows = selected_indices(p.table.rows, p.selection)
+        write_batch_output(spec.job.batch_output, spec.job.output, spec.job.id_column, rows)
     if spec.job.run_output:
         fresh = ledger.run_answers(summary.run_id)
         run_path = Path(spec.job.run_output.format(date=dt.date.today().isoformat(), run_id=summary.run_id))

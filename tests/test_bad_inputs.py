@@ -367,6 +367,77 @@ CASES: list[Case] = [
     Case(
         "image column not in the input", '`image_columns = ["photo"]`', job(media={"image_columns": ["photo"]}), "photo"
     ),
+    # Conversation rows and OpenAI Batch files
+    Case(
+        "messages column not in the input",
+        '`messages_column = "msgs"`',
+        job(prompt={"user": None, "messages_column": "msgs"}),
+        "prompt.messages_column 'msgs' is not an input column",
+    ),
+    Case(
+        "messages column of the wrong type",
+        "a `messages` column of numbers",
+        with_input(
+            "in.csv", "review_id,messages\nr-1,5\nr-2,7\n", prompt={"user": None, "messages_column": "messages"}
+        ),
+        "column 'messages' is Int64",
+    ),
+    Case(
+        "strict inputs with a bad message list",
+        "`strict_inputs = true`, a message with role `robot`",
+        with_input(
+            "in.jsonl",
+            '{"review_id": "r-1", "messages": [{"role": "robot", "content": "hi"}]}\n',
+            prompt={"user": None, "messages_column": "messages"},
+            media={"strict_inputs": True},
+        ),
+        "unknown role 'robot'",
+    ),
+    Case(
+        "prompt.user and prompt.messages_column together",
+        '`user = "..."` and `messages_column = "text"`',
+        job(prompt={"messages_column": "text"}),
+        "prompt.user and prompt.messages_column",
+    ),
+    Case(
+        "openai_batch input without a body",
+        '`input_format = "openai_batch"` on a CSV of reviews',
+        job(job={"input_format": "openai_batch"}, prompt={"user": None, "system": None}),
+        "needs a 'body' on each line",
+    ),
+    Case(
+        "openai_batch with a user template",
+        '`input_format = "openai_batch"` and `user = "..."`',
+        job(job={"input_format": "openai_batch"}),
+        "remove prompt.user and prompt.messages_column",
+    ),
+    Case(
+        "repeated custom_id in a batch file",
+        "`request-1` on two lines",
+        with_input(
+            "in.jsonl",
+            '{"custom_id": "request-1", "body": {"messages": [{"role": "user", "content": "a"}]}}\n'
+            '{"custom_id": "request-1", "body": {"messages": [{"role": "user", "content": "b"}]}}\n',
+            job={"input": "../data/in.jsonl", "input_format": "openai_batch", "id_column": None},
+            prompt={"user": None, "system": None},
+        ),
+        "ids must be unique in an OpenAI Batch input file",
+    ),
+    Case(
+        "batch_output not .jsonl",
+        '`batch_output = "../out/results.json"`',
+        job(job={"batch_output": "../out/results.json"}),
+        "job.batch_output",
+    ),
+    Case(
+        "batch_output = input",
+        '`batch_output = "../data/in.jsonl"`',
+        then(
+            job(job={"input": "../data/in.jsonl", "batch_output": "../data/in.jsonl"}),
+            lambda tmp: write_data(tmp, "in.jsonl", '{"review_id": "r-1", "text": "ok"}\n'),
+        ),
+        "job.batch_output is the input file",
+    ),
     # Output, ledger
     Case(
         "output = input",

@@ -17,14 +17,25 @@ PACKAGE = ROOT / "pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     ("data", {"errors", "records"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("pure policy", {"pacing", "schema_types", "grammar", "costs", "validator"}),
+    ("pure policy", {"pacing", "schema_types", "grammar", "costs", "validator", "conversations"}),
     (
         "stages",
-        {"reader", "prompts", "client", "scheduler", "ledger", "writer", "media", "shared_limits", "progress"},
+        {
+            "reader",
+            "prompts",
+            "client",
+            "scheduler",
+            "ledger",
+            "writer",
+            "media",
+            "shared_limits",
+            "progress",
+            "batch_output",
+        },
     ),
     ("one request, one job's checks", {"prepare", "attempts"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning"}),
+    ("composers", {"runner", "planning", "starter"}),
     ("the command", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]

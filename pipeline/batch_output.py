@@ -1,0 +1,117 @@
+"""The output Parquet → an OpenAI Batch-style output file (``job.batch_output``), so tools that read
+Batch results read seedbatch's unchanged.
+
+One line per row, in input order, shaped as OpenAI's Batch output file (the ``BatchRequestOutput`` object
+of its API reference)::
+
+    {"id": "batch_req_…", "custom_id": "…", "response": {"status_code": 200, "request_id": "…",
+     "body": {chat.completion}}, "error": null}
+
+A row the server answered (``ok``, ``invalid_output``, ``refused``, ``truncated``) has ``response`` with
+status 200 and the answer as a ``chat.completion`` body; a row the server refused with an HTTP status
+(``error_kind`` ``http_400`` …) has that status and an ``{"error": {...}}`` body, as OpenAI writes it; a
+row that got no answer (timeout, bad messages, ``skipped``, ``too_long``, ``pending``) has ``response:
+null`` and ``error: {"code", "message"}``. It is written from the Parquet file just written (a batch at
+a time, temp file then rename), so the two always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+#: Statuses of rows the server answered with a 200.
+ANSWERED = frozenset({"ok", "invalid_output", "refused", "truncated"})
+_COLUMNS = (
+    "content",
+    "reasoning_content",
+    "finish_reason",
+    "model",
+    "response_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "status",
+    "error",
+    "error_kind",
+    "request_hash",
+)
+
+
+def batch_line(custom_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    """One output row as one Batch output line."""
+    seed = f"{custom_id}\x00{row.get('request_hash') or ''}".encode()
+    line_id = "batch_req_" + hashlib.blake2b(seed, digest_size=12).hexdigest()
+    status, kind = row["status"], row.get("error_kind") or ""
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    if status in ANSWERED:
+        response = {"status_code": 200, "request_id": row.get("response_id"), "body": completion(row)}
+    elif kind.startswith("http_") and kind[5:].isdigit():
+        body = {"error": {"message": row.get("error"), "type": kind, "param": None, "code": None}}
+        response = {"status_code": int(kind[5:]), "request_id": row.get("response_id"), "body": body}
+    else:
+        message = row.get("error")
+        if status == "pending":
+            message = "not answered: the run stopped before this row was sent; run the job again"
+        error = {"code": kind or status, "message": message}
+    return {"id": line_id, "custom_id": custom_id, "response": response, "error": error}
+
+
+def completion(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``chat.completion`` body of an answered row. Usage is summed over the row's attempts (re-asks)."""
+    message: dict[str, Any] = {"role": "assistant", "content": row.get("content")}
+    if row.get("reasoning_content") is not None:
+        message["reasoning_content"] = row["reasoning_content"]
+    usage: dict[str, Any] = {k: row.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    if row.get("reasoning_tokens") is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": row["reasoning_tokens"]}
+    if row.get("cached_tokens") is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": row["cached_tokens"]}
+    return {
+        "id": row.get("response_id"),
+        "object": "chat.completion",
+        "model": row.get("model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": row.get("finish_reason"), "logprobs": None}],
+        "usage": usage,
+    }
+
+
+def _rows(output: Path, id_column: str | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+    source = pq.ParquetFile(output)
+    names = [*_COLUMNS, *([id_column] if id_column and id_column not in _COLUMNS else [])]
+    for batch in source.iter_batches(batch_size=2_000, columns=names):
+        for row in batch.to_pylist():
+            yield (row.get(id_column) if id_column else None), row
+
+
+def write_batch_output(
+    path: Path, output: Path, id_column: str | None, row_numbers: Sequence[int] | None = None
+) -> int:
+    """Write ``path`` from the output Parquet; returns the lines written.
+
+    ``custom_id`` is the row's ``id_column`` value (an OpenAI Batch input's own ``custom_id``), else its
+    row number in the input (``row_numbers`` when a ``--sample`` picked the rows).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            for position, (key, row) in enumerate(_rows(output, id_column)):
+                number = row_numbers[position] if row_numbers is not None else position
+                f.write(orjson.dumps(batch_line(str(number if key is None else key), row)) + b"\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
