@@ -387,10 +387,23 @@ CASES: list[Case] = [
         "job.ledger is job.output",
     ),
     Case(
-        "output not .parquet",
-        '`output = "../out/result.csv"`',
-        job(job={"output": "../out/result.csv"}),
-        "must end in .parquet",
+        "output with an unknown extension",
+        '`output = "../out/result.xlsx"`',
+        job(job={"output": "../out/result.xlsx"}),
+        "unknown output format '.xlsx'; end the name in .parquet, .csv or .jsonl",
+    ),
+    Case(
+        "object input with an unknown scheme",
+        '`input = "nosuchfs://bucket/in.csv"`',
+        job(job={"input": "nosuchfs://bucket/in.csv"}),
+        "nosuchfs://bucket/in.csv: cannot open this location",
+    ),
+    Case(
+        "s3 output without AWS credentials",
+        '`output = "s3://bucket/out/result.parquet"`, no AWS keys, profile or instance role',
+        job(job={"output": "s3://bucket/out/result.parquet"}),
+        "no AWS credentials found",
+        env=(("AWS_EC2_METADATA_DISABLED", "true"),),
     ),
     Case(
         "output folder under a regular file",
@@ -488,10 +501,10 @@ CASES: list[Case] = [
         "run_output",
     ),
     Case(
-        "run_output not .parquet",
-        '`run_output = "../out/run-{date}.csv"`',
-        job(job={"run_output": "../out/run-{date}.csv"}),
-        "run_output",
+        "run_output with an unknown extension",
+        '`run_output = "../out/run-{date}.txt"`',
+        job(job={"run_output": "../out/run-{date}.txt"}),
+        "job.run_output",
     ),
     Case(
         "shared limiter file in an unwritable place",
