@@ -248,3 +248,18 @@ def test_show_reads_an_output_object(tmp_path: Path, api: LocalAPI, s3: pafs.Fil
     assert result.exit_code == 0, result.output
     assert result.output.count("── row") == 2
     assert "r-00001" in result.output
+
+
+def test_run_output_object_gets_only_this_runs_answers(tmp_path: Path, api: LocalAPI, s3: pafs.FileSystem) -> None:
+    reviews(5).write_csv(tmp_path / "in.csv")
+    job = _job(tmp_path, api, "runs", str(tmp_path / "in.csv"), str(tmp_path / "out" / "all.parquet"))
+    job.write_text(job.read_text().replace("[model]", f'run_output = "s3://{BUCKET}/runs/{{run_id}}.jsonl"\n[model]'))
+    first = _run(str(job), "--limit", "3")
+    second = _run(str(job))
+    assert first.exit_code == second.exit_code == ExitCode.OK, second.output
+    runs = [_summary(first)["run_id"], _summary(second)["run_id"]]
+    listing = [p for p, _ in _listing(s3)]
+    assert listing == sorted(f"{BUCKET}/runs/{r}.jsonl" for r in runs)
+    with s3.open_input_stream(f"{BUCKET}/runs/{runs[1]}.jsonl") as f:
+        ids = [line.split('"review_id":"')[1][:7] for line in f.read().decode().splitlines()]
+    assert ids == ["r-00003", "r-00004"], "the second run's file holds the two rows it paid for"
