@@ -101,8 +101,14 @@ def download(uri: str, local: Path, *, what: str = "the URI") -> Path:
         st = local.stat()
         if st.st_size == info.size and abs(st.st_mtime - mtime) < 1e-3:
             return local
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
+    except OSError as exc:
+        raise InputError(
+            f"{_shown(uri)}: cannot write its local copy in {local.parent} ({exc.strerror}); "
+            "set XDG_DATA_HOME to a writable folder"
+        ) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -125,12 +131,11 @@ def check_output(spec: JobSpec) -> None:
             continue
         if key == "run_output":  # a template: only its bucket is checked now
             uri = uri.format(date="2026-01-01", run_id="run")
+        if not urlsplit(uri).path.strip("/"):  # s3://results.parquet: a bucket, no object in it
+            example = f"{_shown(uri).rstrip('/')}/out.parquet"
+            raise SpecError(f"{_shown(uri)}: job.{key} needs a key inside the bucket, e.g. {example}")
         fs, path = open_object(uri)
         bucket = path.split("/", 1)[0]
-        if "/" not in path.strip("/"):
-            raise SpecError(
-                f"{_shown(uri)}: job.{key} needs a key inside the bucket, e.g. {uri.rstrip('/')}/out.parquet"
-            )
         if _info(fs, bucket, uri).type == pafs.FileType.NotFound:
             raise SpecError(f"{_shown(uri)}: bucket {bucket!r} not found (create it, or fix job.{key})")
 

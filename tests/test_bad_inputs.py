@@ -406,6 +406,13 @@ CASES: list[Case] = [
         env=(("AWS_EC2_METADATA_DISABLED", "true"),),
     ),
     Case(
+        "s3 output naming a bucket but no key",
+        '`output = "s3://results.parquet"`',
+        job(job={"output": "s3://results.parquet"}),
+        "needs a key inside the bucket",
+        env=(("AWS_ACCESS_KEY_ID", "fake-id"), ("AWS_SECRET_ACCESS_KEY", "fake-secret")),
+    ),
+    Case(
         "output folder under a regular file",
         "`out` is a file",
         then(job(), lambda tmp: (tmp / "out").write_text("")),
