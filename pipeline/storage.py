@@ -11,8 +11,10 @@ file is and an upload at the end of a run is not.
   modification time changed: a run reads its input three times (the check pass, the requests, the
   output), and a cron rerun of an unchanged input downloads nothing.
 - An output is written locally (atomically, as always), then uploaded once, finished: with pyarrow's
-  ``allow_delayed_open`` a file smaller than one upload part is a single PUT; a larger one is a
+  ``allow_delayed_open`` a file smaller than one upload part (10 MB) is a single PUT; a larger one is a
   multipart upload, which S3 also shows only once complete. Readers see the old object or the new one.
+  A stream pyarrow closes completes its upload (there is no abort), so the object's size is checked
+  after the upload: a local read failing half-way (a disk error) is reported, not hidden.
 - Credentials come from where pyarrow looks for them (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
   ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, then the instance metadata service). pyarrow's
   ``FileSystem.from_uri`` also reads ``AWS_ENDPOINT_URL_S3`` and ``AWS_ENDPOINT_URL`` (a local S3 such as
@@ -112,7 +114,9 @@ def download(uri: str, local: Path, *, what: str = "the URI") -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(_UPLOAD_CHUNK):
+                dst.write(chunk)
         if mtime is not None:
             os.utime(tmp, (mtime, mtime))
         os.replace(tmp, local)
@@ -141,15 +145,37 @@ def check_output(spec: JobSpec) -> None:
 
 
 def upload(local: Path, uri: str) -> None:
-    """Put the finished local file at ``uri`` in one go: readers see the old object or the new one."""
+    """Put the finished local file at ``uri`` in one go: readers see the old object or the new one.
+
+    Written through an explicit stream and ``close``, then checked with one HEAD: ``pyarrow.fs.copy_files``
+    ignores an error raised when it closes the stream (a delayed-open PUT fails only then), so a missing
+    bucket looked like a successful upload.
+    """
     fs, path = open_object(uri)
+    size = local.stat().st_size
     try:
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        out = fs.open_output_stream(path)
+        try:
+            with open(local, "rb") as src:
+                while chunk := src.read(_UPLOAD_CHUNK):
+                    out.write(chunk)
+        finally:
+            out.close()  # the PUT (or the multipart completion) happens here, and its error surfaces here
+        info = fs.get_file_info(path)
     except (pa.ArrowException, OSError) as exc:
         raise UploadError(
             f"{_shown(uri)}: upload failed ({_first_line(exc)}); the output is at {local} and a rerun "
             "uploads it again without paying for any row"
         ) from None
+    if info.type != pafs.FileType.File or info.size != size:
+        raise UploadError(
+            f"{_shown(uri)}: upload failed (the object holds {info.size} bytes, the output {size}); the output is "
+            f"at {local} and a rerun uploads it again without paying for any row"
+        )
+
+
+#: Bytes read from the local output at a time while uploading.
+_UPLOAD_CHUNK = 1 << 20
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
-from pipeline.localapi import LocalAPI
+from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.records import ExitCode
 from tests.helpers import ROOT, reviews, to_toml
 
@@ -263,3 +265,41 @@ def test_run_output_object_gets_only_this_runs_answers(tmp_path: Path, api: Loca
     with s3.open_input_stream(f"{BUCKET}/runs/{runs[1]}.jsonl") as f:
         ids = [line.split('"review_id":"')[1][:7] for line in f.read().decode().splitlines()]
     assert ids == ["r-00003", "r-00004"], "the second run's file holds the two rows it paid for"
+
+
+def test_a_failed_upload_keeps_the_local_output_and_a_rerun_uploads_it(
+    tmp_path: Path, s3: pafs.FileSystem, s3_endpoint: str
+) -> None:
+    """The output bucket vanishes while answers are in flight: the run exits 1 naming the local file; once the
+    bucket is back, a rerun pays for nothing and uploads."""
+    slow = LocalAPI(ServerConfig(latency_ms=400))
+    slow.start()
+    try:
+        reviews(4).write_csv(tmp_path / "in.csv")
+        job = _job(tmp_path, slow, "vanishing", str(tmp_path / "in.csv"), f"s3://{BUCKET}/out/v.parquet")
+
+        def delete_bucket_once_sending() -> None:
+            while slow.stats()["received"] == 0:
+                time.sleep(0.01)
+            s3.delete_dir(BUCKET)
+
+        deleter = threading.Thread(target=delete_bucket_once_sending)
+        deleter.start()
+        result = _run(str(job))
+        deleter.join()
+        lines = result.output.strip().splitlines()
+        print(lines[-1])
+        assert result.exit_code == 1, result.output
+        assert lines[-1].startswith(f"seedbatch: error: s3://{BUCKET}/out/v.parquet: upload failed"), lines[-1]
+        local = tmp_path / "data-home" / "seedbatch" / "s3" / BUCKET / "out" / "v.parquet"
+        assert f"the output is at {local}" in lines[-1]
+        assert pl.read_parquet(local).get_column("status").to_list() == ["ok"] * 4
+        paid = slow.stats()["received"]
+
+        s3.create_dir(BUCKET)
+        again = _run(str(job))
+        assert again.exit_code == ExitCode.OK, again.output
+        assert slow.stats()["received"] == paid
+        assert [p for p, _ in _listing(s3)] == [f"{BUCKET}/out/v.parquet"]
+    finally:
+        slow.stop()
