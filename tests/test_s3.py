@@ -189,6 +189,14 @@ def test_parquet_and_csv_inputs_from_s3_outputs_to_s3_then_rerun_pays_nothing(
     shown = ("rows", "from_ledger", "requests_sent", "usd_spent", "output")
     print("rerun:", " ".join(f"{k}={v}" for k, v in _summary(again).items() if k in shown))
 
+    status = CliRunner().invoke(main, ["status", str(parquet_job)])
+    assert status.exit_code == 0, status.output
+    assert "12 total: 12 ok, 0 failed, 0 pending" in status.output
+    plan = CliRunner().invoke(main, ["plan", str(parquet_job)])
+    assert plan.exit_code == 0, plan.output
+    assert "12 selected; 12 already answered in the ledger; 0 duplicates; 0 to send" in plan.output
+    assert api.stats()["received"] == 20
+
     # Rows appended to the input object: the next run downloads it and sends only the new rows.
     reviews(10, start=100).write_csv(tmp_path / "b.csv")
     _put(s3, "in/reviews.csv", tmp_path / "b.csv")
