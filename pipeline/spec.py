@@ -457,8 +457,12 @@ def local_copy_path(uri: str) -> Path:
     part of the name; ``..`` cannot climb out."""
     parts = urlsplit(uri)
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}_{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:
+        raise SpecError(f"{uri}: not a valid object URI (the part after :// is bucket/key)") from None
+    if port is not None:
+        host = f"{host}_{port}"
     segments = [s for s in parts.path.split("/") if s not in ("", ".", "..")]
     return objects_home().joinpath(parts.scheme.lower(), host or "_", *segments)
 

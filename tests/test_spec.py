@@ -118,3 +118,5 @@ def test_object_uris_are_not_anchored_and_keep_one_local_copy(tmp_path: Path, mo
     # `..` in a key cannot climb out of the data folder.
     climbing = spec_from_dict({**data, "job": {"input": "s3://b/../../../etc/x.csv", "output": "o.csv"}}, "x.toml")
     assert climbing.job.input == home / "s3" / "b" / "etc" / "x.csv"
+    with pytest.raises(SpecError, match="not a valid object URI"):
+        spec_from_dict({**data, "job": {"input": "s3://b:notaport/x.csv", "output": "o.csv"}}, "x.toml")
