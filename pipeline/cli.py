@@ -110,8 +110,8 @@ def selection_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
 def override_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     for flag, kind, text in reversed(
         [
-            ("--input", click.Path(path_type=Path), "Input table (overrides job.input)."),
-            ("--output", click.Path(path_type=Path), "Output Parquet (overrides job.output)."),
+            ("--input", str, "Input table, a path or s3://bucket/key (overrides job.input)."),
+            ("--output", str, "Output .parquet, .csv or .jsonl, a path or s3://bucket/key (overrides job.output)."),
             ("--model", str, "Model name (overrides model.name)."),
             ("--rpm", click.FloatRange(min=0, min_open=True), "Requests per minute."),
             ("--tpm", click.FloatRange(min=0, min_open=True), "Tokens per minute."),
@@ -319,32 +319,34 @@ def status(job: str, limit: int | None, sample: int | None, sample_seed: int, de
 
 
 @main.command()
-@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output")
 @click.option("--rows", "n", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--status", "only_status", default=None, help="Only rows with this status.")
 @click.option("--width", type=int, default=100, show_default=True, help="Truncate values to this many characters.")
 @debug_opt
 @guarded
-def show(output: Path, n: int, only_status: str | None, width: int, debug: bool) -> None:
-    """Print a few rows of an OUTPUT Parquet file readably."""
-    import polars as pl
+def show(output: str, n: int, only_status: str | None, width: int, debug: bool) -> None:
+    """Print a few rows of an OUTPUT file (.parquet, .csv, .jsonl; a path or s3://bucket/key) readably."""
+    import tempfile
 
     from pipeline.errors import InputError
+    from pipeline.spec import is_object_uri
+    from pipeline.writer import read_output
 
-    if not output.exists():
-        raise InputError(f"{output}: no such output file (run the job first)")
-    try:
-        lf = pl.scan_parquet(output)
-        if only_status:
-            lf = lf.filter(pl.col("status") == only_status)
-        df = lf.head(n).collect()
-        if df.height == 0 and only_status:
-            counts = pl.scan_parquet(output).group_by("status").len().sort("status").collect()
-            found = ", ".join(f"{s}={c}" for s, c in counts.iter_rows()) or "none"
-            click.echo(f"no rows with status {only_status!r} in {output} (statuses there: {found})")
-            return
-    except pl.exceptions.PolarsError as exc:
-        raise InputError(f"{output}: cannot read Parquet ({str(exc).splitlines()[0]})") from None
+    with tempfile.TemporaryDirectory(prefix="seedbatch-show-") as tmp:
+        if is_object_uri(output):
+            from pipeline import storage
+
+            path = storage.download(output, Path(tmp) / Path(output.split("?", 1)[0]).name, what="the OUTPUT argument")
+        else:
+            path = Path(output)
+            if not path.exists():
+                raise InputError(f"{output}: no such output file (run the job first)")
+        df, counts = read_output(path, only_status, n)
+    if df.height == 0 and only_status:
+        found = ", ".join(f"{s}={c}" for s, c in counts) or "none"
+        click.echo(f"no rows with status {only_status!r} in {output} (statuses there: {found})")
+        return
     for i, row in enumerate(df.iter_rows(named=True)):
         click.echo(f"── row {i + 1} " + "─" * 40)
         for key, value in row.items():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import media, schema_types
+from pipeline import media, schema_types, storage
 from pipeline.costs import Price, price_for
 from pipeline.errors import InputError, SpecError
 from pipeline.prompts import Renderer
@@ -87,6 +87,15 @@ def prepare(
     """
     selection = selection or Selection()
     schema = load_schema(spec)
+    storage.fetch_input(spec)
+    with storage.objects_named(spec):  # errors about a local copy name the object the job names
+        p = _prepare(spec, selection, schema, need_key=need_key, read_everything=read_everything)
+    return p
+
+
+def _prepare(
+    spec: JobSpec, selection: Selection, schema: dict[str, Any] | None, *, need_key: bool, read_everything: bool
+) -> Prepared:
     messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
     table = open_input(spec.job.input, spec.job.encoding, [messages_column] if messages_column else [])
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
@@ -111,6 +120,7 @@ def prepare(
             builder.require_clean(read_rows(table, selection, size, builder.column_names, spec.job.id_column))
     check_distinct_files(spec)
     check_output_path(spec.job.output, table.columns)
+    storage.check_output(spec)
     if schema is not None:
         schema_types.check_column_clash(
             schema,

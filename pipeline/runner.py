@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 
-from pipeline import __version__, schema_types
+from pipeline import __version__, schema_types, storage
 from pipeline.batch_output import write_batch_output
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
@@ -87,7 +87,10 @@ def write_manifest(spec: JobSpec, summary: RunSummary) -> Path:
 
 
 def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
-    """The output (and ``run_output``) rebuilt from the input and the ledger: it always matches the ledger."""
+    """The output (and ``run_output``) rebuilt from the input and the ledger: it always matches the ledger.
+
+    An object output is written to its local copy, then uploaded whole (``storage``).
+    """
     spec = p.spec
     typed = _typed_columns(p)
     try:
@@ -99,15 +102,18 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
             typed=typed,
         )
     except PartialOutputError:
-        summary.output_path = str(spec.job.output)
+        summary.output_path = spec.output_location
+        _upload(spec.job.output, spec.objects.get("output"))
         raise
-    summary.output_path = str(spec.job.output)
+    summary.output_path = spec.output_location
+    _upload(spec.job.output, spec.objects.get("output"))
     if spec.job.batch_output is not None:
         rows = selected_indices(p.table.rows, p.selection)
         write_batch_output(spec.job.batch_output, spec.job.output, spec.job.id_column, rows)
     if spec.job.run_output:
         fresh = ledger.run_answers(summary.run_id)
-        run_path = Path(spec.job.run_output.format(date=dt.date.today().isoformat(), run_id=summary.run_id))
+        date = dt.date.today().isoformat()
+        run_path = Path(spec.job.run_output.format(date=date, run_id=summary.run_id))
         run_path.parent.mkdir(parents=True, exist_ok=True)
         write_output(
             run_path,
@@ -117,6 +123,13 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
             typed=typed,
             keep=lambda h: h in fresh,
         )
+        run_uri = spec.objects.get("run_output")
+        _upload(run_path, run_uri.format(date=date, run_id=summary.run_id) if run_uri else None)
+
+
+def _upload(local: Path, uri: str | None) -> None:
+    if uri is not None:
+        storage.upload(local, uri)
 
 
 async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:

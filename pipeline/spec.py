@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from pipeline.errors import SpecError
 
@@ -72,13 +73,15 @@ class JobSection(_Strict):
     name: str | None = None
     """Name used in logs and the manifest; defaults to the job file's stem."""
     input: Path
-    """The prompt table: .parquet, .csv or .jsonl/.ndjson."""
+    """The prompt table: .parquet, .csv or .jsonl/.ndjson. An object URI (``s3://bucket/key``) is read through a
+    local copy, and this is that copy's path (``JobSpec.objects`` keeps the URI)."""
     input_format: Literal["table", "openai_batch"] = "table"
     """``openai_batch``: the input is an OpenAI Batch input file (``custom_id``, ``method``, ``url``, ``body`` per
     line); each line's ``body`` is the request and ``custom_id`` the row id. Said, not guessed: "body" is also a
     common column name in ordinary tables."""
     output: Path
-    """Where the output Parquet goes; the manifest and (by default) the ledger sit beside it."""
+    """The output file; its format follows the extension (``OUTPUT_FORMATS``). The manifest and (by default) the
+    ledger sit beside it. For an object URI this is the local file written, then uploaded."""
     id_column: str | None = None
     """Column whose values name rows in errors and logs; row numbers are used when unset."""
     ledger: Path | None = None
@@ -260,20 +263,29 @@ class JobSpec(_Strict):
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""
     source_sha256: str | None = Field(default=None, exclude=True)
+    _objects: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> JobSpec:
+    def _check(self, info: ValidationInfo) -> JobSpec:
+        objects = dict((info.context or {}).get("objects", {}))
+        self._objects = objects
+        for key in ("output", "run_output"):
+            value = getattr(self.job, key)
+            if value is not None and output_format(str(value)) is None:
+                shown = objects.get(key, str(value))
+                raise ValueError(
+                    f"job.{key} {shown!r}: unknown output format {Path(str(value)).suffix or '(none)'!r}; "
+                    f"end the name in {', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}"
+                )
         if self.output.format == "json_schema" and self.output.schema_ is None:
             raise ValueError("output.format = 'json_schema' needs output.schema (a file path or a table)")
         if self.job.run_output is not None:
             try:
-                example = self.job.run_output.format(date="2026-01-01", run_id="20260101T000000Z-abcdef")
+                self.job.run_output.format(date="2026-01-01", run_id="20260101T000000Z-abcdef")
             except (KeyError, IndexError, ValueError) as exc:
                 raise ValueError(
                     f"job.run_output {self.job.run_output!r}: only {{date}} and {{run_id}} may be used ({exc!r})"
                 ) from None
-            if not example.lower().endswith((".parquet", ".pq")):
-                raise ValueError(f"job.run_output {self.job.run_output!r} must end in .parquet")
         if self.prompt.user is not None and self.prompt.messages_column is not None:
             raise ValueError(
                 "prompt.user and prompt.messages_column: a row's messages come from one of them; remove one"
@@ -307,6 +319,17 @@ class JobSpec(_Strict):
         return self
 
     # Derived values, one place each.
+    @property
+    def objects(self) -> dict[str, str]:
+        """``job.input``/``job.output``/``job.run_output`` given as object URIs, by key; their fields hold the
+        local copies' paths."""
+        return dict(self._objects)
+
+    @property
+    def output_location(self) -> str:
+        """The output as the user named it: the object URI, or the local path."""
+        return self._objects.get("output", str(self.job.output))
+
     @property
     def name(self) -> str:
         if self.job.name:
@@ -432,14 +455,75 @@ PATH_KEYS = (
 
 
 def _anchor_paths(data: dict[str, Any], base_dir: Path) -> None:
-    """Relative paths written in a job file mean "beside the job file", wherever the command runs."""
+    """Relative paths written in a job file mean "beside the job file", wherever the command runs.
+
+    Object URIs are not paths: ``s3://bucket/key`` means the same object from any folder.
+    """
     for section, key in PATH_KEYS:
         values = data.get(section)
         if not isinstance(values, dict):
             continue
         value = values.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
+        if isinstance(value, str) and value and not is_object_uri(value) and not Path(value).is_absolute():
             values[key] = os.path.normpath(base_dir / value)
+
+
+#: Output formats by file extension: what ``job.output``, ``job.run_output`` and ``--output`` may end in.
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
+#: Keys that may name an object (``s3://…``, ``gs://…``) instead of a local file.
+OBJECT_KEYS = ("input", "output", "run_output")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def output_format(name: str) -> str | None:
+    """``parquet``, ``csv`` or ``jsonl`` from a file name's extension; None for any other."""
+    return OUTPUT_FORMATS.get(os.path.splitext(name)[1].lower())
+
+
+def is_object_uri(value: str) -> bool:
+    """``s3://bucket/key`` and the like (two letters or more before ``://``, so ``C:/x`` stays a path)."""
+    return bool(_URI.match(value))
+
+
+def objects_home() -> Path:
+    """Where local copies of objects live, with the ledger and manifest of an object output beside them.
+
+    A data folder (``$XDG_DATA_HOME/seedbatch``, else ``~/.local/share/seedbatch``), not a cache: the
+    ledger there holds answers that were paid for, and cache cleaners delete caches.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "seedbatch"
+
+
+def local_copy_path(uri: str) -> Path:
+    """``s3://bucket/a/b.csv`` → ``<objects_home>/s3/bucket/a/b.csv``: one local place per object, the same
+    from any folder, so a rerun finds the ledger of the run before it. The query (pyarrow options) is not
+    part of the name; ``..`` cannot climb out."""
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        raise SpecError(f"{uri}: not a valid object URI (the part after :// is bucket/key)") from None
+    if port is not None:
+        host = f"{host}_{port}"
+    segments = [s for s in parts.path.split("/") if s not in ("", ".", "..")]
+    return objects_home().joinpath(parts.scheme.lower(), host or "_", *segments)
+
+
+def _localize_objects(data: dict[str, Any]) -> dict[str, str]:
+    """Replace object URIs in ``[job]`` by their local copies' paths; return the URIs by key."""
+    job = data.get("job")
+    if not isinstance(job, dict):
+        return {}
+    objects: dict[str, str] = {}
+    for key in OBJECT_KEYS:
+        value = job.get(key)
+        if isinstance(value, str) and is_object_uri(value):
+            objects[key] = value
+            job[key] = str(local_copy_path(value))
+    return objects
 
 
 def spec_from_dict(
@@ -464,8 +548,9 @@ def spec_from_dict(
     for flag, value in overrides.items():
         section, key = OVERRIDES[flag]
         data.setdefault(section, {})[key] = value
+    objects = _localize_objects(data)
     try:
-        spec = JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data, context={"objects": objects})
     except ValidationError as err:
         raise SpecError(_format_validation(err, source)) from None
     if spec.job.input_format == "table" and spec.prompt.user is None and spec.prompt.messages_column is None:

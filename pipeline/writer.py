@@ -1,7 +1,11 @@
-"""Input rows + ledger answers → one typed Parquet file, written atomically, chunk by chunk.
+"""Input rows + ledger answers → one output file (Parquet, CSV or JSONL), written atomically, chunk by chunk.
 
 The output is rebuilt from the input and the ledger at the end of every run, so it always matches
 the ledger; a crash mid-write leaves the previous output untouched (temp file, then ``os.replace``).
+The format follows the file's extension (``spec.OUTPUT_FORMATS``): Parquet keeps every type; CSV has
+no nested values, so list and struct columns are written there as JSON text (``json.loads`` gives the
+value back); JSONL keeps nesting. Binary cells (images read from a Parquet input) are base64 text in
+CSV and JSONL, which have no bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, PartialOutputError, SpecError
 from pipeline.ledger import ANSWER_COLUMNS as _LEDGER_ORDER
+from pipeline.spec import OUTPUT_SUFFIXES, output_format
 
 #: The columns seedbatch adds after the input's, with their types. One name per concept: these are
 #: also the ledger's columns and the README's.
@@ -54,10 +59,10 @@ def check_output_path(path: Path, input_columns: Iterable[str]) -> None:
         raise SpecError(
             f"input column(s) {', '.join(map(repr, clash))} clash with seedbatch's output columns; rename them"
         )
-    if path.suffix.lower() not in (".parquet", ".pq"):
-        raise SpecError(f"{path}: job.output must end in .parquet")
+    if output_format(path.name) is None:
+        raise SpecError(f"{path}: job.output must end in {_suffixes()}")
     if path.is_dir():
-        raise SpecError(f"{path}: job.output is a folder; give a file name ending in .parquet")
+        raise SpecError(f"{path}: job.output is a folder; give a file name ending in {_suffixes()}")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _suffixes() -> str:
+    return f"{', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}"
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -101,6 +110,57 @@ def _answer_frame(row_numbers: Sequence[int], answers: dict[int, tuple[str, tupl
     return frame.select(OUTPUT_COLUMNS.keys())
 
 
+def _as_text(frame: pl.DataFrame, nested_as_json: bool) -> pl.DataFrame:
+    """Cells a text format cannot hold as they are: bytes as base64, and (for CSV) lists and structs as JSON."""
+    casts = []
+    for name, dtype in frame.schema.items():
+        if dtype == pl.Binary:
+            casts.append(pl.col(name).bin.encode("base64"))
+        elif nested_as_json and dtype.is_nested():
+            # polars encodes structs only: wrap the value as {"v": …} and keep what follows `{"v":`.
+            wrapped = pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.head(-1)
+            casts.append(pl.when(pl.col(name).is_null()).then(None).otherwise(wrapped).alias(name))
+    return frame.with_columns(casts) if casts else frame
+
+
+class _Sink:
+    """One output file being written, a chunk at a time, in the format its name asks for."""
+
+    def __init__(self, tmp: Path, fmt: str) -> None:
+        self.tmp = tmp
+        self.format = fmt
+        self._parquet: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._text: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._parquet is not None or self._text is not None
+
+    def write(self, frame: pl.DataFrame) -> None:
+        if self.format == "parquet":
+            table = frame.to_arrow()
+            if self._parquet is None:
+                self._schema = table.schema
+                self._parquet = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+            assert self._schema is not None
+            self._parquet.write_table(table.cast(self._schema) if table.schema != self._schema else table)
+            return
+        first = self._text is None
+        if self._text is None:
+            self._text = open(self.tmp, "wb")  # noqa: SIM115 (closed by close(), after the last chunk)
+        if self.format == "csv":
+            _as_text(frame, nested_as_json=True).write_csv(self._text, include_header=first)
+        elif frame.height:
+            _as_text(frame, nested_as_json=False).write_ndjson(self._text)
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._text is not None:
+            self._text.close()
+
+
 def write_output(
     path: Path,
     frames: Iterable[pl.DataFrame],
@@ -111,13 +171,15 @@ def write_output(
     keep: Callable[[str | None], bool] | None = None,
 ) -> dict[str, int]:
     """Write every input row with its answer; returns rows by status. ``keep`` filters by request hash."""
-    writer: pq.ParquetWriter | None = None
+    fmt = output_format(path.name)
+    if fmt is None:
+        raise SpecError(f"{path}: an output must end in {_suffixes()}")
     counts: dict[str, int] = {}
-    schema: pa.Schema | None = None
     last: pl.DataFrame | None = None
     broken: InputError | None = None
     frames = iter(frames)
     with atomic_path(path) as tmp:
+        sink = _Sink(tmp, fmt)
         try:
             while True:
                 try:
@@ -127,7 +189,7 @@ def write_output(
                 except InputError as exc:
                     # The input changed or broke after the pre-pass: keep the rows read so far (their answers
                     # are paid for) as a partial output, then say so.
-                    if writer is None:
+                    if not sink.started:
                         raise
                     broken = exc
                     break
@@ -146,21 +208,39 @@ def write_output(
                 last = out
                 if out.height == 0:
                     continue
-                table = out.to_arrow()
-                if writer is None:
-                    schema = table.schema
-                    writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-                writer.write_table(table.cast(schema) if table.schema != schema else table)
-            if writer is None:
+                sink.write(out)
+            if not sink.started:
                 if last is None:
                     raise SpecError(f"{path}: no rows selected; nothing to write")
-                writer = pq.ParquetWriter(tmp, last.to_arrow().schema, compression="zstd")
+                sink.write(last)  # no row kept: the file still says which columns there would be
         finally:
-            if writer is not None:
-                writer.close()
+            sink.close()
     if broken is not None:
         written = sum(counts.values())
         raise PartialOutputError(
             f"{broken} (a partial output of the {written:,} rows read before it was written to {path})"
         )
     return counts
+
+
+def read_output(path: Path, only_status: str | None, rows: int) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
+    """The first ``rows`` rows of an output file (with ``only_status``: of that status), and rows by status.
+
+    What ``seedbatch show`` prints. A CSV output's list and struct columns come back as their JSON text.
+    """
+    fmt = output_format(path.name)
+    if fmt is None:
+        raise InputError(f"{path}: not an output file (show reads {_suffixes()})")
+    try:
+        if fmt == "parquet":
+            lf = pl.scan_parquet(path)
+        elif fmt == "csv":
+            lf = pl.scan_csv(path, infer_schema_length=10_000)
+        else:
+            lf = pl.scan_ndjson(path, infer_schema_length=10_000)
+        picked = lf.filter(pl.col("status") == only_status) if only_status else lf
+        df = picked.head(rows).collect()
+        counts = [] if df.height else list(lf.group_by("status").len().sort("status").collect().iter_rows())
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"{path}: cannot read {fmt} output ({str(exc).strip().splitlines()[0]})") from None
+    return df, counts

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "shared_limits",
             "progress",
             "batch_output",
+            "storage",
         },
     ),
     ("one request, one job's checks", {"prepare", "attempts"}),

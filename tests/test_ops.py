@@ -180,7 +180,7 @@ BAD_CONFIGS = [
     (HEAD + PROMPT + "[model]\ntemperature = 9", "model.temperature"),
     (HEAD + PROMPT + "[limits]\nrpm = -1", "limits.rpm"),
     (HEAD + PROMPT + '[endpoint]\npreset = "x"', "endpoint.preset"),
-    (HEAD.replace("x.parquet", "x.csv") + PROMPT + LOCAL, ".parquet"),
+    (HEAD.replace("x.parquet", "x.xlsx") + PROMPT + LOCAL, "unknown output format"),
     (HEAD + '[prompt]\nuser = "{text"\n' + LOCAL, "prompt.user"),
     (HEAD + PROMPT + '[output]\nformat = "json_schema"', "output.schema"),
     ("[job\n", "not valid TOML"),

@@ -94,3 +94,31 @@ def test_example_jobs_load() -> None:
         spec = load_spec(job)
         # Each row's messages come from a template, a column of message lists, or a Batch line's body.
         assert spec.prompt.user or spec.prompt.messages_column or spec.job.input_format == "openai_batch"
+
+
+def test_object_uris_are_not_anchored_and_keep_one_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``s3://`` names the same object from any folder; its local copy, ledger and manifest live in one data
+    folder, the same whichever folder the job runs from."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    data = {
+        "job": {"input": "s3://b/in/x.csv", "output": "s3://b/out/y.jsonl", "run_output": "gs://c/runs/{date}.csv"},
+        "prompt": {"user": "{text}"},
+    }
+    spec = spec_from_dict(data, tmp_path / "jobs" / "x.toml", base_dir=tmp_path / "jobs")
+    home = tmp_path / "data" / "seedbatch"
+    assert spec.job.input == home / "s3" / "b" / "in" / "x.csv"
+    assert spec.job.output == home / "s3" / "b" / "out" / "y.jsonl"
+    assert spec.job.run_output == str(home / "gs" / "c" / "runs" / "{date}.csv")
+    assert spec.objects == data["job"]
+    assert spec.output_location == "s3://b/out/y.jsonl"
+    assert spec.ledger_path == home / "s3" / "b" / "out" / "y.jsonl.ledger.sqlite"
+    assert spec.manifest_path.parent == spec.ledger_path.parent
+    # A flag's URI too; a relative flag path stays relative to the current folder.
+    flagged = spec_from_dict(data, "x.toml", {"input": "rel/in.csv", "output": "s3://other/o.parquet"})
+    assert flagged.job.input == Path("rel/in.csv")
+    assert flagged.objects == {"output": "s3://other/o.parquet", "run_output": "gs://c/runs/{date}.csv"}
+    # `..` in a key cannot climb out of the data folder.
+    climbing = spec_from_dict({**data, "job": {"input": "s3://b/../../../etc/x.csv", "output": "o.csv"}}, "x.toml")
+    assert climbing.job.input == home / "s3" / "b" / "etc" / "x.csv"
+    with pytest.raises(SpecError, match="not a valid object URI"):
+        spec_from_dict({**data, "job": {"input": "s3://b:notaport/x.csv", "output": "o.csv"}}, "x.toml")

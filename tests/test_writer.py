@@ -203,9 +203,9 @@ def test_check_output_path_rejects_clashing_input_columns(tmp_path: Path, column
     assert "rename" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["o.csv", "o.parquet.bak", "o"])
+@pytest.mark.parametrize("name", ["o.xlsx", "o.parquet.bak", "o"])
 def test_check_output_path_rejects_other_suffixes(tmp_path: Path, name: str) -> None:
-    with pytest.raises(SpecError, match=r"must end in \.parquet"):
+    with pytest.raises(SpecError, match=r"must end in \.parquet, \.csv or \.jsonl"):
         check_output_path(tmp_path / name, ["text"])
 
 
