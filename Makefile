@@ -41,7 +41,7 @@ $(VENV)/.installed-ray: pyproject.toml $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,ray]'
 	@touch $@
 
-test-ray: $(VENV)/.installed-ray  ## the Ray executor on a local Ray instance (installs the ray extra once)
+test-ray: $(VENV)/.installed-ray  ## the Ray executor on a 3-node Ray cluster on 127.0.0.1, losing a node and the driver (installs the ray extra once)
 	$(BIN)/pytest -q -m ray -p no:cacheprovider tests/test_ray.py
 
 bench: $(VENV)/.installed-ray  ## benchmarks against the local API (and 2 Ray workers); writes benchmarks/RESULTS.md

@@ -122,7 +122,7 @@ def override_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
             ("--strict-inputs/--no-strict-inputs", bool, "Stop before sending if any media file is missing or bad."),
             ("--executor", click.Choice(["local", "ray"]), "Send from this process or from a Ray cluster."),
             ("--ray-address", str, "Ray cluster to join (executor.address), e.g. ray://head:10001 or auto."),
-            ("--workers", click.IntRange(min=1), "Ray shards: row ranges sent in parallel (executor.workers)."),
+            ("--workers", click.IntRange(min=1), "Ray shards, split by request hash (executor.workers)."),
         ]
     ):
         fn = click.option(flag, type=kind, default=None, help=text)(fn)

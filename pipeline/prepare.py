@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from pipeline.costs import Price, price_for
 from pipeline.errors import InputError, SpecError
 from pipeline.prompts import Renderer
 from pipeline.reader import InputTable, check_id_column, open_input, read_frames, read_rows, selected_rows
-from pipeline.records import Request, RowRange, Selection
+from pipeline.records import Request, Selection
 from pipeline.spec import JobSpec
 from pipeline.writer import OUTPUT_COLUMNS, check_output_path
 
@@ -37,8 +37,8 @@ class Prepared:
     price: Price | None
     api_key: str | None
     rows: int
-    row_range: RowRange | None = None
-    """Only these positions among the selected rows (one shard of a Ray run); None: all of them."""
+    holds: Callable[[str], bool] | None = None
+    """Only the requests whose hash this accepts (one shard of a Ray run); None: all of them."""
 
 
 def load_schema(spec: JobSpec) -> dict[str, Any] | None:
@@ -213,5 +213,9 @@ def iter_requests(p: Prepared, chunk_rows: int | None = None) -> Iterator[list[R
     size = chunk_rows or p.spec.job.chunk_rows
     if p.spec.media.image_columns or p.spec.media.video_columns:
         size = min(size, media.CHUNK_ROWS)  # media bytes live in the request bodies: keep few chunks of them
-    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column, p.row_range):
-        yield [p.renderer.render(r) for r in rows]
+    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column):
+        requests = [p.renderer.render(r) for r in rows]
+        if p.holds is not None:  # a Ray shard renders every row to learn which requests are its own
+            requests = [r for r in requests if p.holds(r.request_hash)]
+        if requests:
+            yield requests

@@ -245,7 +245,7 @@ class ExecutorSection(_Strict):
     address: str | None = None
     """Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); unset: $RAY_ADDRESS, else a local Ray."""
     workers: int = Field(default=2, ge=1, le=10_000)
-    """Shards: the selected rows are split into this many row ranges, one Ray task each."""
+    """Shards: the selected requests are split into this many by request hash, one Ray task each."""
 
 
 class JobSpec(_Strict):

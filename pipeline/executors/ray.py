@@ -1,18 +1,23 @@
-"""``executor.kind = "ray"``: one job on a Ray cluster, sharded by row range, one limit for the cluster.
+"""``executor.kind = "ray"``: one job on a Ray cluster, sharded by request hash, one limit for the cluster.
 
 The driver (``run_job``) does what it does for a local run (prepare, lock, main ledger, output); only the
 sending is different (``execute_ray``):
 
-- The selected rows are split into ``executor.workers`` row ranges. Each range is one Ray task
-  (``run_shard``) running the same ``Dispatch`` as a local run, so pacing, retries, validation and the
-  ledger discipline are one code path.
+- Requests are split into ``executor.workers`` shards by their request hash (``shard_of``), so identical
+  rows land in the same shard and are paid once for the whole cluster, as in a local run. Each shard is
+  one Ray task (``run_shard``) running the same ``Dispatch`` as a local run, so pacing, retries,
+  validation and the ledger discipline are one code path. A shard renders every selected row to learn
+  which requests are its own (no list of rows crosses the cluster; rendering is ~25 µs a row).
+  Shards are spread over the nodes (``SPREAD``).
 - Each shard commits to its own SQLite file, ``<ledger>.shards/<k>.sqlite`` (one writer per file, no
   lock contention across nodes), and counts answers already in the main ledger as known. It also keeps
   the shard's row → request-hash map, so the driver never renders requests itself.
 - Every shard's ``Pacer`` takes from one ``ClusterLimits`` actor (RPM, TPM) and every shard's budget
-  leases from it, so the job's limits hold for the cluster, not per worker.
-- A task killed mid-shard is retried by Ray (``max_retries``) and resumes from its shard ledger: only
-  answers in flight when it died are paid again (answers are committed in the loop turn they arrive).
+  leases from it, so the job's limits hold for the cluster, not per worker. The actor lives on the
+  driver's node: losing another node loses no limit state.
+- A task killed mid-shard (its worker or its whole node) is retried by Ray (``max_retries``) on a live
+  node and resumes from its shard ledger: only answers in flight when it died are paid again (answers
+  are committed in the loop turn they arrive). The run then ends with every row answered.
 - When the tasks end, the driver merges the shard ledgers into the main ledger and deletes them; a
   driver that dies first leaves them for the next run of the job (local or Ray) to merge.
 
@@ -27,6 +32,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,7 @@ from pipeline.executors.local import Dispatch
 from pipeline.ledger import Ledger, ShardLedger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, prepare
-from pipeline.records import RowRange, RunSummary, Selection, StopReason
+from pipeline.records import RunSummary, Selection, StopReason
 from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
 from pipeline.shared_limits import ReservationBucket, ReservingQuota, reserve
 
@@ -58,11 +64,21 @@ def require_ray(spec: Any) -> None:
         raise SpecError(f"{spec.source or 'job'}: executor.kind = 'ray' needs Ray: {INSTALL_HINT}") from None
 
 
-def split_rows(rows: int, shards: int) -> list[RowRange]:
-    """``shards`` contiguous, near-equal row ranges (fewer when there are fewer rows than shards)."""
-    shards = max(1, min(shards, rows))
-    bounds = [rows * k // shards for k in range(shards + 1)]
-    return [RowRange(bounds[k], bounds[k + 1]) for k in range(shards)]
+def shard_count(rows: int, workers: int) -> int:
+    """``executor.workers`` shards, fewer when there are fewer rows (an empty shard starts a task for nothing)."""
+    return max(1, min(workers, rows))
+
+
+def shard_of(request_hash: str, shards: int) -> int:
+    """The shard that sends ``request_hash``: identical requests, wherever their rows are, share one shard.
+
+    The hash is a uniform hex digest, so its leading 64 bits spread requests evenly over the shards.
+    """
+    return int(request_hash[:16], 16) % shards
+
+
+def _holds(index: int, shards: int, request_hash: str) -> bool:
+    return shard_of(request_hash, shards) == index
 
 
 # ---------------------------------------------------------------------------------------- the actor
@@ -168,7 +184,7 @@ class ShardTask:
 
     spec: Any  # JobSpec
     selection: Selection
-    row_range: RowRange
+    shards: int
     index: int
     run_id: str
     base_url: str
@@ -198,7 +214,7 @@ def _progress_fields(s: RunSummary, in_flight: int) -> dict[str, Any]:
 
 
 def run_shard(task: ShardTask, limits: Any) -> RunSummary:
-    """One Ray task: send what the main and shard ledgers lack for ``task.row_range``.
+    """One Ray task: send what the main and shard ledgers lack among the requests of shard ``task.index``.
 
     The worker resolves the API key itself (its environment or ``endpoint.api_key_file``), so the key
     never travels through Ray. Relative paths in the job mean what they mean on the driver: the shard
@@ -210,9 +226,8 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
     shards_dir = spec.shards_dir.resolve()
     shards_dir.mkdir(parents=True, exist_ok=True)
     (shards_dir / f"{task.index:04d}.pid").write_text(str(os.getpid()))
-    rows = task.row_range.stop - task.row_range.start
     # The driver parsed every row before any shard started: no second pre-pass per shard.
-    p = replace(prepare(spec, task.selection, read_everything=False), row_range=task.row_range, rows=rows)
+    p = replace(prepare(spec, task.selection, read_everything=False), holds=partial(_holds, task.index, task.shards))
     summary = RunSummary(job=spec.name, run_id=task.run_id, rows_total=p.rows, started_at=time.time())
     options = RunOptions(selection=task.selection, retry_errors=task.retry_errors, fresh=task.fresh)
     ledger = ShardLedger(shard_path(shards_dir, task.index), spec.ledger_path.resolve(), spec.endpoint_key)
@@ -292,20 +307,26 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary
     shards_dir = spec.shards_dir.resolve()
     shutil.rmtree(shards_dir, ignore_errors=True)  # run_job merged any leftovers before
     shards_dir.mkdir(parents=True, exist_ok=True)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a lost worker node must not take the cluster's buckets and budget with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     limits: Any = (
         ray.remote(num_cpus=0)(ClusterLimits)
-        .options(max_concurrency=1)
+        .options(max_concurrency=1, scheduling_strategy=here)
         .remote(spec.limits.rpm, spec.limits.tpm, spec.limits.max_cost_usd)
     )
-    shard_remote = ray.remote(max_retries=SHARD_RETRIES, retry_exceptions=False)(run_shard)
-    ranges = split_rows(p.rows, spec.executor.workers)
+    shard_remote = ray.remote(max_retries=SHARD_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD")(
+        run_shard
+    )
+    shards = shard_count(p.rows, spec.executor.workers)
     cwd = os.getcwd()
     refs = {
         shard_remote.remote(
-            ShardTask(spec, p.selection, rng, k, summary.run_id, url, cwd, options.retry_errors, options.fresh),
+            ShardTask(spec, p.selection, shards, k, summary.run_id, url, cwd, options.retry_errors, options.fresh),
             limits,
         ): k
-        for k, rng in enumerate(ranges)
+        for k in range(shards)
     }
     results: dict[int, RunSummary] = {}
     failures: list[str] = []
@@ -351,7 +372,7 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary
         for part in results.values():
             _add_into(summary, part.as_dict())
         summary.rows_by_status = {}  # counted again from the output by run_job
-        for k in range(len(ranges)):
+        for k in range(shards):
             path = shard_path(shards_dir, k)
             if path.exists():
                 ledger.merge(path, rows=True)
