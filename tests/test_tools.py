@@ -8,6 +8,7 @@ malformed, spread into typed columns exactly like a json_schema answer; every ca
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,27 @@ def test_structured_output_tool_dialect_gives_json_schema_columns(tmp_path: Path
     names = {c["name"] for calls in df.get_column("tool_calls").to_list() for c in calls}
     assert names == {"label"}, "the schema travels as the forced function named output.name"
     assert_forced_rows(df, "label", REVIEW_SCHEMA)
+
+
+def test_inline_tools_and_a_call_cut_at_max_tokens(tmp_path: Path, api: LocalAPI) -> None:
+    """``[[model.tools]]`` inline works like a file; a forced call cut at max_tokens is ``truncated``."""
+    body = (
+        '[model]\nmax_tokens = 8\ntool_choice = "label"\n\n[[model.tools]]\ntype = "function"\n'
+        'function = { name = "label", parameters = { type = "object", properties = { sentiment = '
+        '{ type = "string", enum = ["positive", "negative", "neutral"] }, reason = { type = "string" } }, '
+        'required = ["sentiment", "reason"] } }\n'
+    )
+    job = write_job(tmp_path, api, body, input_path=REVIEWS)
+    result = cli("run", str(job), "--no-progress", "--limit", "10")
+    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert df.schema["sentiment"] == pl.Enum(["positive", "negative", "neutral"])
+    assert result.exit_code == ExitCode.ROWS_FAILED, result.output
+    assert df.get_column("status").unique().to_list() == ["truncated"]
+    assert df.get_column("sentiment").null_count() == df.height
+
+    job.write_text(job.read_text().replace("max_tokens = 8", "max_tokens = 256"))
+    result = cli("run", str(job), "--no-progress", "--limit", "10", "--retry-errors")
+    assert result.exit_code == ExitCode.OK, result.output
+    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert df.get_column("sentiment").null_count() == 0
+    assert_forced_rows(df, "label", tomllib.loads(body)["model"]["tools"][0]["function"]["parameters"])
