@@ -107,7 +107,7 @@ def schema_warnings(p: Prepared) -> list[str]:
         return []
     spec = p.spec
     sent = p.schema
-    if spec.structured_output == "json_object_schema":
+    if spec.structured_output == "json_object_schema" and p.tools is None:  # functions carry the schema as is
         sent = enforceable(p.schema, max_tokens=spec.model.max_tokens)
     return fit_warnings(sent, spec.model.max_tokens, source=p.schema_source)
 

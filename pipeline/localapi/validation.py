@@ -23,7 +23,13 @@ from typing import Any
 
 import orjson
 
-from pipeline.prompts import TOKENS_PER_IMAGE, TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST, TOKENS_PER_VIDEO
+from pipeline.prompts import (
+    CHARS_PER_TOKEN,
+    TOKENS_PER_IMAGE,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_REQUEST,
+    TOKENS_PER_VIDEO,
+)
 
 #: The chat template's own tokens per request (see ``pipeline.prompts.TOKENS_PER_REQUEST``).
 PRIMING_TOKENS = TOKENS_PER_REQUEST
@@ -218,8 +224,10 @@ def parse(body: Any) -> Parsed:
 
     joined = "\n".join(texts)
     prompt_tokens = len(TOKEN_RE.findall(joined)) + extra
-    if tools is not None:  # function definitions are billed as prompt text
-        prompt_tokens += count_tokens(orjson.dumps(body["tools"]).decode())
+    if tools is not None:
+        # Providers render function definitions into the prompt in a compact form, not as JSON punctuation
+        # (each a token here): billed at a token per CHARS_PER_TOKEN characters of their JSON.
+        prompt_tokens += int(len(orjson.dumps(body["tools"])) / CHARS_PER_TOKEN + 0.5)
     digest = hashlib.sha256("\x1f".join(keys).encode() + b"\x1e" + joined.encode()).digest()
     parallel_ok = parallel is not False
     return Parsed(
