@@ -371,9 +371,8 @@ def test_lock_creates_its_folder(tmp_path: Path) -> None:
         assert path.exists()
 
 
-def test_a_ledger_from_before_tool_calls_gets_the_column_and_keeps_its_answers(tmp_path: Path) -> None:
-    """An older ledger has no ``tool_calls`` column: it is added (last), and writes go by column name."""
-    path = tmp_path / "old.sqlite"
+def _old_ledger(path: Path) -> None:
+    """A ledger as written before the ``tool_calls`` column existed, holding one answer."""
     old_columns = [c for c in ANSWER_COLUMNS if c != "tool_calls"]
     db = sqlite3.connect(path)
     db.execute(
@@ -386,6 +385,12 @@ def test_a_ledger_from_before_tool_calls_gets_the_column_and_keeps_its_answers(t
     )
     db.commit()
     db.close()
+
+
+def test_a_ledger_from_before_tool_calls_gets_the_column_and_keeps_its_answers(tmp_path: Path) -> None:
+    """An older ledger has no ``tool_calls`` column: it is added (last), and writes go by column name."""
+    path = tmp_path / "old.sqlite"
+    _old_ledger(path)
     led = Ledger(path, "local")
     try:
         old = led.get("o" * 32)
@@ -395,5 +400,17 @@ def test_a_ledger_from_before_tool_calls_gets_the_column_and_keeps_its_answers(t
         led.flush()
         new = led.get("n" * 32)
         assert new is not None and new.tool_calls == calls and new.latency_ms == 3.0 and new.attempts == 1
+    finally:
+        led.close()
+
+
+def test_a_shard_ledger_from_before_tool_calls_merges(tmp_path: Path) -> None:
+    """Shard ledgers a dead Ray run left behind may predate the column: their answers still merge."""
+    _old_ledger(tmp_path / "shard.sqlite")
+    led = Ledger(tmp_path / "main.sqlite", "local")
+    try:
+        assert led.merge(tmp_path / "shard.sqlite", rows=False) == 1
+        merged = led.get("o" * 32)
+        assert merged is not None and merged.content == "old answer" and merged.tool_calls is None
     finally:
         led.close()
