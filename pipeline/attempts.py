@@ -269,7 +269,9 @@ class Attempts:
         request with a sampling step. Either way a body already tried is varied (temperature, seed), never
         sent again as it was: a deterministic server would only repeat itself.
         """
-        if self.policy.reask_with_error and last.content is not None:
+        if self.policy.reask_with_error and last.tool_calls:
+            candidate = with_changes(req.body, max_tokens=max_tokens, reask_calls=(last.tool_calls, last.error or ""))
+        elif self.policy.reask_with_error and last.content is not None:
             candidate = with_changes(req.body, max_tokens=max_tokens, reask=(last.content, last.error or ""))
         else:
             candidate = body
@@ -299,6 +301,7 @@ class Attempts:
             attempts,
             unconfirmed,
             latency,
+            j.tool_calls,
         )
 
     def _count_paid(self, paid: Usage) -> None:

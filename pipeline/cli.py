@@ -393,6 +393,9 @@ def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, deb
 @click.option("--hang", type=float, default=0.0, help="Fraction hung (never answered unless --hang-s).")
 @click.option("--hang-s", type=float, default=None, help="Seconds a hung request waits, then answers (default: never).")
 @click.option("--invalid-json", type=float, default=0.0, help="Fraction of JSON answers broken or off-schema.")
+@click.option(
+    "--invalid-arguments", type=float, default=0.0, help="Fraction of function calls with malformed arguments."
+)
 @click.option("--require-key-env", default=None, help="Demand the key held by this environment variable.")
 @debug_opt
 @guarded
@@ -408,6 +411,7 @@ def serve(
     hang: float,
     hang_s: float | None,
     invalid_json: float,
+    invalid_arguments: float,
     require_key_env: str | None,
     debug: bool,
 ) -> None:
@@ -428,6 +432,7 @@ def serve(
         hang_rate=hang,
         hang_s=hang_s,
         invalid_json_rate=invalid_json,
+        invalid_arguments_rate=invalid_arguments,
         require_key=os.environ.get(require_key_env) if require_key_env else None,
     )
     run_server(config, host, port, ready=lambda url: click.echo(f"seedbatch local API on {url}", err=True))

@@ -18,8 +18,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from pipeline.errors import LockedError, SpecError
-from pipeline.records import Outcome, Usage
+from pipeline.records import Outcome, ToolCall, Usage
 from pipeline.spec import LOCAL_ENDPOINT, LOCAL_MODEL
 
 ANSWER_COLUMNS = (
@@ -41,6 +43,7 @@ ANSWER_COLUMNS = (
     "attempts",
     "unconfirmed_attempts",
     "latency_ms",
+    "tool_calls",
 )
 
 _ANSWERS = f"""
@@ -70,6 +73,19 @@ _IN_BATCH = 5000
 _REUSED_USAGE = (0, 0, 0, 0, 0, 0.0, 0.0)
 
 
+def calls_text(calls: tuple[ToolCall, ...] | None) -> str | None:
+    """Function calls as the ledger keeps them: JSON ``[{id, name, arguments}]`` (the output column's fields)."""
+    if calls is None:
+        return None
+    return orjson.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]).decode()
+
+
+def calls_of(text: str | None) -> tuple[ToolCall, ...] | None:
+    if text is None:
+        return None
+    return tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in orjson.loads(text))
+
+
 def outcome_row(o: Outcome) -> tuple[Any, ...]:
     u = o.usage
     return (
@@ -85,6 +101,7 @@ def outcome_row(o: Outcome) -> tuple[Any, ...]:
         o.attempts,
         o.unconfirmed_attempts,
         o.latency_ms,
+        calls_text(o.tool_calls),
     )
 
 
@@ -104,6 +121,7 @@ def row_outcome(request_hash: str, r: Sequence[Any]) -> Outcome:
         attempts=r[15] or 0,
         unconfirmed_attempts=r[16] or 0,
         latency_ms=r[17],
+        tool_calls=calls_of(r[18]),
     )
 
 
@@ -116,7 +134,7 @@ def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
     columns = [r[1] for r in db.execute("PRAGMA table_info(answers)")]
     if not columns or "endpoint" in columns:
         return
-    old = ", ".join(c for c in ALL_COLUMNS if c != "endpoint")
+    old = ", ".join(c for c in ALL_COLUMNS if c in columns)
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute("ALTER TABLE answers RENAME TO answers_unkeyed")
@@ -131,6 +149,14 @@ def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _add_missing_columns(db: sqlite3.Connection, schema: str) -> None:
+    """A ledger from before a column existed (``tool_calls``) gets it, empty: its old answers had none."""
+    have = {r[1] for r in db.execute(f"PRAGMA {schema}.table_info(answers)")}
+    for column in ANSWER_COLUMNS:
+        if have and column not in have:
+            db.execute(f"ALTER TABLE {schema}.answers ADD COLUMN {column}")
 
 
 class Ledger:
@@ -151,6 +177,7 @@ class Ledger:
             self.db.execute("PRAGMA busy_timeout=10000")
             _migrate_unkeyed(self.db, endpoint)
             self.db.executescript(_SCHEMA)
+            _add_missing_columns(self.db, "main")
         except sqlite3.DatabaseError as exc:
             raise SpecError(f"{path}: cannot open ledger ({exc}); move it away or set job.ledger") from None
         except OSError as exc:
@@ -218,8 +245,9 @@ class Ledger:
             return 0
         rows, self._buffer = self._buffer, []
         marks = ",".join("?" * len(ALL_COLUMNS))
-        with self._transaction():
-            self.db.executemany(f"INSERT OR REPLACE INTO answers VALUES ({marks})", rows)
+        sql = f"INSERT OR REPLACE INTO answers ({', '.join(ALL_COLUMNS)}) VALUES ({marks})"  # columns by name:
+        with self._transaction():  # a migrated ledger has its added columns last
+            self.db.executemany(sql, rows)
         return len(rows)
 
     @contextlib.contextmanager
@@ -265,7 +293,7 @@ class Ledger:
             if r[2] is None:
                 out[n] = (h, None)
             elif h in reused and reused[h] != n:
-                out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, r[19]))
+                out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, *r[19:]))
             else:
                 out[n] = (h, r[2:])
         return out
@@ -301,6 +329,7 @@ class Ledger:
             tables = {r[0] for r in db.execute("SELECT name FROM shard.sqlite_master WHERE type = 'table'")}
             if "answers" not in tables:
                 return 0
+            _add_missing_columns(db, "shard")  # a shard left by an older seedbatch
             with self._transaction():
                 copied = int(db.execute(_MERGE_SQL).rowcount)
             if rows and "shard_rows" in tables:

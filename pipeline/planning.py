@@ -97,7 +97,7 @@ def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors:
         cost,
         minutes,
         binding,
-        schema_warnings(p),
+        [*(p.warnings or ()), *schema_warnings(p)],
     )
 
 
@@ -107,10 +107,9 @@ def schema_warnings(p: Prepared) -> list[str]:
         return []
     spec = p.spec
     sent = p.schema
-    if spec.structured_output == "json_object_schema":
+    if spec.structured_output == "json_object_schema" and p.tools is None:  # functions carry the schema as is
         sent = enforceable(p.schema, max_tokens=spec.model.max_tokens)
-    source = "output.schema" if isinstance(spec.output.schema_, dict) else str(spec.output.schema_)
-    return fit_warnings(sent, spec.model.max_tokens, source=source)
+    return fit_warnings(sent, spec.model.max_tokens, source=p.schema_source)
 
 
 def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:

@@ -22,6 +22,7 @@ from pipeline.prompts import Renderer
 from pipeline.reader import InputTable, check_id_column, open_input, read_frames, read_rows, selected_rows
 from pipeline.records import Request, Selection
 from pipeline.spec import JobSpec
+from pipeline.tools import Tools, answer_tool, job_tools
 from pipeline.writer import OUTPUT_COLUMNS, check_output_path
 
 
@@ -39,6 +40,12 @@ class Prepared:
     rows: int
     holds: Callable[[str], bool] | None = None
     """Only the requests whose hash this accepts (one shard of a Ray run); None: all of them."""
+    tools: Tools | None = None
+    """The functions every request sends; with one forced, ``schema`` is its parameters."""
+    schema_source: str = "output.schema"
+    """Where ``schema`` came from, for messages (a file, or a function in the tools file)."""
+    warnings: list[str] | None = None
+    """Things a person should know before paying (``plan`` prints them, ``run`` logs them once)."""
 
 
 def load_schema(spec: JobSpec) -> dict[str, Any] | None:
@@ -57,6 +64,40 @@ def load_schema(spec: JobSpec) -> dict[str, Any] | None:
             raise SpecError(f"{raw}: schema is not valid JSON ({exc})") from None
     schema_types.check_schema(schema, strict=spec.output.strict and spec.output.format == "json_schema", source=source)
     return schema
+
+
+def load_tools(spec: JobSpec, schema: dict[str, Any] | None) -> Tools | None:
+    """The functions every request sends: the job's own (``model.tools``), or its schema as the ``tool`` dialect."""
+    if spec.structured_output == "tool" and spec.output.format == "json_schema" and schema is not None:
+        return answer_tool(spec.output.name, schema, spec.output.strict, _schema_source(spec))
+    raw = spec.model.tools
+    if raw is None:
+        return None
+    if isinstance(raw, Path):
+        source = str(raw)
+        try:
+            raw = json.loads(raw.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SpecError(f"{source}: tools file not found (model.tools)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SpecError(f"{source}: tools file is not valid JSON ({exc})") from None
+    else:
+        source = "model.tools (inline)"
+    job = str(spec.source or "job")
+    return job_tools(raw, spec.model.tool_choice, spec.model.parallel_tool_calls, source=source, job=job)
+
+
+def _schema_source(spec: JobSpec) -> str:
+    raw = spec.output.schema_
+    return "output.schema" if raw is None or isinstance(raw, dict) else str(raw)
+
+
+def extra_warning(spec: JobSpec) -> list[str]:
+    """``model.extra`` is sent as written: say once that nothing checked it."""
+    if not spec.model.extra:
+        return []
+    keys = ", ".join(sorted(spec.model.extra))
+    return [f"model.extra sends {keys} as written: unchecked by seedbatch (the server judges them)"]
 
 
 def resolve_api_key(spec: JobSpec) -> str | None:
@@ -96,12 +137,19 @@ def prepare(
 def _prepare(
     spec: JobSpec, selection: Selection, schema: dict[str, Any] | None, *, need_key: bool, read_everything: bool
 ) -> Prepared:
+    schema_source = _schema_source(spec)
+    tool_set = load_tools(spec, schema)
+    if tool_set is not None and tool_set.forced is not None and schema is None:
+        # The forced function's arguments are the answer's document: its parameters make the typed columns.
+        fn = tool_set.function(tool_set.forced)
+        schema, schema_source = fn["parameters"], f"{tool_set.source}: function {tool_set.forced} parameters"
+        schema_types.check_schema(schema, strict=bool(fn.get("strict")), source=schema_source)
     messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
     table = open_input(spec.job.input, spec.job.encoding, [messages_column] if messages_column else [])
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
     # Media inside message lists follow the [media] rules (size, formats), whatever columns are named.
     loader = media.MediaBuilder(spec.media).load if messages_column else None
-    renderer = Renderer(spec, schema, builder.cells if builder else None, loader)
+    renderer = Renderer(spec, schema, builder.cells if builder else None, load_media=loader, tools=tool_set)
     renderer.check_columns(table.columns, f"{spec.source or 'job'}: prompt")
     if messages_column is not None:
         check_messages_type(table, messages_column)
@@ -126,7 +174,7 @@ def _prepare(
             schema,
             spec.output.column_prefix,
             [*table.columns, *OUTPUT_COLUMNS],
-            str(spec.output.schema_) if not isinstance(spec.output.schema_, dict) else "output.schema",
+            schema_source,
         )
     price = price_for(spec)
     if spec.limits.max_cost_usd is not None and price is None:
@@ -137,6 +185,7 @@ def _prepare(
         raise SpecError(f"{spec.source or 'job'}: endpoint.base_url is not set")
     api_key = resolve_api_key(spec) if need_key and spec.base_url is not None else None
     p = Prepared(spec, table, selection, renderer, schema, price, api_key, selected_rows(table, selection))
+    p.tools, p.schema_source, p.warnings = tool_set, schema_source, extra_warning(spec)
     if read_everything:
         read_all(p)
     return p

@@ -9,14 +9,17 @@ from __future__ import annotations
 import hashlib
 import string
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline import conversations
 from pipeline.errors import SpecError
-from pipeline.records import NotSent, Request, Row
+from pipeline.records import NotSent, Request, Row, ToolCall
 from pipeline.spec import JobSpec
+
+if TYPE_CHECKING:  # the local API imports this module's constants: keep jsonschema and polars out of it
+    from pipeline.tools import Tools
 
 #: Characters per token for the pre-send estimate (English prose averages ~4 with BPE tokenizers).
 CHARS_PER_TOKEN = 4.0
@@ -93,6 +96,8 @@ def structured_format(spec: JobSpec, schema: dict[str, Any] | None) -> tuple[dic
         return {"type": "json_object"}, None
     assert schema is not None
     dialect = spec.structured_output
+    if dialect == "tool":
+        return None, None  # the schema travels as the forced function's parameters (``tools.answer_tool``)
     if dialect == "json_schema":
         return {
             "type": "json_schema",
@@ -121,6 +126,7 @@ class Renderer:
         schema: dict[str, Any] | None = None,
         media: MediaBuilder | None = None,
         load_media: conversations.MediaLoader | None = None,
+        tools: Tools | None = None,
     ) -> None:
         self.system = spec.prompt.system
         self.user = spec.prompt.user or ""
@@ -163,6 +169,9 @@ class Renderer:
                 self.params[key] = value
         if response_format is not None:
             self.params["response_format"] = response_format
+        if tools is not None:
+            self.params.update(tools.request_fields())
+        self.params.update(m.extra)  # model.extra never names a field set above (checked at load)
         #: The body keys the job decides over a Batch line's own (model is always the job's).
         self.job_keys = frozenset(
             {
@@ -178,6 +187,8 @@ class Renderer:
         fixed_text = "".join(x["content"] for x in self.few_shot)
         self.fixed_tokens = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * (len(self.few_shot) + 1 + bool(self.system))
         self.fixed_tokens += estimate_tokens(fixed_text)
+        if tools is not None:  # providers bill the function definitions as prompt text
+            self.fixed_tokens += estimate_tokens(orjson.dumps(list(tools.definitions)).decode())
 
     def _empty(self, cells: dict[str, str], parts: list[dict[str, Any]]) -> bool:
         """Every placeholder null or blank (and no media): the answer could only be invented."""
@@ -352,11 +363,42 @@ def _cell(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def with_changes(body: bytes, *, max_tokens: int | None = None, reask: tuple[str, str] | None = None) -> bytes:
-    """A follow-up attempt's body: larger ``max_tokens``, or the bad answer and its error appended."""
+def with_changes(
+    body: bytes,
+    *,
+    max_tokens: int | None = None,
+    reask: tuple[str, str] | None = None,
+    reask_calls: tuple[tuple[ToolCall, ...], str] | None = None,
+) -> bytes:
+    """A follow-up attempt's body: larger ``max_tokens``, or the bad answer and its error appended.
+
+    A bad function call goes back as the conversation the API defines for it: the assistant's calls,
+    then one ``tool`` message per call carrying the error, so the model calls again with fixed arguments.
+    """
     data = orjson.loads(body)
     if max_tokens is not None:
         data["max_tokens"] = max_tokens
+    if reask_calls is not None:
+        calls, error = reask_calls
+        data["messages"] = [
+            *data["messages"],
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls
+                ],
+            },
+            *(
+                {
+                    "role": "tool",
+                    "tool_call_id": c.id,
+                    "content": f"Not run: {error}. Call the function again with corrected arguments.",
+                }
+                for c in calls
+            ),
+        ]
     if reask is not None:
         answer, error = reask
         data["messages"] = [

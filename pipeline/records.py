@@ -179,6 +179,15 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call in an answer, as the server sent it: ``arguments`` is the model's JSON text, unchecked."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """The final, ledger-worthy result of one request (all attempts folded in)."""
 
@@ -195,6 +204,8 @@ class Outcome:
     attempts: int = 0
     unconfirmed_attempts: int = 0
     latency_ms: float | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
+    """The last answer's function calls (``None``: it called none)."""
 
 
 @dataclass(slots=True)

@@ -141,6 +141,9 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     """
     options = options or RunOptions()
     p = prepare(spec, options.selection)
+    for warning in p.warnings or ():
+        if options.log:
+            options.log(warning)
     execute = executor_for(spec)
     summary = RunSummary(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
     with JobLock(spec.lock_path):

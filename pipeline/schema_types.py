@@ -159,11 +159,13 @@ def _strict_problem(node: Mapping[str, Any]) -> str | None:
     return None
 
 
-def check_schema(schema: object, *, strict: bool, source: str) -> None:
+def check_schema(schema: object, *, strict: bool, source: str, columns: bool = True) -> None:
     """Raise ``SpecError`` (one line: source, JSON path, problem) when the schema is unusable.
 
     Checked before any request is sent, because a bad schema would otherwise fail every row, and
-    the API's own complaint would not say which file or which nested property is wrong.
+    the API's own complaint would not say which file or which nested property is wrong. ``columns=False``
+    (a function's parameters that no column is made from) drops the need for a top-level object with
+    properties: a function may take no arguments.
     """
     if not isinstance(schema, dict):
         raise SpecError(f"{source}: $: a schema must be a JSON object, got {type(schema).__name__}")
@@ -176,12 +178,12 @@ def check_schema(schema: object, *, strict: bool, source: str) -> None:
     if error is not None:
         where = format_path(error.absolute_path)
         raise SpecError(_one_line(f"{source}: {where}: not a valid JSON Schema: {error.message}"))
-    if schema.get("type") != "object":
+    if columns and schema.get("type") != "object":
         raise SpecError(
             f'{source}: $.type: the top level must be "type": "object" (its properties become the output columns)'
         )
     props = schema.get("properties")
-    if not isinstance(props, dict) or not props:
+    if columns and (not isinstance(props, dict) or not props):
         raise SpecError(f"{source}: $.properties: the top level needs properties (one output column each)")
     for node, path in _walk(schema):
         ref = node.get("$ref")

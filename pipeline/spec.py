@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import SpecError
 
@@ -62,6 +71,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "key_required": False,
         "context_tokens": 262_144,  # imitates the AIML model
     },
+}
+
+
+#: Request fields seedbatch sets itself → the job key that sets them. ``model.extra`` may not name these:
+#: the job key is checked, the extra field would not be. (``max_completion_tokens`` is max_tokens' other
+#: name; ``stream`` would turn the one JSON answer seedbatch reads into a stream of events.)
+OWN_FIELDS: dict[str, str] = {
+    "model": "model.name",
+    "messages": "prompt.system, prompt.user and prompt.few_shot",
+    "max_tokens": "model.max_tokens",
+    "max_completion_tokens": "model.max_tokens",
+    "temperature": "model.temperature",
+    "top_p": "model.top_p",
+    "seed": "model.seed",
+    "frequency_penalty": "model.frequency_penalty",
+    "presence_penalty": "model.presence_penalty",
+    "reasoning_effort": "model.reasoning_effort",
+    "response_format": "output.format and output.schema",
+    "tools": "model.tools",
+    "tool_choice": "model.tool_choice",
+    "parallel_tool_calls": "model.parallel_tool_calls",
+    "stream": "nothing: seedbatch reads whole answers, so stream is always off",
 }
 
 
@@ -122,6 +153,31 @@ class ModelSection(_Strict):
     """The model's context window. A row whose estimated prompt plus max_tokens exceeds it is recorded
     ``too_long`` and never sent. Default per preset (262,144 for aimlapi and local, 128,000 for openai);
     unset for your own servers (vllm, llamacpp): set it to the server's context size to get the guard."""
+    tools: Path | list[dict[str, Any]] | dict[str, Any] | None = None
+    """Functions the model may call: a JSON file (a list of tools in the API's shape) or inline tables
+    (``[[model.tools]]`` with ``type = "function"`` and ``function = {name, description, parameters, strict}``)."""
+    tool_choice: str | dict[str, Any] | None = None
+    """``"auto"``, ``"none"``, ``"required"`` or a function's name: forcing one makes its arguments the
+    answer's document, validated against its parameters and spread into typed columns."""
+    parallel_tool_calls: bool | None = None
+    """Let the model call several functions in one answer (sent as is; unset: the server's default)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Other request fields the API takes (``prediction``, ``stream_options``, newer ones), sent as written.
+    Unchecked beyond being JSON and not a field seedbatch sets itself; covered by the request hash."""
+
+    @field_validator("extra")
+    @classmethod
+    def _check_extra(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        for key, value in extra.items():
+            if key in OWN_FIELDS:
+                raise ValueError(
+                    f"{key!r} is a request field seedbatch sets itself; use {OWN_FIELDS[key]} instead of model.extra"
+                )
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{key!r} cannot be sent as JSON ({exc}); write dates and times as strings") from None
+        return extra
 
 
 class FewShot(_Strict):
@@ -218,8 +274,9 @@ class EndpointSection(_Strict):
     """Environment variable holding the API key (the key itself is never in the job)."""
     api_key_file: Path | None = None
     """File holding the API key; used when set, else the variable."""
-    structured_output: Literal["json_schema", "json_object_schema", "instructions"] | None = None
-    """How a schema is sent: OpenAI ``json_schema``, llama.cpp ``json_object`` + schema, or in the prompt."""
+    structured_output: Literal["json_schema", "json_object_schema", "instructions", "tool"] | None = None
+    """How a schema is sent: OpenAI ``json_schema``, llama.cpp ``json_object`` + schema, in the prompt, or as
+    ``tool``: the one function the model must call (``output.name``), for servers whose json_schema is weak."""
     stream: bool = False
     """Receive answers as server-sent events (``stream: true`` with ``stream_options.include_usage``): a request
     whose stream goes quiet for ``stall_s`` is abandoned and retried however long the answer has been running,
@@ -311,6 +368,21 @@ class JobSpec(_Strict):
             raise ValueError(
                 "endpoint.preset = 'local' is the built-in server on this machine; its base_url may only be a "
                 "loopback address (a `seedbatch serve`): remove endpoint.base_url or choose another preset"
+            )
+        m = self.model
+        if m.tools is None and (m.tool_choice is not None or m.parallel_tool_calls is not None):
+            key = "model.tool_choice" if m.tool_choice is not None else "model.parallel_tool_calls"
+            raise ValueError(f"{key} needs model.tools (the functions the model may call)")
+        if m.tools is not None and self.output.format != "text":
+            raise ValueError(
+                f"model.tools with output.format = {self.output.format!r}: an answer that calls a function has no "
+                'JSON content; force the function with model.tool_choice = "<name>" (its arguments become the '
+                "typed columns) and remove output.format"
+            )
+        if m.tools is not None and self.structured_output == "tool":
+            raise ValueError(
+                "endpoint.structured_output = 'tool' sends output.schema as the one function the model must call; "
+                "remove model.tools, or force one of your functions with model.tool_choice instead"
             )
         if self.limits.shared_limiter is not None and self.executor.kind == "ray":
             raise ValueError(
@@ -449,6 +521,7 @@ PATH_KEYS = (
     ("job", "run_output"),
     ("job", "batch_output"),
     ("output", "schema"),
+    ("model", "tools"),
     ("endpoint", "api_key_file"),
     ("limits", "shared_limiter_file"),
 )

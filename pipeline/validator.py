@@ -1,16 +1,22 @@
-"""Judge a 200 answer: refusal, truncation, JSON, schema. Pure: no I/O, no clock."""
+"""Judge a 200 answer: refusal, truncation, JSON, schema, function calls. Pure: no I/O, no clock.
+
+A function call's ``arguments`` are judged like a JSON answer: parsed (fence tolerated), then checked
+against that function's ``parameters``. When the job forces one function, its arguments *are* the
+answer's document: an accepted call puts them in ``content``, exactly where a ``json_schema`` answer's
+document goes, so typed columns and re-asks work the same for both.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-from pipeline.records import Reply, Usage
+from pipeline.records import Reply, ToolCall, Usage
 
 _FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n(.*?)\n?\s*```\s*$", re.S)
 
@@ -29,6 +35,58 @@ class Judgement:
     response_id: str | None
     usage: Usage
     error: str | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallRules:
+    """What a job accepts as function calls: the functions it sent, the one it forces, or "required"."""
+
+    checks: Mapping[str, SchemaCheck | None] = field(default_factory=dict)
+    """Every function the job sent, by name, with the check of its ``parameters``."""
+    forced: str | None = None
+    """The function whose arguments are the answer's document (``tool_choice`` names it)."""
+    required: bool = False
+    """``tool_choice = "required"``: an answer that calls no function is invalid."""
+
+
+def tool_calls_of(message: Mapping[str, Any]) -> tuple[ToolCall, ...] | None:
+    """The message's function calls as sent (a malformed entry keeps what it has, as empty text)."""
+    raw = message.get("tool_calls")
+    if not isinstance(raw, list) or not raw:
+        return None
+    calls: list[ToolCall] = []
+    for raw_item in raw:
+        item: dict[str, Any] = raw_item if isinstance(raw_item, dict) else {}
+        fn_raw = item.get("function")
+        fn: dict[str, Any] = fn_raw if isinstance(fn_raw, dict) else {}
+        ident, name, arguments = item.get("id"), fn.get("name"), fn.get("arguments")
+        if isinstance(arguments, dict):  # a lenient server sends an object: keep it as the JSON it means
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append(
+            ToolCall(
+                ident if isinstance(ident, str) else "",
+                name if isinstance(name, str) else "",
+                arguments if isinstance(arguments, str) else "",
+            )
+        )
+    return tuple(calls)
+
+
+def _call_problem(call: ToolCall, check: SchemaCheck | None) -> tuple[str | None, str | None]:
+    """(problem, the arguments as strict JSON) for one call."""
+    try:
+        doc, document = read_document(call.arguments)
+    except ValueError as exc:
+        reason = str(exc).removeprefix("answer is not valid JSON ")
+        return f"arguments of {call.name} are not valid JSON {reason}", None
+    if not isinstance(doc, dict):
+        return f"arguments of {call.name} are JSON but not an object ({type(doc).__name__})", None
+    if check is not None:
+        problem = check(doc)
+        if problem:
+            return f"arguments of {call.name} did not match its parameters {problem}", None
+    return None, document
 
 
 def _int(x: Any) -> int | None:
@@ -95,7 +153,9 @@ def read_document(content: str) -> tuple[Any, str]:
         return doc, json.dumps(doc, ensure_ascii=False)
 
 
-def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Judgement:
+def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None, calls: CallRules | None = None) -> Judgement:
+    """One attempt's verdict. ``check`` validates the answer's document: the content of a JSON answer, or
+    the forced function's arguments when ``calls.forced`` is set."""
     data = reply.data
     choice = data["choices"][0] if isinstance(data["choices"][0], dict) else {}
     message = choice.get("message") or {}
@@ -113,6 +173,7 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Jud
         model=data.get("model") if isinstance(data.get("model"), str) else None,
         response_id=data.get("id") if isinstance(data.get("id"), str) else None,
         usage=parse_usage(data),
+        tool_calls=tool_calls_of(message),
     )
 
     def verdict(status: str, error: str | None = None) -> Judgement:
@@ -123,6 +184,10 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Jud
         return verdict("refused", f"model refused: {refusal.strip()[:300]}")
     if finish == "content_filter":
         return verdict("refused", "answer stopped by the provider's content filter")
+    if calls is not None:
+        judged = _judge_calls(base, calls, check)
+        if judged is not None:
+            return judged
     if not expects_json:
         if text is None:
             return verdict("invalid_output", "answer has no content")
@@ -144,3 +209,42 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None) -> Jud
     # ``content`` of an accepted answer is the document itself, so json.loads(content) works on every ok
     # row; a Markdown fence around it is dropped (a rejected answer keeps its raw text for diagnosis).
     return replace(base, content=document)
+
+
+def _judge_calls(base: Judgement, rules: CallRules, check: SchemaCheck | None) -> Judgement | None:
+    """The verdict on an answer to a job that sent functions; None: judge it as a plain answer."""
+    calls = base.tool_calls or ()
+    truncated = base.finish_reason == "length"
+    if rules.forced is not None:
+        if truncated:
+            return replace(base, status="truncated", error="answer cut off at max_tokens (finish_reason=length)")
+        call = next((c for c in calls if c.name == rules.forced), None)
+        if call is None:
+            called = ", ".join(repr(c.name) for c in calls) or "no function"
+            return replace(
+                base,
+                status="invalid_output",
+                error=f"the answer called {called}, not {rules.forced} (model.tool_choice forces it)",
+            )
+        problem, document = _call_problem(call, check)
+        if problem is not None:
+            return replace(base, status="invalid_output", error=problem)
+        return replace(base, status="ok", content=document)
+    if not calls:
+        if rules.required:
+            return replace(
+                base, status="invalid_output", error="the answer called no function (model.tool_choice = 'required')"
+            )
+        return None
+    if truncated:
+        return replace(base, status="truncated", error="answer cut off at max_tokens (finish_reason=length)")
+    for call in calls:
+        if call.name not in rules.checks:
+            known = ", ".join(rules.checks)
+            return replace(
+                base, status="invalid_output", error=f"the answer called {call.name!r}, not one of the job's ({known})"
+            )
+        problem, _ = _call_problem(call, rules.checks[call.name])
+        if problem is not None:
+            return replace(base, status="invalid_output", error=problem)
+    return replace(base, status="ok")

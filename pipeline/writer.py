@@ -24,11 +24,15 @@ from pipeline.errors import InputError, PartialOutputError, SpecError
 from pipeline.ledger import ANSWER_COLUMNS as _LEDGER_ORDER
 from pipeline.spec import OUTPUT_SUFFIXES, output_format
 
+#: The ``tool_calls`` column: the answer's function calls as sent, arguments as the model's JSON text.
+TOOL_CALLS_DTYPE = pl.List(pl.Struct({"id": pl.String(), "name": pl.String(), "arguments": pl.String()}))
+
 #: The columns seedbatch adds after the input's, with their types. One name per concept: these are
 #: also the ledger's columns and the README's.
 OUTPUT_COLUMNS: dict[str, pl.DataType] = {
     "content": pl.String(),
     "reasoning_content": pl.String(),
+    "tool_calls": TOOL_CALLS_DTYPE,
     "finish_reason": pl.String(),
     "model": pl.String(),
     "response_id": pl.String(),
@@ -105,8 +109,10 @@ def _answer_frame(row_numbers: Sequence[int], answers: dict[int, tuple[str, tupl
     for n in row_numbers:
         request_hash, answer = answers.get(n, (None, None))
         rows.append((*(answer if answer is not None else _PENDING), request_hash))
-    schema = {name: OUTPUT_COLUMNS[name] for name in (*_LEDGER_ORDER, "request_hash")}
+    # The ledger keeps tool calls as JSON text; one vectorized decode turns them into the typed column.
+    schema = {name: _AS_STORED.get(name, OUTPUT_COLUMNS[name]) for name in (*_LEDGER_ORDER, "request_hash")}
     frame = pl.DataFrame(rows, schema=schema, orient="row", strict=False)
+    frame = frame.with_columns(pl.col("tool_calls").str.json_decode(TOOL_CALLS_DTYPE))
     return frame.select(OUTPUT_COLUMNS.keys())
 
 
@@ -159,6 +165,9 @@ class _Sink:
             self._parquet.close()
         if self._text is not None:
             self._text.close()
+
+
+_AS_STORED: dict[str, pl.DataType] = {"tool_calls": pl.String()}
 
 
 def write_output(

@@ -101,8 +101,9 @@ def example_job(name: str, tmp_path: Path, api: LocalAPI, **sections: dict[str, 
     data = copy.deepcopy(data)
     for key in ("input",):
         data["job"][key] = os.path.normpath(ROOT / "jobs" / data["job"][key])
-    if isinstance(data.get("output", {}).get("schema"), str):
-        data["output"]["schema"] = os.path.normpath(ROOT / "jobs" / data["output"]["schema"])
+    for section, key in (("output", "schema"), ("model", "tools")):
+        if isinstance(data.get(section, {}).get(key), str):
+            data[section][key] = os.path.normpath(ROOT / "jobs" / data[section][key])
     data["job"]["output"] = str(tmp_path / "out" / Path(data["job"]["output"]).name)
     data["job"].pop("run_output", None)
     data["endpoint"] = {"preset": "local", "base_url": api.base_url}

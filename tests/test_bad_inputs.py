@@ -43,6 +43,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)  # a JSON string is a TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -179,6 +181,21 @@ GOOD_SCHEMA = {
 def schema_with(**changes: Any) -> str:
     schema = {**GOOD_SCHEMA, **changes}
     return json.dumps({k: v for k, v in schema.items() if v is not None})
+
+
+def with_tools(tools: Any, choice: str | None = None, *, raw: str | None = None) -> Builder:
+    """A job whose ``jobs/tools/x.json`` holds ``tools`` (JSON) or ``raw`` text, forcing ``choice``."""
+
+    def build(tmp: Path, base_url: str) -> list[str]:
+        write_file(tmp / "jobs" / "tools" / "x.json", raw if raw is not None else json.dumps(tools))
+        model = {"tools": "tools/x.json", **({"tool_choice": choice} if choice else {})}
+        return job(model=model)(tmp, base_url)
+
+    return build
+
+
+def tool(name: str, parameters: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
 
 LONG_CSV = "review_id,product,text\n" + "".join(f"r-{i},kettle,Review {i}\n" for i in range(3000))
@@ -527,6 +544,68 @@ CASES: list[Case] = [
         'a property named `"status"`',
         with_schema(schema_with(properties={"status": {"type": "string"}}, required=["status"])),
         "status",
+    ),
+    # Functions (model.tools) and pass-through fields (model.extra)
+    Case(
+        "tools file missing",
+        '`tools = "tools/nope.json"`',
+        job(model={"tools": "tools/nope.json"}),
+        "jobs/tools/nope.json: tools file not found (model.tools)",
+    ),
+    Case("tools file not JSON", "`[{type: function}]`", with_tools(None, raw="[{type: function}]"), "not valid JSON"),
+    Case(
+        "a function's parameters are not a valid JSON Schema",
+        '`"parameters": {"type": "object", "properties": {"a": {"type": "strng"}}}`',
+        with_tools([tool("label", {"type": "object", "properties": {"a": {"type": "strng"}}})]),
+        "function label parameters: $.properties.a.type: not a valid JSON Schema",
+    ),
+    Case(
+        "tool not in the API's shape",
+        '`[{"name": "label", "parameters": {...}}]` (no `type`/`function`)',
+        with_tools([{"name": "label", "parameters": GOOD_SCHEMA}]),
+        "unknown key 'name'",
+    ),
+    Case(
+        "tool_choice names an unknown function",
+        '`tool_choice = "lable"`',
+        with_tools([tool("label", GOOD_SCHEMA)], "lable"),
+        "model.tool_choice: 'lable' is not a function in model.tools (label)",
+    ),
+    Case(
+        "forced function without properties",
+        '`tool_choice = "ping"`, `"parameters": {"type": "object"}`',
+        with_tools([tool("ping", {"type": "object"})], "ping"),
+        "function ping parameters: $.properties",
+    ),
+    Case(
+        "tool_choice without tools",
+        '`tool_choice = "auto"` and no `tools`',
+        job(model={"tool_choice": "auto"}),
+        "model.tool_choice needs model.tools",
+    ),
+    Case(
+        "tools with a JSON output format",
+        '`tools = ...` and `format = "json_object"`',
+        then(
+            job(model={"tools": "tools/x.json"}, output={"format": "json_object"}),
+            lambda tmp: write_file(tmp / "jobs" / "tools" / "x.json", json.dumps([tool("label", GOOD_SCHEMA)])),
+        ),
+        "force the function with model.tool_choice",
+    ),
+    Case(
+        "model.extra sets a field seedbatch sets",
+        "`[model.extra]` `temperature = 0.2`",
+        job(model={"extra": {"temperature": 0.2}}),
+        "'temperature' is a request field seedbatch sets itself; use model.temperature",
+    ),
+    Case(
+        "model.extra value not JSON",
+        "`[model.extra]` `metadata = {sent = 2026-01-01}` (a TOML date)",
+        raw_job(
+            '[job]\ninput = "../data/in.csv"\noutput = "../out/r.parquet"\n[prompt]\nuser = "{text}"\n'
+            '[model.extra]\nmetadata = {sent = 2026-01-01}\n[endpoint]\npreset = "local"\n'
+        ),
+        "cannot be sent as JSON",
     ),
     # Endpoint and key
     Case(

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     ("data", {"errors", "records"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("pure policy", {"pacing", "schema_types", "grammar", "costs", "validator", "conversations"}),
+    ("pure policy", {"pacing", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
     (
         "stages",
         {
@@ -49,6 +49,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("executors", "executors.local"): "the package picks its executors (imported on demand)",
     ("executors", "executors.ray"): "the package picks its executors (imported on demand)",
     ("grammar", "schema_types"): "the grammar rewrite walks schemas with schema_types' $ref resolution",
+    ("tools", "schema_types"): "a function's parameters are JSON Schemas, checked and compiled like output.schema",
+    ("tools", "validator"): "the job's functions become the validator's rules for judging calls",
 }
 #: The built-in server imitates the API: it may use the constants of the code it imitates (and its own modules).
 LOCALAPI_MAY_IMPORT = {"errors", "records", "spec", "prompts", "costs", "schema_types"}

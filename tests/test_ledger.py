@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pipeline import writer
 from pipeline.errors import LockedError, SpecError
 from pipeline.ledger import ANSWER_COLUMNS, JobLock, Ledger, row_outcome
-from pipeline.records import STATUSES, Outcome, Usage
+from pipeline.records import STATUSES, Outcome, ToolCall, Usage
 
 FULL = Outcome(
     request_hash="a" * 32,
@@ -369,3 +369,48 @@ def test_lock_creates_its_folder(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "job.lock"
     with JobLock(path):
         assert path.exists()
+
+
+def _old_ledger(path: Path) -> None:
+    """A ledger as written before the ``tool_calls`` column existed, holding one answer."""
+    old_columns = [c for c in ANSWER_COLUMNS if c != "tool_calls"]
+    db = sqlite3.connect(path)
+    db.execute(
+        f"CREATE TABLE answers (endpoint TEXT NOT NULL, request_hash TEXT NOT NULL, {', '.join(old_columns)}, "
+        "run_id TEXT, answered_at REAL, PRIMARY KEY (endpoint, request_hash)) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT INTO answers (endpoint, request_hash, status, content, attempts, run_id) VALUES (?, ?, ?, ?, ?, ?)",
+        ("local", "o" * 32, "ok", "old answer", 1, "r0"),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_ledger_from_before_tool_calls_gets_the_column_and_keeps_its_answers(tmp_path: Path) -> None:
+    """An older ledger has no ``tool_calls`` column: it is added (last), and writes go by column name."""
+    path = tmp_path / "old.sqlite"
+    _old_ledger(path)
+    led = Ledger(path, "local")
+    try:
+        old = led.get("o" * 32)
+        assert old is not None and old.content == "old answer" and old.tool_calls is None
+        calls = (ToolCall("call_1", "record", '{"a": 1}'), ToolCall("call_2", "flag", "{}"))
+        led.add(_outcome("n" * 32, content='{"a": 1}', tool_calls=calls, attempts=1, latency_ms=3.0), "r1")
+        led.flush()
+        new = led.get("n" * 32)
+        assert new is not None and new.tool_calls == calls and new.latency_ms == 3.0 and new.attempts == 1
+    finally:
+        led.close()
+
+
+def test_a_shard_ledger_from_before_tool_calls_merges(tmp_path: Path) -> None:
+    """Shard ledgers a dead Ray run left behind may predate the column: their answers still merge."""
+    _old_ledger(tmp_path / "shard.sqlite")
+    led = Ledger(tmp_path / "main.sqlite", "local")
+    try:
+        assert led.merge(tmp_path / "shard.sqlite", rows=False) == 1
+        merged = led.get("o" * 32)
+        assert merged is not None and merged.content == "old answer" and merged.tool_calls is None
+    finally:
+        led.close()

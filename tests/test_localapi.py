@@ -133,6 +133,28 @@ BAD_REQUESTS = [
         {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", id="content-number"
     ),
     pytest.param([1, 2], None, id="body-not-object"),
+    pytest.param(body(tools={"type": "function"}), "tools", id="tools-not-array"),
+    pytest.param(body(tools=[{"type": "retrieval"}]), "tools[0]", id="tool-not-function"),
+    pytest.param(
+        body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools[0].function.parameters", id="no-params"
+    ),
+    pytest.param(
+        body(tools=[{"type": "function", "function": {"name": "bad name", "parameters": {}}}]),
+        "tools[0].function.name",
+        id="function-name",
+    ),
+    pytest.param(
+        body(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        "tool_choice",
+        id="tool-choice-unknown-function",
+    ),
+    pytest.param(body(tool_choice="required"), "tool_choice", id="tool-choice-without-tools"),
+    pytest.param(body(parallel_tool_calls="yes"), "parallel_tool_calls", id="parallel-not-bool"),
+    pytest.param(body(prediction={"type": "text", "content": "x"}), "prediction", id="prediction-type"),
+    pytest.param(body(stream_options={"include_usage": 1}), "stream_options", id="stream-options"),
 ]
 
 
@@ -362,6 +384,65 @@ def test_json_schema_documents_validate(serve: Any, name: str) -> None:
     # The llama.cpp dialect: the schema riding on json_object.
     llama = body("row x", response_format={"type": "json_object", "schema": schema})
     _check(schema, orjson.loads(content(post(client, llama))))
+
+
+def _tool(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+def test_forced_function_calls_carry_valid_arguments(serve: Any) -> None:
+    _, client = serve()
+    schema = SCHEMAS["enums-and-scalars"]
+    tools = [_tool("record", schema), _tool("other", {"type": "object", "properties": {"x": {"type": "string"}}})]
+    for i in range(8):
+        forced = {"type": "function", "function": {"name": "record"}}
+        data = post(client, body(f"row {i}", tools=tools, tool_choice=forced)).json()
+        choice = data["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "record" and call["id"].startswith("call_")
+        _check(schema, orjson.loads(call["function"]["arguments"]))
+        assert data["usage"]["completion_tokens"] == ntok(call["function"]["arguments"])
+    # The definitions are billed as prompt text.
+    plain = post(client, body("row 0")).json()["usage"]["prompt_tokens"]
+    assert post(client, body("row 0", tools=tools)).json()["usage"]["prompt_tokens"] > plain
+    # "none" never calls; "required" always does.
+    assert (
+        "tool_calls" not in post(client, body("row 0", tools=tools, tool_choice="none")).json()["choices"][0]["message"]
+    )
+    for i in range(8):
+        message = post(client, body(f"row {i}", tools=tools, tool_choice="required")).json()["choices"][0]["message"]
+        assert message["tool_calls"]
+
+
+def test_a_call_cut_at_max_tokens_is_truncated_json(serve: Any) -> None:
+    _, client = serve()
+    forced = {"type": "function", "function": {"name": "record"}}
+    tools = [_tool("record", SCHEMAS["enums-and-scalars"])]
+    choice = post(client, body(tools=tools, tool_choice=forced, max_tokens=5)).json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+def test_invalid_arguments_rate_breaks_calls_and_a_retry_can_recover(serve: Any) -> None:
+    _, client = serve(invalid_arguments_rate=0.5, seed=4)
+    schema = SCHEMAS["enums-and-scalars"]
+    forced = {"type": "function", "function": {"name": "record"}}
+    broken = recovered = 0
+    for i in range(30):
+        payload = body(f"row {i}", tools=[_tool("record", schema)], tool_choice=forced)
+        for attempt in range(4):
+            arguments = post(client, payload).json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+            try:
+                _check(schema, orjson.loads(arguments))
+            except (orjson.JSONDecodeError, jsonschema.ValidationError):
+                broken += 1
+                continue
+            recovered += attempt > 0
+            break
+    assert broken > 5 and recovered > 3, (broken, recovered)
 
 
 def test_json_object_without_schema(serve: Any) -> None:

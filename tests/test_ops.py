@@ -51,7 +51,7 @@ def test_errors_are_summarized_by_kind_not_one_line_per_row(tmp_path: Path, api:
     assert "400" in errors[0]["example"]
 
 
-@pytest.mark.parametrize("job", ["demo.toml", "label_reviews.toml", "extract_invoices.toml"])
+@pytest.mark.parametrize("job", ["demo.toml", "label_reviews.toml", "extract_invoices.toml", "tool_extract.toml"])
 def test_plan_estimates_input_tokens_within_15_percent(tmp_path: Path, api: LocalAPI, job: str) -> None:
     spec = example_job(job, tmp_path, api)
     plan = plan_job(spec)

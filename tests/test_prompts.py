@@ -23,7 +23,7 @@ from pipeline.prompts import (
     template_fields,
     with_changes,
 )
-from pipeline.records import Row
+from pipeline.records import Row, ToolCall
 from pipeline.spec import JobSpec, spec_from_dict
 
 SCHEMA: dict[str, Any] = {
@@ -335,3 +335,30 @@ def test_with_changes_max_tokens_and_reask() -> None:
     assert reasked["messages"][-2] == {"role": "assistant", "content": '{"label": 3}'}
     assert reasked["messages"][-1]["role"] == "user"
     assert "at $.label: 3 is not a string" in reasked["messages"][-1]["content"]
+
+
+def test_reask_of_a_bad_call_is_the_api_tool_conversation() -> None:
+    """The bad call goes back as the assistant's tool_calls plus one tool message per call, which the
+    reference (and the local API's validation of it) accepts."""
+    from pipeline.localapi.validation import parse
+
+    tools = [{"type": "function", "function": {"name": "label", "parameters": {"type": "object"}}}]
+    forced = {"type": "function", "function": {"name": "label"}}
+    body = orjson.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": forced}
+    )
+    calls = (ToolCall("call_a", "label", '{"label": "po'), ToolCall("call_b", "label", "{}"))
+    data = orjson.loads(with_changes(body, reask_calls=(calls, "arguments of label are not valid JSON")))
+    assistant, *answers = data["messages"][1:]
+    assert assistant == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "label", "arguments": '{"label": "po'}},
+            {"id": "call_b", "type": "function", "function": {"name": "label", "arguments": "{}"}},
+        ],
+    }
+    assert [m["tool_call_id"] for m in answers] == ["call_a", "call_b"]
+    assert all(m["role"] == "tool" and "not valid JSON" in m["content"] for m in answers)
+    assert data["tools"] == tools and data["tool_choice"] == forced, "the functions are still offered"
+    assert parse(data).forced == "label"

@@ -207,3 +207,27 @@ async def _after_first(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     await anext(chunks)
     async for piece in chunks:
         yield piece
+
+
+def test_a_streamed_forced_function_call_writes_the_same_output(tmp_path: Path, api: LocalAPI) -> None:
+    tools = str(Path(__file__).resolve().parent.parent / "jobs" / "tools" / "invoice_tools.json")
+    frame = pl.DataFrame(
+        {
+            "review_id": [f"i-{i}" for i in range(12)],
+            "text": [f"Invoice {i} from Acme, total 1{i}.50 EUR" for i in range(12)],
+        }
+    )
+    sections = {
+        "model": {"max_tokens": 1024, "tools": tools, "tool_choice": "record_invoice"},
+        "prompt": {"system": "Record the invoice.", "user": "{text}"},
+    }
+    plain = make_spec(tmp_path / "plain", api, frame, **sections)
+    run(plain)
+    streamed = make_spec(tmp_path / "streamed", api, frame, endpoint={"stream": True}, **sections)
+    run(streamed)
+    columns = ["review_id", "status", "content", "tool_calls", "vendor", "total", "prompt_tokens", "completion_tokens"]
+    a = pl.read_parquet(plain.job.output).select(columns).sort("review_id")
+    b = pl.read_parquet(streamed.job.output).select(columns).sort("review_id")
+    assert a.get_column("status").to_list() == ["ok"] * 12
+    assert a.get_column("tool_calls").list.len().to_list() == [1] * 12
+    assert a.equals(b)

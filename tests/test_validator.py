@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.records import Reply, Usage
+from pipeline.records import Reply, ToolCall, Usage
 from pipeline.schema_types import compile_validator
-from pipeline.validator import judge, parse_document, parse_usage, strip_fence
+from pipeline.validator import CallRules, judge, parse_document, parse_usage, strip_fence
 
 #: The reference's example response (shared/api/dola-seed-2.0-lite.md), content shortened.
 REFERENCE: dict[str, Any] = {
@@ -271,3 +271,54 @@ def test_odd_top_level_types_are_ignored() -> None:
     j = judge(Reply(data, 1.0), expects_json=False, check=None)
     assert (j.model, j.response_id, j.reasoning_content, j.finish_reason) == (None, None, None, None)
     assert j.status == "ok"
+
+
+# ----------------------------------------------------------------- function calls
+
+
+def call(name: str, arguments: str, ident: str = "call_1") -> dict[str, Any]:
+    return {"id": ident, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def judge_calls(r: Reply, rules: CallRules) -> Any:
+    return judge(r, expects_json=False, check=compile_validator(SCHEMA), calls=rules)
+
+
+def test_forced_call_arguments_become_the_content() -> None:
+    j = judge_calls(reply(None, "tool_calls", tool_calls=[call("label", '{"label": "pos", "score": 1}')]),
+                    CallRules(forced="label"))  # fmt: skip
+    assert j.status == "ok"
+    assert json.loads(j.content) == {"label": "pos", "score": 1}
+    assert j.tool_calls == (ToolCall("call_1", "label", '{"label": "pos", "score": 1}'),)
+
+
+@pytest.mark.parametrize(
+    ("tool_calls", "finish", "status", "error"),
+    [
+        ([call("label", '{"label": "pos"')], "tool_calls", "invalid_output", "arguments of label are not valid JSON"),
+        ([call("label", '{"label": "maybe", "score": 1}')], "tool_calls", "invalid_output", "at $.label"),
+        ([call("label", "[1]")], "tool_calls", "invalid_output", "not an object"),
+        ([call("other", "{}")], "tool_calls", "invalid_output", "called 'other', not label"),
+        (None, "stop", "invalid_output", "called no function, not label"),
+        ([call("label", '{"label": "p')], "length", "truncated", "max_tokens"),
+    ],
+)
+def test_forced_call_problems(tool_calls: Any, finish: str, status: str, error: str) -> None:
+    r = reply("some text" if tool_calls is None else None, finish, **({"tool_calls": tool_calls} if tool_calls else {}))
+    j = judge_calls(r, CallRules(forced="label"))
+    assert j.status == status
+    assert error in (j.error or ""), j.error
+
+
+def test_unforced_calls_are_each_checked_against_their_own_parameters() -> None:
+    rules = CallRules(checks={"label": compile_validator(SCHEMA), "ping": None})
+    two = [call("ping", "{}"), call("label", '{"label":"neg","score":0}')]
+    ok = judge_calls(reply(None, "tool_calls", tool_calls=two), rules)
+    assert ok.status == "ok" and ok.content is None and ok.tool_calls is not None and len(ok.tool_calls) == 2
+    bad = judge_calls(reply(None, "tool_calls", tool_calls=[call("ping", "{}"), call("label", '{"score": 0}')]), rules)
+    assert bad.status == "invalid_output" and "arguments of label did not match its parameters" in (bad.error or "")
+    unknown = judge_calls(reply(None, "tool_calls", tool_calls=[call("pong", "{}")]), rules)
+    assert unknown.status == "invalid_output" and "'pong'" in (unknown.error or "")
+    assert judge_calls(reply("plain text"), rules).status == "ok", "auto: a text answer is fine"
+    required = judge_calls(reply("plain text"), CallRules(checks=rules.checks, required=True))
+    assert required.status == "invalid_output" and "required" in (required.error or "")

@@ -99,7 +99,8 @@ class Dispatch:
         self.budget = budget or Budget(p.spec.limits.max_cost_usd)
         self.stop = asyncio.Event()
         check = schema_types.compile_validator(p.schema) if p.schema is not None else None
-        self.judge = partial(judge, expects_json=p.spec.output.format != "text", check=check)
+        calls = p.tools.rules() if p.tools is not None else None
+        self.judge = partial(judge, expects_json=p.spec.output.format != "text", check=check, calls=calls)
         self.open_hashes: set[str] = set()  # in flight or answered but not yet committed
         self.committed_since: set[str] = set()  # committed since the current chunk's ledger snapshot
         self.resending: set[str] = set()  # re-sent over an earlier failed answer: its usage adds up

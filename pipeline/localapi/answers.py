@@ -55,10 +55,17 @@ class Answer:
     finish_reason: str = "stop"
     content_tokens: int = 0
     reasoning_tokens: int = 0
+    tool_calls: list[dict[str, str]] | None = None
+    """``{id, name, arguments}`` per function call; their arguments are the completion's text."""
 
     def set_content(self, text: str) -> None:
         self.content = text
         self.content_tokens = count_tokens(text)
+
+    def set_arguments(self, index: int, text: str) -> None:
+        assert self.tool_calls is not None
+        self.tool_calls[index]["arguments"] = text
+        self.content_tokens = sum(count_tokens(c["arguments"]) for c in self.tool_calls)
 
 
 def refusal() -> Answer:
@@ -83,6 +90,10 @@ class Answerer:
         label = _LABELS[h % 3]
         sentence = _SENTENCES[(h >> 8) % len(_SENTENCES)]
         media = " ".join(parsed.media)
+        calls = self.calls(parsed, h, media)
+        if calls:
+            tokens = sum(count_tokens(c["arguments"]) for c in calls)
+            return Answer(None, reasoning, None, "tool_calls", tokens, r_tokens, calls)
         if parsed.fmt == "text":
             content = f"{label}. {sentence}" + (f" {media}" if media else "")
         elif parsed.fmt == "json_object":
@@ -91,6 +102,24 @@ class Answerer:
             assert parsed.schema is not None
             content = self.documents.get(parsed.schema, h % _SCHEMA_BUCKETS, media)
         return Answer(content, reasoning, content_tokens=count_tokens(content), reasoning_tokens=r_tokens)
+
+    def calls(self, parsed: Parsed, h: int, media: str) -> list[dict[str, str]]:
+        """The function calls of this answer: the forced function, else (``required``, or three ``auto``
+        answers in four) one chosen by the hash, and a second one when parallel calls are allowed and the
+        hash says so. Arguments are a document valid against the function's parameters."""
+        tools = parsed.tools
+        if not tools or parsed.tool_choice == "none" or (parsed.tool_choice == "auto" and h % 4 == 0):
+            return []
+        names = list(tools)
+        chosen = [parsed.forced] if parsed.forced else [names[(h >> 4) % len(names)]]
+        if not parsed.forced and parsed.parallel and len(names) > 1 and (h >> 12) % 2:
+            chosen.append(names[((h >> 4) + 1) % len(names)])
+        out = []
+        for i, name in enumerate(chosen):
+            assert name is not None
+            arguments = self.documents.get(tools[name], (h >> (16 + i)) % _SCHEMA_BUCKETS, media if i == 0 else "")
+            out.append({"id": f"call_{parsed.digest[:6].hex()}{i}", "name": name, "arguments": arguments})
+        return out
 
 
 def _cut(text: str, tokens: int) -> str:
@@ -111,11 +140,21 @@ def truncate(answer: Answer, max_tokens: int | None) -> None:
     if answer.reasoning is not None and answer.reasoning_tokens >= max_tokens:
         answer.reasoning = _cut(answer.reasoning, max_tokens)
         answer.reasoning_tokens = max_tokens
-        answer.content, answer.content_tokens = "", 0
+        answer.content, answer.content_tokens, answer.tool_calls = "", 0, None
         return
     left = max_tokens - answer.reasoning_tokens
-    answer.content = _cut(answer.content or "", left)
-    answer.content_tokens = left
+    if answer.tool_calls:  # a call cut mid-arguments, and no later call
+        kept: list[dict[str, str]] = []
+        for call in answer.tool_calls:
+            n = count_tokens(call["arguments"])
+            kept.append({**call, "arguments": _cut(call["arguments"], min(n, left))})
+            left -= n
+            if left <= 0:
+                break
+        answer.tool_calls = kept
+    else:
+        answer.content = _cut(answer.content or "", left)
+    answer.content_tokens = max_tokens - answer.reasoning_tokens
 
 
 def usd_for(prompt_tokens: int, completion_tokens: int, input_per_million: float, output_per_million: float) -> float:
@@ -129,6 +168,11 @@ def completion(response_id: str, model: str, prompt_tokens: int, answer: Answer,
     if answer.reasoning is not None:
         message["reasoning_content"] = answer.reasoning
     message["refusal"] = answer.refusal
+    if answer.tool_calls:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in answer.tool_calls
+        ]
     return {
         "id": response_id,
         "object": "chat.completion",

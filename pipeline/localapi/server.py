@@ -65,6 +65,8 @@ class ServerConfig:
     hang_rate: float = 0.0
     hang_s: float | None = None
     invalid_json_rate: float = 0.0
+    invalid_arguments_rate: float = 0.0
+    """Fraction of function calls whose arguments come back malformed: cut short, off-schema or fenced."""
     require_key: str | None = None
     input_per_million: float = 0.25
     output_per_million: float = 2.0
@@ -289,6 +291,12 @@ class _Server:
                 broken = self.faults.corrupt(answer.content or "", parsed.schema, body_hash, cfg.invalid_json_rate)
                 if broken is not None:
                     answer.set_content(broken)
+            if answer.tool_calls and parsed.tools and cfg.invalid_arguments_rate > 0:
+                call = answer.tool_calls[0]
+                schema = parsed.tools[call["name"]]
+                broken = self.faults.corrupt(call["arguments"], schema, body_hash, cfg.invalid_arguments_rate)
+                if broken is not None:
+                    answer.set_arguments(0, broken)
             truncate(answer, parsed.max_tokens)
         data = self._ok(cfg, parsed, answer, body_hash)
         if parsed.stream:

@@ -1,7 +1,8 @@
 """``stream: true`` answers: one finished ``chat.completion`` cut into server-sent events.
 
 The chunks follow OpenAI's (and the AIML API reference's) ``chat.completion.chunk`` shape: a first chunk
-with the role, deltas of ``reasoning_content`` then ``content``, a chunk carrying ``finish_reason``, and,
+with the role, deltas of ``reasoning_content`` then ``content`` then each tool call (id and name, then its
+``arguments`` in pieces), a chunk carrying ``finish_reason``, and,
 when ``stream_options.include_usage`` is set, a last chunk with empty ``choices`` and the ``usage`` (and
 the AIML API's ``meta``). ``data: [DONE]`` closes the stream. Built from the same answer a plain request
 gets, so a client that reassembles the stream must arrive at the same content, reasoning and usage.
@@ -42,6 +43,13 @@ def events(data: dict[str, Any], include_usage: bool, pieces: int = PIECES) -> l
         out.append(chunk({"content": piece}))
     if message.get("refusal"):
         out.append(chunk({"refusal": message["refusal"]}))
+    for index, call in enumerate(message.get("tool_calls") or []):
+        # A call's id and name come once, its arguments in pieces keyed by the call's index.
+        function = call["function"]
+        head_delta = {"index": index, "id": call["id"], "type": call.get("type", "function")}
+        out.append(chunk({"tool_calls": [{**head_delta, "function": {"name": function["name"], "arguments": ""}}]}))
+        for piece in _split(function.get("arguments") or "", pieces):
+            out.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
     out.append(chunk({}, choice["finish_reason"]))
     if include_usage:
         extra = {"usage": data["usage"]}

@@ -21,7 +21,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.prompts import TOKENS_PER_IMAGE, TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST, TOKENS_PER_VIDEO
+import orjson
+
+from pipeline.prompts import (
+    CHARS_PER_TOKEN,
+    TOKENS_PER_IMAGE,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_REQUEST,
+    TOKENS_PER_VIDEO,
+)
 
 #: The chat template's own tokens per request (see ``pipeline.prompts.TOKENS_PER_REQUEST``).
 PRIMING_TOKENS = TOKENS_PER_REQUEST
@@ -62,6 +70,11 @@ class Parsed:
     schema: dict[str, Any] | None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk carries the usage
+    tools: dict[str, dict[str, Any]] | None = None
+    """Function name → its parameters schema, in the order sent."""
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
+    forced: str | None = None
+    parallel: bool = True
 
 
 def count_tokens(text: str) -> int:
@@ -210,11 +223,114 @@ def parse(body: Any) -> Parsed:
             raise BadRequest("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         include_usage = options["include_usage"]
     fmt, schema = response_format(body.get("response_format"))
+    _pass_through(body)
+    tools = _tools(body.get("tools"))
+    choice, forced = _tool_choice(body.get("tool_choice"), tools)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise BadRequest("Invalid 'parallel_tool_calls': expected a boolean.", "parallel_tool_calls")
 
     joined = "\n".join(texts)
     prompt_tokens = len(TOKEN_RE.findall(joined)) + extra
+    if tools is not None:
+        # Providers render function definitions into the prompt in a compact form, not as JSON punctuation
+        # (each a token here): billed at a token per CHARS_PER_TOKEN characters of their JSON.
+        prompt_tokens += int(len(orjson.dumps(body["tools"])) / CHARS_PER_TOKEN + 0.5)
     digest = hashlib.sha256("\x1f".join(keys).encode() + b"\x1e" + joined.encode()).digest()
-    return Parsed(prompt_tokens, digest, last_user, media, max_tokens, effort, fmt, schema, bool(stream), include_usage)
+    parallel_ok = parallel is not False
+    return Parsed(
+        prompt_tokens,
+        digest,
+        last_user,
+        media,
+        max_tokens,
+        effort,
+        fmt,
+        schema,
+        stream=bool(stream),
+        include_usage=include_usage,
+        tools=tools,
+        tool_choice=choice,
+        forced=forced,
+        parallel=parallel_ok,
+    )
+
+
+def _pass_through(body: dict[str, Any]) -> None:
+    """Fields seedbatch sends only when a job's ``model.extra`` names them, shaped as the reference says."""
+    prediction = body.get("prediction")
+    if prediction is not None:
+        if not isinstance(prediction, dict) or prediction.get("type") != "content":
+            raise BadRequest('Invalid \'prediction\': expected {"type": "content", "content": ...}.', "prediction")
+        content = prediction.get("content")
+        if not isinstance(content, str | list):
+            raise BadRequest("Invalid 'prediction.content': expected a string or an array of text parts.", "prediction")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage"), bool)):
+        raise BadRequest("Invalid 'stream_options': expected {\"include_usage\": true|false}.", "stream_options")
+
+
+def _tools(raw: Any) -> dict[str, dict[str, Any]] | None:
+    """``tools`` as the reference defines it: up to 128 functions, each a name and a parameters object."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest("Invalid 'tools': expected an array.", "tools")
+    if len(raw) > 128:
+        raise BadRequest(f"Invalid 'tools': array too long; expected at most 128 tools, got {len(raw)}.", "tools")
+    out: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or set(tool) - {"type", "function"}:
+            raise BadRequest(f'Invalid \'{where}\': expected {{"type": "function", "function": {{...}}}}.', where)
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise BadRequest(f"Missing required parameter: '{where}.function'.", f"{where}.function")
+        unknown = set(fn) - {"name", "description", "parameters", "strict"}
+        if unknown:
+            raise BadRequest(f"Unknown parameter: '{where}.function.{sorted(unknown)[0]}'.", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+            raise BadRequest(
+                f"Invalid '{where}.function.name': expected 1-64 characters of a-z, A-Z, 0-9, _ or -.",
+                f"{where}.function.name",
+            )
+        params = fn.get("parameters")
+        if not isinstance(params, dict):
+            raise BadRequest(
+                f"Missing required parameter: '{where}.function.parameters' (an object).",
+                f"{where}.function.parameters",
+            )
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise BadRequest(f"Invalid '{where}.function.strict': expected a boolean.", f"{where}.function.strict")
+        out[name] = params
+    return out
+
+
+def _tool_choice(raw: Any, tools: dict[str, dict[str, Any]] | None) -> tuple[str, str | None]:
+    """("none" | "auto" | "required" | "function", the forced function); without tools only "none" is possible."""
+    param = "tool_choice"
+    if raw is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(raw, str):
+        if raw not in ("none", "auto", "required"):
+            raise BadRequest(
+                f"Invalid value for 'tool_choice': {raw!r}. Supported values are: 'none', 'auto' and 'required'.", param
+            )
+        if raw != "none" and not tools:
+            raise BadRequest(f"Invalid value for 'tool_choice': {raw!r} is only allowed with 'tools'.", param)
+        return raw, None
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or raw.get("type") != "function" or not isinstance(fn, dict):
+        raise BadRequest(
+            'Invalid \'tool_choice\': expected a string or {"type": "function", "function": {"name": ...}}.',
+            param,
+        )
+    name = fn.get("name")
+    if not tools or name not in tools:
+        raise BadRequest(f"Invalid 'tool_choice': function {name!r} is not among the 'tools'.", param)
+    return "function", str(name)
 
 
 def response_format(rf: Any) -> tuple[str, dict[str, Any] | None]:
