@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: Request fields seedbatch sets itself → the job key that sets them. ``model.extra`` may not name these:
 #: the job key is checked, the extra field would not be. (``max_completion_tokens`` is max_tokens' other
-#: name; ``stream`` would turn the one JSON answer seedbatch reads into a stream of events.)
+#: name; streaming is ``endpoint.stream``, which also asks for the usage in the stream.)
 OWN_FIELDS: dict[str, str] = {
     "model": "model.name",
     "messages": "prompt.system, prompt.user and prompt.few_shot",
@@ -92,7 +92,8 @@ OWN_FIELDS: dict[str, str] = {
     "tools": "model.tools",
     "tool_choice": "model.tool_choice",
     "parallel_tool_calls": "model.parallel_tool_calls",
-    "stream": "nothing: seedbatch reads whole answers, so stream is always off",
+    "stream": "endpoint.stream",
+    "stream_options": "endpoint.stream (it asks for stream_options.include_usage)",
 }
 
 
