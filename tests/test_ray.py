@@ -182,6 +182,18 @@ def test_sharded_output_equals_local_output(tmp_path: Path, api: LocalAPI, ray_c
 
 
 @pytest.mark.ray
+def test_a_budget_far_above_the_cost_never_stops_a_sharded_run(tmp_path: Path, api: LocalAPI, ray_cluster: Any) -> None:
+    """Ten requests starting together each leased a tenth of the budget: one shard held all of it and the
+    other stopped on "budget" after a few rows."""
+    rows = 200
+    spec = make_spec(tmp_path, api, reviews(rows), limits={"max_cost_usd": 1000.0}, executor=on_ray(2))
+    summary = run(spec)
+    assert summary.exit_code == ExitCode.OK, summary.stop_reason
+    assert summary.stopped_by is None
+    assert pl.read_parquet(spec.job.output).get_column("status").to_list() == ["ok"] * rows
+
+
+@pytest.mark.ray
 def test_cluster_wide_rpm_holds(tmp_path: Path, api: LocalAPI, ray_cluster: Any) -> None:
     rows, rpm = 300, 1200.0
     api.config = ServerConfig(latency_ms=50)

@@ -162,12 +162,17 @@ class LeasedBudget(Budget):
         super().__init__(limit=0.0)
         self.actor = actor
         self.chunk = total * LEASE_FRACTION
+        # One lease at a time: ten requests starting together each leased a tenth, so the first shard took
+        # the whole budget and the others stopped on "budget" after a handful of rows.
+        self._leasing = asyncio.Lock()
 
     async def reserve(self, amount: float) -> bool:
-        assert self.limit is not None
-        short = self.spent + self.reserved + amount - self.limit
-        if short > 0:
-            self.limit += float(await self.actor.lease.remote(max(short, self.chunk)))
+        if not self._fits(amount):
+            async with self._leasing:
+                assert self.limit is not None
+                short = self.spent + self.reserved + amount - self.limit  # another waiter may have leased
+                if short > 0:
+                    self.limit += float(await self.actor.lease.remote(max(short, self.chunk)))
         return await super().reserve(amount)
 
     def unused(self) -> float:
