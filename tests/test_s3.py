@@ -311,3 +311,32 @@ def test_a_failed_upload_keeps_the_local_output_and_a_rerun_uploads_it(
         assert [p for p, _ in _listing(s3)] == [f"{BUCKET}/out/v.parquet"]
     finally:
         slow.stop()
+
+
+def test_the_example_s3_job_runs_against_a_real_s3_api(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``jobs/s3_reviews.toml`` as README shows it: the sample reviews uploaded, then run on the local API."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "XDG_DATA_HOME": str(tmp_path / "data-home"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    fs, _ = pafs.FileSystem.from_uri("s3://seedbatch-demo?allow_bucket_creation=true&allow_bucket_deletion=true")
+    if fs.get_file_info("seedbatch-demo").type != pafs.FileType.NotFound:
+        fs.delete_dir("seedbatch-demo")
+    fs.create_dir("seedbatch-demo")
+    pafs.copy_files(str(ROOT / "data" / "reviews.csv"), "seedbatch-demo/reviews.csv", destination_filesystem=fs)
+
+    result = _run(str(ROOT / "jobs" / "s3_reviews.toml"), "--endpoint", "local")
+    assert result.exit_code == ExitCode.OK, result.output
+    rows = pl.read_csv(ROOT / "data" / "reviews.csv").height
+    with fs.open_input_stream("seedbatch-demo/out/labels.csv") as f:
+        out = pl.read_csv(f.read())
+    assert out.height == rows
+    assert out.get_column("status").to_list() == ["ok"] * rows
+    assert _summary(_run(str(ROOT / "jobs" / "s3_reviews.toml"), "--endpoint", "local"))["requests_sent"] == "0"

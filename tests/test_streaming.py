@@ -231,3 +231,18 @@ def test_a_streamed_forced_function_call_writes_the_same_output(tmp_path: Path, 
     assert a.get_column("status").to_list() == ["ok"] * 12
     assert a.get_column("tool_calls").list.len().to_list() == [1] * 12
     assert a.equals(b)
+
+
+def test_the_example_streaming_job_runs(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    job = Path(__file__).resolve().parent.parent / "jobs" / "demo_stream.toml"
+    output = tmp_path / "demo_stream.parquet"
+    result = CliRunner().invoke(main, ["run", str(job), "--output", str(output), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "model.extra sends prediction as written" in result.output
+    out = pl.read_parquet(output)
+    assert out.get_column("status").unique().to_list() == ["ok"]
+    assert out.get_column("reasoning_content").null_count() == 0
