@@ -338,7 +338,7 @@ def retry_delay(
     failures: int,
     *,
     retry_after: float | None = None,
-    persistent: bool = False,
+    persistent: bool | None = None,
     quick_s: tuple[float, float] = (0.05, 0.25),
     initial_s: float = 1.0,
     max_s: float = 60.0,
@@ -347,14 +347,18 @@ def retry_delay(
 ) -> float:
     """Wait before try ``failures + 1`` of one request (``failures`` ≥ 1 failures so far, 429s not counted).
 
-    A lone failure is retried after ``quick_s`` (jittered): a dropped connection or one 5xx is usually
-    gone at once. Exponential backoff from ``initial_s`` applies while failures persist: this request's
-    second failure on, or from the first when failures are common across requests (``persistent``).
+    ``persistent`` is what the run knows of other requests: True when failures are common across them (the
+    server is failing: exponential backoff from ``initial_s`` at once), False when they are rare (this request
+    was unlucky again: retried after ``quick_s``, a step later each time; a second 1-2 s backoff for one of
+    the last rows was 1-2 s of a 20 s run), None when nothing is known (a lone failure quick, exponential from
+    the second).
     """
     rnd = rng or random
     if retry_after is not None:
         return retry_after + rnd.uniform(0, min(jitter_s, 0.25 + retry_after * 0.1))
-    if failures <= 1 and not persistent:
+    if persistent is False:
+        return min(max_s, rnd.uniform(*quick_s) * failures)
+    if persistent is None and failures <= 1:
         return rnd.uniform(*quick_s)
     exponent = max(failures - (1 if persistent else 2), 0)
     return min(max_s, initial_s * 2.0**exponent) + rnd.uniform(0, jitter_s)

@@ -205,6 +205,9 @@ def test_quick_first_retry_then_exponential() -> None:
     persistent = [retry_delay(n, persistent=True, jitter_s=0.0, rng=rng) for n in (1, 2, 3)]
     assert persistent == [1.0, 2.0, 4.0]
     assert retry_delay(1, retry_after=3.0, jitter_s=0.0, rng=rng) == 3.0
+    # While failures are rare across requests, one request failing again is bad luck: soon again, a step later.
+    isolated = [retry_delay(n, persistent=False, jitter_s=0.0, rng=rng) for n in (1, 2, 3, 4)]
+    assert all(0.05 * n <= wait <= 0.25 * n for n, wait in zip((1, 2, 3, 4), isolated, strict=True))
 
 
 def test_pacing_backs_off_from_the_first_retry_when_many_requests_fail() -> None:

@@ -262,7 +262,7 @@ def test_429_waits_are_bounded_by_rate_limit_wait_s() -> None:
     assert t.waits == [10.0] * 5
 
 
-def test_call_paced_quick_first_retry_then_exponential() -> None:
+def test_call_paced_quick_retries_while_failures_are_rare_exponential_once_common() -> None:
     t = FakeTime()
     calls = 0
 
@@ -274,9 +274,15 @@ def test_call_paced_quick_first_retry_then_exponential() -> None:
         return "ok"
 
     policy = RetryPolicy(max_attempts=5, backoff_initial_s=1.0, jitter_s=0.0)
-    assert asyncio.run(call_paced(flaky, policy, Pacing(None, None), sleep=t.sleep, rng=random.Random(3))) == "ok"
-    assert 0.05 <= t.waits[0] <= 0.25
-    assert t.waits[1:] == [1.0, 2.0, 4.0]
+    rare = Pacing(None, None)  # no other request has failed: this one is unlucky
+    assert asyncio.run(call_paced(flaky, policy, rare, sleep=t.sleep, rng=random.Random(3))) == "ok"
+    assert all(0.05 * n <= wait <= 0.25 * n for n, wait in enumerate(t.waits, start=1))
+    common = Pacing(None, None)
+    for _ in range(20):
+        common.on_error()  # the server is failing: back off from the first retry
+    calls, t.waits = 0, []
+    assert asyncio.run(call_paced(flaky, policy, common, sleep=t.sleep, rng=random.Random(3))) == "ok"
+    assert t.waits == [1.0, 2.0, 4.0, 8.0]
     # max_attempts still counts the other failures.
     calls = -10
     with pytest.raises(RetryableError, match="503"):
