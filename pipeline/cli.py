@@ -226,6 +226,12 @@ def run(
         )
         with stop_on_signals(options.stop):
             summary = run_job(spec, options)
+    if summary.up_to_date:
+        reporter.log(
+            "up_to_date",
+            {"output": summary.output_path, "built_by_run": summary.run_id, "exit_code": summary.exit_code},
+        )
+        sys.exit(summary.exit_code)
     fields = {
         "job": summary.job,
         "run_id": summary.run_id,

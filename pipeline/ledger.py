@@ -63,6 +63,18 @@ CREATE TABLE IF NOT EXISTS runs (
     exit_code INTEGER,
     summary TEXT
 );
+CREATE TABLE IF NOT EXISTS ledger_state (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    ledger_id TEXT NOT NULL,
+    generation INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO ledger_state VALUES (0, lower(hex(randomblob(8))), 0);
+CREATE TRIGGER IF NOT EXISTS answers_inserted AFTER INSERT ON answers
+    BEGIN UPDATE ledger_state SET generation = generation + 1; END;
+CREATE TRIGGER IF NOT EXISTS answers_updated AFTER UPDATE ON answers
+    BEGIN UPDATE ledger_state SET generation = generation + 1; END;
+CREATE TRIGGER IF NOT EXISTS answers_deleted AFTER DELETE ON answers
+    BEGIN UPDATE ledger_state SET generation = generation + 1; END;
 """
 
 _IN_BATCH = 5000
@@ -232,6 +244,15 @@ class Ledger:
             raise
         self.db.execute("COMMIT")
 
+    def state(self) -> tuple[str, int]:
+        """(ledger id, generation): the id is random per ledger file, the generation counts every change
+        to ``answers`` (SQLite triggers, so every writer counts: runs, Ray merges, a migration).
+
+        Equal state means the same answers: an output built from them is still the ledger's.
+        """
+        row = self.db.execute("SELECT ledger_id, generation FROM ledger_state").fetchone()
+        return str(row[0]), int(row[1])
+
     # Row map: which input row asked which request, for writing the output -------------------------
     def map_rows(self, pairs: Sequence[tuple[int, str]]) -> None:
         if not self._mapped:
@@ -330,6 +351,33 @@ _MERGE_SQL = (
     + ", ".join(f"{c} = excluded.{c}" for c in ALL_COLUMNS[2:])
     + " WHERE excluded.answered_at >= answers.answered_at"
 )
+
+
+class SeenHashes:
+    """A set of request hashes on disk (SQLite's private temporary database): memory stays at its page
+    cache whatever the number of rows, so ``plan`` counts duplicates over 10M rows in bounded memory."""
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect("", isolation_level=None)
+        self.db.execute("CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def add_new(self, hashes: Sequence[str]) -> set[str]:
+        """Add ``hashes``; return those not seen before (in this call or an earlier one)."""
+        distinct = list(dict.fromkeys(hashes))
+        old: set[str] = set()
+        for i in range(0, len(distinct), _IN_BATCH):
+            part = [bytes.fromhex(h) for h in distinct[i : i + _IN_BATCH]]
+            marks = ",".join("?" * len(part))
+            old.update(r[0].hex() for r in self.db.execute(f"SELECT h FROM seen WHERE h IN ({marks})", part))
+        new = [h for h in distinct if h not in old]
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute("BEGIN")
+        self.db.executemany("INSERT INTO seen VALUES (?)", [(bytes.fromhex(h),) for h in new])
+        self.db.execute("COMMIT")
+        return set(new)
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class ShardLedger(Ledger):

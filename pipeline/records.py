@@ -226,6 +226,8 @@ class RunSummary:
     output_path: str | None = None
     manifest_path: str | None = None
     exit_code: int = 0
+    up_to_date: bool = False
+    """Nothing was done: the output was already built from this input, job and ledger (``uptodate``)."""
 
     @property
     def wall_s(self) -> float:

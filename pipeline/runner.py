@@ -17,11 +17,12 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import polars as pl
 
-from pipeline import __version__, schema_types
+from pipeline import __version__, schema_types, uptodate
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.ledger import JobLock, Ledger
@@ -64,8 +65,8 @@ def _typed_columns(p: Prepared) -> Callable[[Sequence[str | None], Sequence[str]
     return build
 
 
-def write_manifest(spec: JobSpec, summary: RunSummary) -> Path:
-    hidden = ("job", "run_id", "started_at", "ended_at", "exit_code", "output_path", "manifest_path")
+def write_manifest(spec: JobSpec, summary: RunSummary, built_from: dict[str, Any] | None = None) -> Path:
+    hidden = ("job", "run_id", "started_at", "ended_at", "exit_code", "output_path", "manifest_path", "up_to_date")
     data = {
         "seedbatch_version": __version__,
         "job": summary.job,
@@ -79,6 +80,7 @@ def write_manifest(spec: JobSpec, summary: RunSummary) -> Path:
         "exit_code": summary.exit_code,
         "output": summary.output_path,
         "ledger": str(spec.ledger_path),
+        "built_from": built_from,
         **{k: v for k, v in summary.as_dict().items() if k not in hidden},
     }
     write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
@@ -123,9 +125,19 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     answer mid-run does not raise: the summary says so, and output and manifest are written.
     """
     options = options or RunOptions()
+    if uptodate.eligible(spec, fresh=options.fresh, retry_errors=options.retry_errors):
+        with JobLock(spec.lock_path):
+            verdict = uptodate.check(spec, options.selection, refresh=True)
+        if verdict.up_to_date and verdict.manifest is not None:
+            return _up_to_date(spec, verdict.manifest)
+    try:  # taken before the input is read: a change while the run reads it makes the next run look again
+        input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input, uptodate.previous_input(spec))
+    except OSError:
+        input_fp = None  # prepare says what is wrong with the input
     p = prepare(spec, options.selection)
     execute = executor_for(spec)
     summary = RunSummary(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
+    built_from: dict[str, Any] | None = None
     with JobLock(spec.lock_path):
         ledger = Ledger(spec.ledger_path, spec.endpoint_key)
         if spec.shards_dir.exists():  # a Ray run died before merging its shards: their answers are paid for
@@ -141,7 +153,13 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
                 server = LocalAPI(ServerConfig(latency_ms=spec.endpoint.local_latency_ms))
                 url = server.start()
             await execute(p, ledger, options, summary, url)
+            ledger.flush()
+            ledger_id, generation = ledger.state()  # before the output is read from it
             _write_outputs(p, ledger, summary)
+            stopped = summary.stopped_by is not None
+            if input_fp is not None and uptodate.complete(summary.rows_by_status, summary.errors_by_kind, stopped):
+                state = {"ledger_id": ledger_id, "generation": generation}
+                built_from = uptodate.built_from(spec, options.selection, input_fp, state)
         except SeedbatchError as exc:
             failure = exc.exit_code  # the manifest and `status` must say what the process exits with
             raise
@@ -154,13 +172,33 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
             summary.ended_at = time.time()
             summary.exit_code = failure if failure is not None else exit_code_for(summary)
             try:
-                summary.manifest_path = str(write_manifest(spec, summary))
+                summary.manifest_path = str(write_manifest(spec, summary, built_from))
             except OSError:
                 summary.manifest_path = None  # the run's result stands; only its record could not be written
             ledger.end_run(
                 summary.run_id, summary.ended_at, summary.exit_code, orjson.dumps(summary.as_dict()).decode()
             )
             ledger.close()
+    return summary
+
+
+def _up_to_date(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
+    """The summary of a run that had nothing to do: the counts of the run that built the output."""
+    now = time.time()
+    summary = RunSummary(
+        job=spec.name,
+        run_id=str(manifest.get("run_id")),
+        rows_total=int(manifest.get("rows_total") or 0),
+        rows_by_status=dict(manifest.get("rows_by_status") or {}),
+        started_at=now,
+        ended_at=now,
+        output_path=str(spec.job.output),
+        manifest_path=str(spec.manifest_path),
+        up_to_date=True,
+    )
+    by_status = summary.rows_by_status
+    summary.rows_from_ledger = summary.rows_total - by_status.get("too_long", 0) - by_status.get("skipped", 0)
+    summary.exit_code = exit_code_for(summary)
     return summary
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, PartialOutputError, SpecError
@@ -164,3 +165,25 @@ def write_output(
             f"{broken} (a partial output of the {written:,} rows read before it was written to {path})"
         )
     return counts
+
+
+def output_totals(path: Path) -> tuple[dict[str, int], int, int, float]:
+    """Rows by status and the prompt tokens, completion tokens and USD an output's rows carry.
+
+    A row that reused an identical row's answer carries zero usage (``answers_for_rows``), so these sums
+    are what was paid. Read in batches of four columns: bounded memory at any size.
+    """
+    counts: dict[str, int] = {}
+    prompt = completion = 0
+    usd = 0.0
+    columns = ["status", "prompt_tokens", "completion_tokens", "usd_spent"]
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=columns):
+            for item in pc.value_counts(batch.column(0)).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+            prompt += pc.sum(batch.column(1)).as_py() or 0
+            completion += pc.sum(batch.column(2)).as_py() or 0
+            usd += pc.sum(batch.column(3)).as_py() or 0.0
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read the output: {str(exc).splitlines()[0]}") from None
+    return counts, prompt, completion, usd

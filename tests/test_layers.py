@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "stages",
         {"reader", "prompts", "client", "scheduler", "ledger", "writer", "media", "shared_limits", "progress"},
     ),
-    ("one request, one job's checks", {"prepare", "attempts"}),
+    ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
     ("composers", {"runner", "planning"}),
     ("the command", {"cli"}),

@@ -1,0 +1,178 @@
+"""Whether a job's output is up to date: built from this input, this job and this ledger.
+
+Every finished run records in its manifest what its output was built from (``built_from``): the
+input's size, mtime and blake2b digest, a digest of the job as it affects the output, the selection,
+the ledger's id and generation (``Ledger.state``: bumped by every change to its answers), the
+output's size and mtime, and the seedbatch version. A rerun whose every part is unchanged has
+nothing to send and would write the same file: ``run`` says so and exits, ``status`` and ``plan`` count
+from the output instead of rendering every row.
+
+Only a complete output is a base: no pending row, no error the next run would send again by itself.
+``--fresh`` and ``--retry-errors`` always do the work; so do jobs with media columns (the request
+hashes cover image files the input only names) and jobs with ``job.run_output`` (each run writes its
+own file). An input whose size and mtime are unchanged is taken as unchanged (as make and rsync do);
+a touched input of the same size is hashed and compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import __version__
+from pipeline.ledger import Ledger
+from pipeline.records import Selection, is_transient
+from pipeline.spec import JobSpec
+from pipeline.writer import write_atomic
+
+#: Job sections that change how fast rows are sent, never what an answer or the output is.
+_PACE_ONLY = {"limits", "executor"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The check's answer: up to date or not, why, and the manifest it read."""
+
+    up_to_date: bool
+    reason: str
+    manifest: dict[str, Any] | None = None
+
+
+def eligible(spec: JobSpec, *, fresh: bool, retry_errors: bool) -> bool:
+    """Whether a run of this job may be skipped at all (see the module docstring)."""
+    if fresh or retry_errors or spec.job.run_output:
+        return False
+    return not (spec.media.image_columns or spec.media.video_columns)
+
+
+def job_digest(spec: JobSpec, selection: Selection) -> str:
+    """sha256 of the job as it shapes the output: every section but the pacing ones, the schema file's
+    bytes (a path in the job), the endpoint answers come from, and the selection."""
+    data = spec.model_dump(mode="json", exclude=_PACE_ONLY)
+    schema = spec.output.schema_
+    schema_bytes = b""
+    if schema is not None and not isinstance(schema, dict):
+        try:
+            schema_bytes = Path(schema).read_bytes()
+        except OSError:
+            schema_bytes = b"(unreadable)"
+    h = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str))
+    h.update(schema_bytes)
+    h.update(spec.endpoint_key.encode())
+    h.update(json.dumps([selection.limit, selection.sample, selection.sample_seed]).encode())
+    return h.hexdigest()
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def input_fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Size, mtime and content digest of the input; the digest is reused from ``previous`` when size and
+    mtime are the ones it was taken at (hashing is the only cost that grows with the file)."""
+    st = path.stat()
+    fp: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if previous and all(previous.get(k) == fp[k] for k in ("path", "size", "mtime_ns")) and previous.get("blake2b"):
+        fp["blake2b"] = previous["blake2b"]
+    else:
+        fp["blake2b"] = _digest(path)
+    return fp
+
+
+def ledger_state(spec: JobSpec) -> dict[str, Any] | None:
+    if not spec.ledger_path.exists():
+        return None
+    ledger = Ledger(spec.ledger_path, spec.endpoint_key)
+    try:
+        ledger_id, generation = ledger.state()
+    finally:
+        ledger.close()
+    return {"ledger_id": ledger_id, "generation": generation}
+
+
+def output_fingerprint(path: Path) -> dict[str, Any] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def complete(rows_by_status: dict[str, int], errors_by_kind: dict[str, int], stopped: bool) -> bool:
+    """Whether a rerun of the same job would send nothing: no pending row, no error it retries by itself."""
+    if stopped or rows_by_status.get("pending"):
+        return False
+    return not any(is_transient(kind) for kind in errors_by_kind)
+
+
+def built_from(
+    spec: JobSpec, selection: Selection, input_fp: dict[str, Any], ledger: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The manifest's record of what the output (as it is on disk now) was built from."""
+    output = output_fingerprint(spec.job.output)
+    if output is None:
+        return None
+    return {
+        "seedbatch_version": __version__,
+        "job_sha256": job_digest(spec, selection),
+        "input": input_fp,
+        "ledger": ledger,
+        "output": output,
+    }
+
+
+def read_manifest(spec: JobSpec) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(spec.manifest_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def previous_input(spec: JobSpec) -> dict[str, Any] | None:
+    """The input fingerprint the last manifest recorded (its digest saves hashing an unchanged file)."""
+    data = read_manifest(spec)
+    base = data.get("built_from") if data else None
+    return base.get("input") if isinstance(base, dict) else None
+
+
+def check(spec: JobSpec, selection: Selection, *, refresh: bool = False) -> Verdict:
+    """Whether the output on disk is what a rerun with this input, job and ledger would write.
+
+    ``refresh`` (a run, holding the job's lock): a touched input with the same bytes has its new mtime
+    written to the manifest. ``status`` and ``plan`` hold no lock and never write.
+    """
+    data = read_manifest(spec)
+    if data is None:
+        return Verdict(False, "no manifest")
+    base = data.get("built_from")
+    if not isinstance(base, dict):
+        return Verdict(False, "the last run left work to do (or predates built_from)")
+    if base.get("seedbatch_version") != __version__:
+        return Verdict(False, f"built by seedbatch {base.get('seedbatch_version')}, this is {__version__}")
+    if output_fingerprint(spec.job.output) != base.get("output"):
+        return Verdict(False, "the output is missing or was changed")
+    if base.get("job_sha256") != job_digest(spec, selection):
+        return Verdict(False, "the job (or the selection) changed")
+    old = base.get("input") or {}
+    try:
+        st = spec.job.input.stat()
+    except OSError:
+        return Verdict(False, "the input is missing")
+    if old.get("path") != str(spec.job.input.resolve()) or old.get("size") != st.st_size:
+        return Verdict(False, "the input changed")
+    if old.get("mtime_ns") != st.st_mtime_ns:
+        if _digest(spec.job.input) != old.get("blake2b"):
+            return Verdict(False, "the input changed")
+        if refresh:  # touched, same bytes: remember the new mtime so the next check need not hash again
+            base["input"] = {**old, "mtime_ns": st.st_mtime_ns}
+            write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    if base.get("ledger") != ledger_state(spec):
+        return Verdict(False, "the ledger changed")
+    return Verdict(True, "input, job and ledger unchanged since the output was written", data)
