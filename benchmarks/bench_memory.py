@@ -4,7 +4,7 @@ Input: the sample generator's reviews (realistic 60-250 character texts), writte
 Server: ``seedbatch serve`` latency 0 in its own process. Client: high rpm/tpm (pacers active, never binding).
 The first run answers ``--limit`` rows on a fresh ledger; the second runs the whole file on the same ledger
 (it sends the remaining rows, then writes the 1M-row output). Peak RSS is the client process's own
-``ru_maxrss`` from ``os.wait4``. The answered ledger is reused by the resume benchmark.
+VmHWM, polled by ``common.run_client``. The answered ledger is reused by the resume benchmark.
 """
 
 from __future__ import annotations

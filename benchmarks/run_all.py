@@ -1,6 +1,6 @@
 """Run the seedbatch benchmarks against the built-in local API and write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py                      # all eight, full sizes -> benchmarks/RESULTS.md
+    python benchmarks/run_all.py                      # all nine, full sizes -> benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick              # small sizes -> benchmarks/out/RESULTS.quick.md
     python benchmarks/run_all.py --only overhead      # one (repeatable, or comma-separated)
 
@@ -23,6 +23,7 @@ import bench_overhead
 import bench_pacing
 import bench_ray
 import bench_resume
+import bench_scale
 import bench_throughput
 from common import BENCH, OUT, ROOT, BenchResult, machine
 
@@ -36,6 +37,7 @@ BENCHMARKS: list[ModuleType] = [
     bench_crash,
     bench_ray,
     bench_pacing,
+    bench_scale,
 ]
 NAMES = [m.NAME for m in BENCHMARKS]
 

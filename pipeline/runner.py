@@ -29,7 +29,7 @@ from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
 from pipeline.prepare import Prepared, prepare
 from pipeline.reader import ROW_NUMBER, read_frames
-from pipeline.records import ExitCode, RunSummary, Selection, StopReason
+from pipeline.records import ExitCode, RunSummary, Selection, exit_code_for
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
 from pipeline.writer import write_atomic, write_output
@@ -39,16 +39,6 @@ __all__ = ["ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "ar
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def exit_code_for(summary: RunSummary) -> ExitCode:
-    if summary.stopped_by is StopReason.FATAL:
-        return ExitCode.FATAL_API
-    if summary.rows_by_status.get("pending"):
-        return ExitCode.PARTIAL
-    if any(n for status, n in summary.rows_by_status.items() if status not in ("ok", "skipped")):
-        return ExitCode.ROWS_FAILED
-    return ExitCode.OK
 
 
 def _typed_columns(p: Prepared) -> Callable[[Sequence[str | None], Sequence[str]], list[pl.Series]] | None:
@@ -125,11 +115,9 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     answer mid-run does not raise: the summary says so, and output and manifest are written.
     """
     options = options or RunOptions()
-    if uptodate.eligible(spec, fresh=options.fresh, retry_errors=options.retry_errors):
-        with JobLock(spec.lock_path):
-            verdict = uptodate.check(spec, options.selection, refresh=True)
-        if verdict.up_to_date and verdict.manifest is not None:
-            return _up_to_date(spec, verdict.manifest)
+    skipped = uptodate.skip(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
+    if skipped is not None:
+        return skipped
     try:  # taken before the input is read: a change while the run reads it makes the next run look again
         input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input, uptodate.previous_input(spec))
     except OSError:
@@ -179,26 +167,6 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
                 summary.run_id, summary.ended_at, summary.exit_code, orjson.dumps(summary.as_dict()).decode()
             )
             ledger.close()
-    return summary
-
-
-def _up_to_date(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
-    """The summary of a run that had nothing to do: the counts of the run that built the output."""
-    now = time.time()
-    summary = RunSummary(
-        job=spec.name,
-        run_id=str(manifest.get("run_id")),
-        rows_total=int(manifest.get("rows_total") or 0),
-        rows_by_status=dict(manifest.get("rows_by_status") or {}),
-        started_at=now,
-        ended_at=now,
-        output_path=str(spec.job.output),
-        manifest_path=str(spec.manifest_path),
-        up_to_date=True,
-    )
-    by_status = summary.rows_by_status
-    summary.rows_from_ledger = summary.rows_total - by_status.get("too_long", 0) - by_status.get("skipped", 0)
-    summary.exit_code = exit_code_for(summary)
     return summary
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,9 @@ from typing import Any
 import orjson
 
 from pipeline import __version__
-from pipeline.ledger import Ledger
-from pipeline.records import Selection, is_transient
+from pipeline.ledger import JobLock, Ledger
+from pipeline.records import RunSummary, Selection, exit_code_for, is_transient
 from pipeline.spec import JobSpec
-from pipeline.writer import write_atomic
 
 #: Job sections that change how fast rows are sent, never what an answer or the output is.
 _PACE_ONLY = {"limits", "executor"}
@@ -172,7 +173,48 @@ def check(spec: JobSpec, selection: Selection, *, refresh: bool = False) -> Verd
             return Verdict(False, "the input changed")
         if refresh:  # touched, same bytes: remember the new mtime so the next check need not hash again
             base["input"] = {**old, "mtime_ns": st.st_mtime_ns}
-            write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            _write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     if base.get("ledger") != ledger_state(spec):
         return Verdict(False, "the ledger changed")
     return Verdict(True, "input, job and ledger unchanged since the output was written", data)
+
+
+def skip(spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_errors: bool = False) -> RunSummary | None:
+    """A run's shortcut: the summary of a run with nothing to do when the output is up to date, else None.
+
+    Imports neither polars nor pyarrow (the CLI calls it before loading the runner), so an up-to-date
+    rerun costs an interpreter start, a manifest, two ``stat`` calls and one ledger query.
+    """
+    if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
+        return None
+    with JobLock(spec.lock_path):
+        verdict = check(spec, selection, refresh=True)
+    if not verdict.up_to_date or verdict.manifest is None:
+        return None
+    return _summary(spec, verdict.manifest)
+
+
+def _summary(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
+    """The summary of a run that had nothing to do: the counts of the run that built the output."""
+    now = time.time()
+    summary = RunSummary(
+        job=spec.name,
+        run_id=str(manifest.get("run_id")),
+        rows_total=int(manifest.get("rows_total") or 0),
+        rows_by_status=dict(manifest.get("rows_by_status") or {}),
+        started_at=now,
+        ended_at=now,
+        output_path=str(spec.job.output),
+        manifest_path=str(spec.manifest_path),
+        up_to_date=True,
+    )
+    by_status = summary.rows_by_status
+    summary.rows_from_ledger = summary.rows_total - by_status.get("too_long", 0) - by_status.get("skipped", 0)
+    summary.exit_code = exit_code_for(summary)
+    return summary
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
