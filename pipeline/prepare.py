@@ -39,6 +39,8 @@ class Prepared:
     rows: int
     row_range: RowRange | None = None
     """Only these positions among the selected rows (one shard of a Ray run); None: all of them."""
+    only_rows: frozenset[int] | None = None
+    """Only these row numbers are rendered and sent: an incremental run's changed rows (``incremental``)."""
 
 
 def load_schema(spec: JobSpec) -> dict[str, Any] | None:
@@ -153,5 +155,5 @@ def iter_requests(p: Prepared, chunk_rows: int | None = None) -> Iterator[list[R
     size = chunk_rows or p.spec.job.chunk_rows
     if p.spec.media.image_columns or p.spec.media.video_columns:
         size = min(size, media.CHUNK_ROWS)  # media bytes live in the request bodies: keep few chunks of them
-    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column, p.row_range):
+    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column, p.row_range, p.only_rows):
         yield [p.renderer.render(r) for r in rows]

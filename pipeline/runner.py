@@ -22,17 +22,17 @@ from typing import Any
 import orjson
 import polars as pl
 
-from pipeline import __version__, schema_types, uptodate
+from pipeline import __version__, incremental, schema_types, uptodate
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
-from pipeline.prepare import Prepared, prepare
+from pipeline.prepare import Prepared, prepare, read_all
 from pipeline.reader import ROW_NUMBER, read_frames
 from pipeline.records import ExitCode, RunSummary, Selection, exit_code_for
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
-from pipeline.writer import write_atomic, write_output
+from pipeline.writer import patch_output, write_atomic, write_output
 
 __all__ = ["ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "arun_job", "run_job"]
 
@@ -81,6 +81,18 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
     """The output (and ``run_output``) rebuilt from the input and the ledger: it always matches the ledger."""
     spec = p.spec
     typed = _typed_columns(p)
+    if p.only_rows is not None:  # an incremental run (never with run_output: see uptodate.eligible)
+        summary.rows_by_status = patch_output(
+            spec.job.output,
+            read_frames(p.table, p.selection, incremental.PATCH_CHUNK_ROWS),
+            ROW_NUMBER,
+            ledger.answers_for_rows,
+            set(p.only_rows),
+            incremental.PATCH_CHUNK_ROWS,
+            typed=typed,
+        )
+        summary.output_path = str(spec.job.output)
+        return
     try:
         summary.rows_by_status = write_output(
             spec.job.output,
@@ -122,7 +134,13 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
         input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input, uptodate.previous_input(spec))
     except OSError:
         input_fp = None  # prepare says what is wrong with the input
-    p = prepare(spec, options.selection)
+    # Only the input changed since the output was built: redo the changed rows, patch the output.
+    base = uptodate.patchable(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
+    p = prepare(spec, options.selection, read_everything=base is None)
+    if base is not None:
+        p.only_rows = incremental.changed_rows(p)  # this pass parses every row, as read_all does
+        if p.only_rows is None:
+            read_all(p)
     execute = executor_for(spec)
     summary = RunSummary(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
     built_from: dict[str, Any] | None = None
@@ -130,6 +148,8 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
         ledger = Ledger(spec.ledger_path, spec.endpoint_key)
         if spec.shards_dir.exists():  # a Ray run died before merging its shards: their answers are paid for
             ledger.merge_leftovers(spec.shards_dir)
+        if p.only_rows is not None and ledger.state() != base:  # another run changed it since the check
+            p.only_rows = None
         ledger.start_run(summary.run_id, spec.name, summary.started_at)
         server = None
         failure: int | None = None

@@ -179,6 +179,36 @@ def check(spec: JobSpec, selection: Selection, *, refresh: bool = False) -> Verd
     return Verdict(True, "input, job and ledger unchanged since the output was written", data)
 
 
+def patchable(
+    spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_errors: bool = False
+) -> tuple[str, int] | None:
+    """The ledger state (id, generation) the output was built from, when only the input changed since:
+    same job, ledger, output and version. None otherwise. The caller checks the state again once it
+    holds the job's lock.
+
+    Then the output can be patched row by row (``incremental``) instead of rebuilt from every row.
+    Local runs of the whole input or its first rows only (a sample's rows are not numbered by position).
+    """
+    if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
+        return None
+    if spec.executor.kind != "local" or selection.sample is not None:
+        return None
+    data = read_manifest(spec)
+    base = data.get("built_from") if data else None
+    if not isinstance(base, dict) or base.get("seedbatch_version") != __version__:
+        return None
+    if output_fingerprint(spec.job.output) != base.get("output"):
+        return None
+    if base.get("job_sha256") != job_digest(spec, selection):
+        return None
+    if (base.get("input") or {}).get("path") != str(spec.job.input.resolve()):
+        return None
+    ledger = base.get("ledger")
+    if not isinstance(ledger, dict) or ledger != ledger_state(spec):
+        return None
+    return str(ledger["ledger_id"]), int(ledger["generation"])
+
+
 def skip(spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_errors: bool = False) -> RunSummary | None:
     """A run's shortcut: the summary of a run with nothing to do when the output is up to date, else None.
 

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"reader", "prompts", "client", "scheduler", "ledger", "writer", "media", "shared_limits", "progress"},
     ),
     ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
+    ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
     ("composers", {"runner", "planning"}),
     ("the command", {"cli"}),

@@ -237,3 +237,104 @@ def test_ledger_generation_counts_every_change_to_answers(tmp_path: Path, api: L
         assert other.state()[0] != ledger_id, "a new ledger file is another ledger, even at generation 0"
     finally:
         other.close()
+
+
+def _parquet_job(tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, **sections: Any) -> Path:
+    """A job over a Parquet input (the row-group path of an incremental run)."""
+    job = write_job(tmp_path, api, frame, **sections)
+    frame.write_parquet(tmp_path / "input.parquet")
+    job.write_text(job.read_text().replace("input.csv", "input.parquet"))
+    return job
+
+
+def _rebuilt(tmp_path: Path, job: Path) -> pl.DataFrame:
+    """The output a run builds from nothing but the input and the ledger (no earlier output)."""
+    output = tmp_path.joinpath(*OUTPUT)
+    patched = pl.read_parquet(output)
+    output.unlink()
+    assert cli("run", str(job)).exit_code == 0
+    rebuilt = pl.read_parquet(output)
+    assert rebuilt.schema == patched.schema
+    return rebuilt
+
+
+def _watch(monkeypatch: Any) -> list[frozenset[int] | None]:
+    """Record what each run's incremental pass decided (the real function runs)."""
+    from pipeline import incremental
+
+    seen: list[frozenset[int] | None] = []
+    real = incremental.changed_rows
+
+    def spy(p: Any) -> frozenset[int] | None:
+        seen.append(real(p))
+        return seen[-1]
+
+    monkeypatch.setattr(incremental, "changed_rows", spy)
+    return seen
+
+
+def _edit(frame: pl.DataFrame, row: int, text: str) -> pl.DataFrame:
+    return frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == row).then(pl.lit(text)).otherwise(pl.col("text")).alias("text")
+    )
+
+
+def test_an_incremental_run_patches_only_the_changed_rows_and_equals_a_rebuild(
+    tmp_path: Path, api: LocalAPI, monkeypatch: Any
+) -> None:
+    seen = _watch(monkeypatch)
+    frame = pl.concat([reviews(150), reviews(100)]).with_columns(review_id=pl.format("id-{}", pl.int_range(pl.len())))
+    frame = _edit(frame, 7, None)  # type: ignore[arg-type]  # an empty row: skipped, and stays so
+    job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review: {text}"}, job={"chunk_rows": 100})
+    assert cli("run", str(job)).exit_code == 0
+    api.reset()
+    changed = _edit(frame, 120, "a new text for row 120").vstack(
+        pl.DataFrame({"review_id": ["id-250"], "product": ["kettle"], "stars": [3], "text": ["an appended row"]}),
+    )
+    changed.write_parquet(tmp_path / "input.parquet")
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == frozenset({120, 250})  # row 120 is not shared: it and the new row are patched in
+    assert received(api) == 2
+    patched = pl.read_parquet(tmp_path.joinpath(*OUTPUT))
+    assert patched.height == 251
+    assert patched.get_column("text")[120] == "a new text for row 120"
+    assert "up_to_date" in cli("run", str(job)).output
+    assert patched.equals(_rebuilt(tmp_path, job))
+    assert received(api) == 2, "the rebuild sent nothing"
+
+
+def test_a_changed_row_sharing_its_request_rebuilds_the_output(tmp_path: Path, api: LocalAPI, monkeypatch: Any) -> None:
+    seen = _watch(monkeypatch)
+    frame = pl.concat([reviews(120), reviews(120)]).with_columns(review_id=pl.format("id-{}", pl.int_range(pl.len())))
+    job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review: {text}"}, job={"chunk_rows": 100})
+    assert cli("run", str(job)).exit_code == 0
+    api.reset()
+    # Row 5 paid for its request; row 125 reused it at zero usage. Once row 5 changes, row 125 is the
+    # first (and only) row asking it: it must carry the usage, so the output is rebuilt, not patched.
+    _edit(frame, 5, "row 5 now says something else").write_parquet(tmp_path / "input.parquet")
+    assert cli("run", str(job)).exit_code == 0
+    assert seen[-1] is None
+    assert received(api) == 1
+    out = pl.read_parquet(tmp_path.joinpath(*OUTPUT))
+    assert out.get_column("prompt_tokens")[125] > 0
+    assert out.get_column("prompt_tokens").sum() == api.stats()["prompt_tokens"] + _paid_before(out, 5)
+    assert out.equals(_rebuilt(tmp_path, job))
+
+
+def _paid_before(out: pl.DataFrame, row: int) -> int:
+    """Prompt tokens of every row but ``row`` (paid by the first run)."""
+    return int(out.get_column("prompt_tokens").sum()) - int(out.get_column("prompt_tokens")[row])
+
+
+def test_removed_rows_rebuild_the_output(tmp_path: Path, api: LocalAPI, monkeypatch: Any) -> None:
+    seen = _watch(monkeypatch)
+    frame = reviews(50)
+    job = _parquet_job(tmp_path, api, frame)
+    assert cli("run", str(job)).exit_code == 0
+    api.reset()
+    frame.head(40).write_parquet(tmp_path / "input.parquet")
+    assert cli("run", str(job)).exit_code == 0
+    assert seen[-1] is None
+    assert received(api) == 0
+    assert pl.read_parquet(tmp_path.joinpath(*OUTPUT)).height == 40
