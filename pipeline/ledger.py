@@ -171,7 +171,7 @@ class Ledger:
             ) from None
         self._buffer: list[tuple[Any, ...]] = []
         self._mapped = False
-        self._reused: dict[str, int] | None = None  # computed once the row map is complete
+        self._repeated_built = False  # temp.repeated is built once the row map is complete
 
     # Answers -------------------------------------------------------------------------------------
     def _lookup(self, hashes: Sequence[str], columns: str, run_id: str | None = None) -> Iterator[tuple[Any, ...]]:
@@ -197,18 +197,39 @@ class Ledger:
         columns = "status, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), coalesce(usd_spent, 0)"
         return {r[0]: r[1:] for r in self._lookup(hashes, columns)}
 
-    def repeated_hashes(self) -> dict[str, tuple[int, int]]:
-        """Hashes asked by more than one mapped row → (the first such row, how many rows asked it).
+    def _repeated(self) -> bool:
+        """Fill ``temp.repeated`` (hash asked by more than one mapped row → its first row, how many rows)
+        once the map is complete; False when nothing is mapped.
 
-        One grouped scan once the map is complete (an index kept up to date during 1M inserts cost more
-        than the scan), and small: only repeated requests are in it.
+        A table, not a dict: an input of 10M rows asking 1M requests ten times each has 1M repeated
+        hashes, ~150 MB as Python objects. One grouped scan (an index kept up to date during 1M inserts
+        cost more than the scan).
         """
         if not self._mapped:
-            return {}
-        cur = self.db.execute(
-            "SELECT request_hash, MIN(row_number), COUNT(*) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
-        )
-        return {h: (first, n) for h, first, n in cur}
+            return False
+        if not self._repeated_built:
+            self.db.execute("DROP TABLE IF EXISTS temp.repeated")
+            self.db.execute(
+                "CREATE TEMP TABLE repeated AS SELECT request_hash, MIN(row_number) AS first_row, COUNT(*) AS n "
+                "FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
+            )
+            self.db.execute("CREATE UNIQUE INDEX temp.repeated_hash ON repeated (request_hash)")
+            self._repeated_built = True
+        return True
+
+    def repeated_usage(self) -> tuple[int, int, float]:
+        """Prompt tokens, completion tokens and USD counted more than once when every mapped row's answer
+        is summed: each request was paid once, however many rows asked it."""
+        if not self._repeated():
+            return 0, 0, 0.0
+        row = self.db.execute(
+            "SELECT coalesce(SUM((r.n - 1) * coalesce(a.prompt_tokens, 0)), 0), "
+            "coalesce(SUM((r.n - 1) * coalesce(a.completion_tokens, 0)), 0), "
+            "coalesce(SUM((r.n - 1) * coalesce(a.usd_spent, 0)), 0.0) "
+            "FROM temp.repeated r JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash",
+            (self.endpoint,),
+        ).fetchone()
+        return int(row[0]), int(row[1]), float(row[2])
 
     def get(self, request_hash: str) -> Outcome | None:
         row = self.db.execute(
@@ -261,6 +282,7 @@ class Ledger:
             )
             self.db.execute("DELETE FROM temp.row_map")
             self._mapped = True
+        self._repeated_built = False
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
 
@@ -271,12 +293,12 @@ class Ledger:
         its own: it gets the answer with zero usage, cost and attempts, so the output's cost columns
         sum to what was paid.
         """
-        if self._reused is None:
-            self._reused = {h: first for h, (first, _) in self.repeated_hashes().items()}
-        reused = self._reused
+        self._repeated()
         cur = self.db.execute(
-            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "
+            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])}, "
+            "coalesce(u.first_row, r.row_number) != r.row_number "
             "FROM temp.row_map r LEFT JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash "
+            "LEFT JOIN temp.repeated u ON u.request_hash = r.request_hash "
             "WHERE r.row_number BETWEEN ? AND ?",
             (self.endpoint, lo, hi),
         )
@@ -285,10 +307,10 @@ class Ledger:
             n, h = r[0], r[1]
             if r[2] is None:
                 out[n] = (h, None)
-            elif h in reused and reused[h] != n:
+            elif r[20]:  # a later row asking an earlier row's request: the answer, not its cost
                 out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, r[19]))
             else:
-                out[n] = (h, r[2:])
+                out[n] = (h, r[2:20])
         return out
 
     def run_answers(self, run_id: str) -> set[str]:

@@ -217,12 +217,8 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
         if ledger is not None:
             # Each distinct request was paid once, however many rows asked it: take the repeats back out.
             # The row map lives in SQLite, so memory does not grow with the input.
-            repeated = ledger.repeated_hashes()
-            for h, answer in ledger.known_usage(list(repeated)).items():
-                extra = repeated[h][1] - 1
-                prompt -= answer[1] * extra
-                completion -= answer[2] * extra
-                usd -= answer[3] * extra
+            extra_prompt, extra_completion, extra_usd = ledger.repeated_usage()
+            prompt, completion, usd = prompt - extra_prompt, completion - extra_completion, usd - extra_usd
     finally:
         if ledger:
             ledger.close()
