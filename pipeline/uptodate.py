@@ -217,6 +217,10 @@ def skip(spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_erro
     """
     if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
         return None
+    # First without the lock: a job that is not up to date (a bad one among them) must reach prepare's
+    # one-line errors before anything is created, the lock file included.
+    if not check(spec, selection).up_to_date:
+        return None
     with JobLock(spec.lock_path):
         verdict = check(spec, selection, refresh=True)
     if not verdict.up_to_date or verdict.manifest is None:
