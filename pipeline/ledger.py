@@ -139,6 +139,9 @@ def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
             (LOCAL_MODEL, LOCAL_ENDPOINT, endpoint),
         )
         db.execute("DROP TABLE answers_unkeyed")
+        # Rewritten answers are another ledger: a new id (the schema makes one), so no output built from
+        # the old table counts as up to date (its triggers went with it; the copy above bumped nothing).
+        db.execute("DROP TABLE IF EXISTS ledger_state")
     except BaseException:
         db.execute("ROLLBACK")
         raise
