@@ -220,6 +220,21 @@ def _positioned(path: Path, chunk_rows: int, columns: Sequence[str] | None = Non
         yield pl.concat(buf) if len(buf) > 1 else buf[0]
 
 
+def _positioned_tables(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
+    """``_positioned`` as Arrow tables: a chunk copied as it is never becomes a polars frame."""
+    buf: list[pa.RecordBatch] = []
+    held = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+        buf.append(batch)
+        held += batch.num_rows
+        while held >= chunk_rows:
+            whole = pa.Table.from_batches(buf)
+            yield whole.slice(0, chunk_rows)
+            buf, held = whole.slice(chunk_rows).to_batches(), held - chunk_rows
+    if held:
+        yield pa.Table.from_batches(buf)
+
+
 def changed_positions(
     path: Path, frames: Iterable[pl.DataFrame], row_number_column: str, chunk_rows: int, limit: int
 ) -> list[int] | None:
@@ -307,22 +322,22 @@ def patch_output(
     answer (zero usage) then depends on changed rows only.
     """
     schema = pq.ParquetFile(path).schema_arrow
-    old_frames = _positioned(path, chunk_rows)
+    old_tables = _positioned_tables(path, chunk_rows)
     counts: dict[str, int] = {}
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for frame in frames:
-            old = next(old_frames, None)
+            old_table = next(old_tables, None)
             numbers = frame.get_column(row_number_column)
             mask = numbers.is_in(pl.Series(sorted(changed), dtype=numbers.dtype))
-            old_height = old.height if old is not None else 0
-            if old is not None and old_height == frame.height and not mask.any():
-                table = old.to_arrow()
+            old_height = old_table.num_rows if old_table is not None else 0
+            if old_table is not None and old_height == frame.height and not mask.any():
+                table = old_table
             else:
                 pieces: list[pa.Table] = []
                 positions: list[pl.Series] = []
-                if old is not None:  # rows past the old output's end are all changed (new rows)
+                if old_table is not None:  # rows past the old output's end are all changed (new rows)
                     keep = ~mask.head(old_height)
-                    pieces.append(old.filter(keep).to_arrow().cast(schema))
+                    pieces.append(old_table.filter(keep.to_arrow()).cast(schema))
                     positions.append(numbers.head(old_height).filter(keep))
                 if mask.any():
                     fresh = _answered(frame.filter(mask), row_number_column, answers_for, typed)
