@@ -53,7 +53,9 @@ def run(quick: bool) -> BenchResult:
         rerun = run_client(client_cmd("run", job, "--base-url", server.base_url))
         require_ok(rerun, "resume rerun")
         received = int(server.stats()["received"])
-    status = run_client(client_cmd("status", job))
+        # The same --base-url as the runs: answers are keyed by endpoint, and without it status counted
+        # the job's default endpoint (every row pending, as earlier RESULTS.md notes show).
+        status = run_client(client_cmd("status", job, "--base-url", server.base_url))
     require_ok(status, "status")
     result.commands += [f"client: {rerun.command}", f"client: {status.command}"]
     result.settings["ledger"] = f"{ledger.name}, {ledger.stat().st_size / 1e6:,.0f} MB"
