@@ -1,7 +1,9 @@
 """5. Resume cost: the memory benchmark's job, fully answered in the ledger, run again and ``status``-ed.
 
-The rerun must send nothing (checked at the server) and rewrite the output; ``seedbatch status`` reads the
-input and the ledger. Both are timed as whole processes (interpreter start to exit).
+The output is up to date (the memory benchmark's last run built it from this input, job and ledger):
+the rerun must say so, send nothing (checked at the server) and leave the output as it is;
+``seedbatch status`` counts from the up-to-date output. Both are timed as whole processes (interpreter
+start to exit). The one-row-changed rerun is in the scale benchmark.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from common import OUT, BenchResult, Server, client_cmd, require_ok, run_client
 NAME = "resume"
 TITLE = "Resume cost (everything already answered)"
 
-TARGET_S = 20.0
+TARGET_S = 1.0
+STATUS_TARGET_S = 10.0
 
 
 def _complete(job: Path, total: int) -> bool:
@@ -50,28 +53,30 @@ def run(quick: bool) -> BenchResult:
         rerun = run_client(client_cmd("run", job, "--base-url", server.base_url))
         require_ok(rerun, "resume rerun")
         received = int(server.stats()["received"])
-    status = run_client(client_cmd("status", job))
+        # The same --base-url as the runs: answers are keyed by endpoint, and without it status counted
+        # the job's default endpoint (every row pending, as earlier RESULTS.md notes show).
+        status = run_client(client_cmd("status", job, "--base-url", server.base_url))
     require_ok(status, "status")
     result.commands += [f"client: {rerun.command}", f"client: {status.command}"]
     result.settings["ledger"] = f"{ledger.name}, {ledger.stat().st_size / 1e6:,.0f} MB"
-    from_ledger = int(rerun.summary.get("from_ledger", -1))
+    said = '"event": "up_to_date"' in rerun.stderr_tail
     result.add(
-        "rerun wall time (sends nothing, rewrites the output)",
-        f"{rerun.wall_s:.1f} s ({rerun.cpu_s:.1f} s CPU, peak RSS {rerun.maxrss_mb:,.0f} MB)",
+        "rerun wall time (up to date: sends nothing, rewrites nothing)",
+        f"{rerun.wall_s:.2f} s ({rerun.cpu_s:.2f} s CPU, peak RSS {rerun.maxrss_mb:,.0f} MB)",
         f"< {TARGET_S:.0f} s",
         rerun.wall_s < TARGET_S,
     )
     result.add(
-        "requests the rerun sent (server received); rows from the ledger",
-        f"{received:,}; {from_ledger:,}",
-        f"0; {total:,}",
-        received == 0 and from_ledger == total,
+        "requests the rerun sent (server received); said up to date",
+        f"{received:,}; {said}",
+        "0; True",
+        received == 0 and said,
     )
     result.add(
         "`seedbatch status` wall time",
         f"{status.wall_s:.1f} s ({status.cpu_s:.1f} s CPU, peak RSS {status.maxrss_mb:,.0f} MB)",
-        f"< {TARGET_S:.0f} s",
-        status.wall_s < TARGET_S,
+        f"< {STATUS_TARGET_S:.0f} s",
+        status.wall_s < STATUS_TARGET_S,
     )
     tail = [line for line in (OUT / "client.stderr").read_text().splitlines() if line.startswith("rows")]
     if tail:

@@ -3,6 +3,11 @@
 Every figure a benchmark reports is computed from something measured here: the server's ``/_stats``
 counters (polled with timestamps), the client's own JSON summary line, and the kernel's rusage of the
 client process (``benchmarks/measured.py``: CPU seconds and peak RSS of that one process, not of the harness).
+
+Peak RSS is not the harness's own ``wait4`` of a child it spawned: Linux carries the high-water mark of the
+memory a process had before ``exec`` into its ``ru_maxrss``, and ``subprocess`` starts children with vfork,
+so every child reported at least the harness's peak (383 MB once the harness had built the 1M-row input,
+whatever the child used). The small launcher's ``wait4`` of the client is the client's own figure.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import bench_pacing
 import bench_ray
 import bench_ray_nodes
 import bench_resume
+import bench_scale
 import bench_throughput
 from common import BENCH, OUT, ROOT, BenchResult, machine
 
@@ -38,6 +39,7 @@ BENCHMARKS: list[ModuleType] = [
     bench_ray,
     bench_pacing,
     bench_ray_nodes,
+    bench_scale,
 ]
 NAMES = [m.NAME for m in BENCHMARKS]
 

@@ -202,7 +202,7 @@ def run(
 ) -> None:
     """Run JOB (a TOML file): send what the ledger lacks, write the output Parquet and manifest."""
     from pipeline.progress import Reporter
-    from pipeline.runner import RunOptions, run_job
+    from pipeline.uptodate import skip
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr)
     # httpx logs one INFO line per request: noise at 10k rows, and its transport's debug lines can
@@ -214,10 +214,19 @@ def run(
         if not sys.stdin.isatty():
             raise click.UsageError("--fresh re-pays every row; add --yes to confirm when not at a terminal")
         click.confirm(f"--fresh ignores {spec.ledger_path} and pays for every row again. Continue?", abort=True)
+    selection = _selection(limit, sample, sample_seed)
+    done = skip(spec, selection, fresh=fresh, retry_errors=retry_errors)  # before the runner (polars) loads
+    if done is not None:
+        Reporter(live=False, log_format=log_format).log(
+            "up_to_date", {"output": done.output_path, "built_by_run": done.run_id, "exit_code": done.exit_code}
+        )
+        sys.exit(done.exit_code)
+    from pipeline.runner import RunOptions, run_job
+
     live = sys.stderr.isatty() if progress is None else progress
     with Reporter(live=live and log_format == "text", log_format=log_format) as reporter:
         options = RunOptions(
-            selection=_selection(limit, sample, sample_seed),
+            selection=selection,
             retry_errors=retry_errors,
             fresh=fresh,
             progress=reporter if (live or progress is None or progress) else None,
@@ -226,6 +235,12 @@ def run(
         )
         with stop_on_signals(options.stop):
             summary = run_job(spec, options)
+    if summary.up_to_date:  # became up to date between the two checks (another run finished)
+        reporter.log(
+            "up_to_date",
+            {"output": summary.output_path, "built_by_run": summary.run_id, "exit_code": summary.exit_code},
+        )
+        sys.exit(summary.exit_code)
     fields = {
         "job": summary.job,
         "run_id": summary.run_id,

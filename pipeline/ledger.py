@@ -46,6 +46,9 @@ ANSWER_COLUMNS = (
     "tool_calls",
 )
 
+#: In ``answers_for_rows``' rows: row number, request hash, the answer columns, then the "repeated" flag here.
+_END = 2 + len(ANSWER_COLUMNS)
+
 _ANSWERS = f"""
 CREATE TABLE IF NOT EXISTS answers (
     endpoint TEXT NOT NULL,
@@ -66,6 +69,18 @@ CREATE TABLE IF NOT EXISTS runs (
     exit_code INTEGER,
     summary TEXT
 );
+CREATE TABLE IF NOT EXISTS ledger_state (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    ledger_id TEXT NOT NULL,
+    generation INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO ledger_state VALUES (0, lower(hex(randomblob(8))), 0);
+CREATE TRIGGER IF NOT EXISTS answers_inserted AFTER INSERT ON answers
+    BEGIN UPDATE ledger_state SET generation = generation + 1; END;
+CREATE TRIGGER IF NOT EXISTS answers_updated AFTER UPDATE ON answers
+    BEGIN UPDATE ledger_state SET generation = generation + 1; END;
+CREATE TRIGGER IF NOT EXISTS answers_deleted AFTER DELETE ON answers
+    BEGIN UPDATE ledger_state SET generation = generation + 1; END;
 """
 
 _IN_BATCH = 5000
@@ -145,6 +160,9 @@ def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
             (LOCAL_MODEL, LOCAL_ENDPOINT, endpoint),
         )
         db.execute("DROP TABLE answers_unkeyed")
+        # Rewritten answers are another ledger: a new id (the schema makes one), so no output built from
+        # the old table counts as up to date (its triggers went with it; the copy above bumped nothing).
+        db.execute("DROP TABLE IF EXISTS ledger_state")
     except BaseException:
         db.execute("ROLLBACK")
         raise
@@ -186,7 +204,7 @@ class Ledger:
             ) from None
         self._buffer: list[tuple[Any, ...]] = []
         self._mapped = False
-        self._reused: dict[str, int] | None = None  # computed once the row map is complete
+        self._repeated_built = False  # temp.repeated is built once the row map is complete
 
     # Answers -------------------------------------------------------------------------------------
     def _lookup(self, hashes: Sequence[str], columns: str, run_id: str | None = None) -> Iterator[tuple[Any, ...]]:
@@ -212,18 +230,39 @@ class Ledger:
         columns = "status, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0), coalesce(usd_spent, 0)"
         return {r[0]: r[1:] for r in self._lookup(hashes, columns)}
 
-    def repeated_hashes(self) -> dict[str, tuple[int, int]]:
-        """Hashes asked by more than one mapped row → (the first such row, how many rows asked it).
+    def _repeated(self) -> bool:
+        """Fill ``temp.repeated`` (hash asked by more than one mapped row → its first row, how many rows)
+        once the map is complete; False when nothing is mapped.
 
-        One grouped scan once the map is complete (an index kept up to date during 1M inserts cost more
-        than the scan), and small: only repeated requests are in it.
+        A table, not a dict: an input of 10M rows asking 1M requests ten times each has 1M repeated
+        hashes, ~150 MB as Python objects. One grouped scan (an index kept up to date during 1M inserts
+        cost more than the scan).
         """
         if not self._mapped:
-            return {}
-        cur = self.db.execute(
-            "SELECT request_hash, MIN(row_number), COUNT(*) FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
-        )
-        return {h: (first, n) for h, first, n in cur}
+            return False
+        if not self._repeated_built:
+            self.db.execute("DROP TABLE IF EXISTS temp.repeated")
+            self.db.execute(
+                "CREATE TEMP TABLE repeated AS SELECT request_hash, MIN(row_number) AS first_row, COUNT(*) AS n "
+                "FROM temp.row_map GROUP BY request_hash HAVING COUNT(*) > 1"
+            )
+            self.db.execute("CREATE UNIQUE INDEX temp.repeated_hash ON repeated (request_hash)")
+            self._repeated_built = True
+        return True
+
+    def repeated_usage(self) -> tuple[int, int, float]:
+        """Prompt tokens, completion tokens and USD counted more than once when every mapped row's answer
+        is summed: each request was paid once, however many rows asked it."""
+        if not self._repeated():
+            return 0, 0, 0.0
+        row = self.db.execute(
+            "SELECT coalesce(SUM((r.n - 1) * coalesce(a.prompt_tokens, 0)), 0), "
+            "coalesce(SUM((r.n - 1) * coalesce(a.completion_tokens, 0)), 0), "
+            "coalesce(SUM((r.n - 1) * coalesce(a.usd_spent, 0)), 0.0) "
+            "FROM temp.repeated r JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash",
+            (self.endpoint,),
+        ).fetchone()
+        return int(row[0]), int(row[1]), float(row[2])
 
     def get(self, request_hash: str) -> Outcome | None:
         row = self.db.execute(
@@ -260,6 +299,15 @@ class Ledger:
             raise
         self.db.execute("COMMIT")
 
+    def state(self) -> tuple[str, int]:
+        """(ledger id, generation): the id is random per ledger file, the generation counts every change
+        to ``answers`` (SQLite triggers, so every writer counts: runs, Ray merges, a migration).
+
+        Equal state means the same answers: an output built from them is still the ledger's.
+        """
+        row = self.db.execute("SELECT ledger_id, generation FROM ledger_state").fetchone()
+        return str(row[0]), int(row[1])
+
     # Row map: which input row asked which request, for writing the output -------------------------
     def map_rows(self, pairs: Sequence[tuple[int, str]]) -> None:
         if not self._mapped:
@@ -268,6 +316,7 @@ class Ledger:
             )
             self.db.execute("DELETE FROM temp.row_map")
             self._mapped = True
+        self._repeated_built = False
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO temp.row_map VALUES (?, ?)", pairs)
 
@@ -278,12 +327,12 @@ class Ledger:
         its own: it gets the answer with zero usage, cost and attempts, so the output's cost columns
         sum to what was paid.
         """
-        if self._reused is None:
-            self._reused = {h: first for h, (first, _) in self.repeated_hashes().items()}
-        reused = self._reused
+        self._repeated()
         cur = self.db.execute(
-            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])} "
+            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])}, "
+            "coalesce(u.first_row, r.row_number) != r.row_number "
             "FROM temp.row_map r LEFT JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash "
+            "LEFT JOIN temp.repeated u ON u.request_hash = r.request_hash "
             "WHERE r.row_number BETWEEN ? AND ?",
             (self.endpoint, lo, hi),
         )
@@ -292,10 +341,10 @@ class Ledger:
             n, h = r[0], r[1]
             if r[2] is None:
                 out[n] = (h, None)
-            elif h in reused and reused[h] != n:
-                out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, *r[19:]))
+            elif r[_END]:  # a later row asking an earlier row's request: the answer, not its cost
+                out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, *r[19:_END]))
             else:
-                out[n] = (h, r[2:])
+                out[n] = (h, r[2:_END])
         return out
 
     def run_answers(self, run_id: str) -> set[str]:
@@ -359,6 +408,33 @@ _MERGE_SQL = (
     + ", ".join(f"{c} = excluded.{c}" for c in ALL_COLUMNS[2:])
     + " WHERE excluded.answered_at >= answers.answered_at"
 )
+
+
+class SeenHashes:
+    """A set of request hashes on disk (SQLite's private temporary database): memory stays at its page
+    cache whatever the number of rows, so ``plan`` counts duplicates over 10M rows in bounded memory."""
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect("", isolation_level=None)
+        self.db.execute("CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def add_new(self, hashes: Sequence[str]) -> set[str]:
+        """Add ``hashes``; return those not seen before (in this call or an earlier one)."""
+        distinct = list(dict.fromkeys(hashes))
+        old: set[str] = set()
+        for i in range(0, len(distinct), _IN_BATCH):
+            part = [bytes.fromhex(h) for h in distinct[i : i + _IN_BATCH]]
+            marks = ",".join("?" * len(part))
+            old.update(r[0].hex() for r in self.db.execute(f"SELECT h FROM seen WHERE h IN ({marks})", part))
+        new = [h for h in distinct if h not in old]
+        with contextlib.suppress(sqlite3.Error):
+            self.db.execute("BEGIN")
+        self.db.executemany("INSERT INTO seen VALUES (?)", [(bytes.fromhex(h),) for h in new])
+        self.db.execute("COMMIT")
+        return set(new)
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class ShardLedger(Ledger):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from pipeline import uptodate
 from pipeline.grammar import enforceable, fit_warnings
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, SeenHashes
 from pipeline.prepare import Prepared, iter_requests, prepare
 from pipeline.records import Selection, needs_sending
 from pipeline.spec import JobSpec
+from pipeline.writer import output_totals
 
 
 @dataclass
@@ -47,29 +49,84 @@ def _ledger(p: Prepared) -> Ledger | None:
     return Ledger(p.spec.ledger_path, p.spec.endpoint_key) if p.spec.ledger_path.exists() else None
 
 
+def _up_to_date(spec: JobSpec, selection: Selection, *, retry_errors: bool = False) -> bool:
+    """Whether the output is built from this input, job and ledger: then it holds every count."""
+    if not uptodate.eligible(spec, fresh=False, retry_errors=retry_errors):
+        return False
+    return uptodate.check(spec, selection).up_to_date
+
+
 def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors: bool = False) -> Plan:
+    selection = selection or Selection()
+    if _up_to_date(spec, selection, retry_errors=retry_errors):
+        # A complete output: nothing left to send; rows not sent are the ones the output says so.
+        p = prepare(spec, selection, need_key=False, read_everything=False)
+        counts = output_totals(spec.job.output)[0]
+        too_long, skipped = counts.get("too_long", 0), counts.get("skipped", 0)
+        rows = sum(counts.values())
+        return Plan(
+            rows,
+            rows - too_long - skipped,
+            0,
+            0,
+            too_long,
+            skipped,
+            0,
+            0,
+            *_estimates(spec, p, 0, 0),
+            [*(p.warnings or ()), *schema_warnings(p)],
+        )
     p = prepare(spec, selection, need_key=False)
     ledger = _ledger(p)
     answered = duplicates = to_send = prompt = too_long = skipped = 0
-    seen: set[str] = set()
+    # The hashes already counted to send live on disk, not in a Python set: 10M rows plan in bounded memory.
+    seen = SeenHashes()
     try:
         for chunk in iter_requests(p):
             known = ledger.known([r.request_hash for r in chunk]) if ledger else {}
+            sendable = []
             for r in chunk:
                 if r.not_sent is not None:
                     too_long += r.not_sent.status == "too_long"
                     skipped += r.not_sent.status == "skipped"
                 elif not needs_sending(known.get(r.request_hash), retry_errors=retry_errors):
                     answered += 1
-                elif spec.job.dedupe and r.request_hash in seen:
-                    duplicates += 1
                 else:
-                    seen.add(r.request_hash)
+                    sendable.append(r)
+            if not spec.job.dedupe:
+                to_send += len(sendable)
+                prompt += sum(r.est_prompt_tokens for r in sendable)
+                continue
+            new = seen.add_new([r.request_hash for r in sendable])
+            for r in sendable:
+                if r.request_hash in new:  # the first row asking it sends it; later ones reuse the answer
+                    new.discard(r.request_hash)
                     to_send += 1
                     prompt += r.est_prompt_tokens
+                else:
+                    duplicates += 1
     finally:
+        seen.close()
         if ledger:
             ledger.close()
+    return Plan(
+        p.rows,
+        answered,
+        duplicates,
+        to_send,
+        too_long,
+        skipped,
+        prompt,
+        to_send * spec.model.max_tokens,
+        *_estimates(spec, p, to_send, prompt),
+        [*(p.warnings or ()), *schema_warnings(p)],
+    )
+
+
+def _estimates(
+    spec: JobSpec, p: Prepared, to_send: int, prompt: int
+) -> tuple[float | None, float | None, float | None, str | None]:
+    """Expected cost, maximum cost, minutes and the binding limit of sending ``to_send`` requests."""
     completion = to_send * spec.model.max_tokens
     cost = p.price.usd(prompt, completion) if p.price else None
     # Typical answers use far fewer than max_tokens; the expected cost assumes a quarter of it.
@@ -84,21 +141,7 @@ def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors:
         candidates.append(((prompt + completion // 4) / lim.tpm, "tpm"))
     if candidates:
         minutes, binding = max(candidates)
-    return Plan(
-        p.rows,
-        answered,
-        duplicates,
-        to_send,
-        too_long,
-        skipped,
-        prompt,
-        completion,
-        expected,
-        cost,
-        minutes,
-        binding,
-        [*(p.warnings or ()), *schema_warnings(p)],
-    )
+    return expected, cost, minutes, binding
 
 
 def schema_warnings(p: Prepared) -> list[str]:
@@ -112,7 +155,37 @@ def schema_warnings(p: Prepared) -> list[str]:
     return fit_warnings(sent, spec.model.max_tokens, source=p.schema_source)
 
 
+def _last_run(ledger: Ledger) -> str | None:
+    lr = ledger.last_run()
+    if not lr:
+        return None
+    started = dt.datetime.fromtimestamp(lr[1], dt.UTC).isoformat(timespec="seconds")
+    code = lr[3] if lr[3] is not None else "none (still running, or killed)"
+    return f"{lr[0]} started {started}, exit code {code}"
+
+
 def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
+    selection = selection or Selection()
+    if _up_to_date(spec, selection):
+        # The output holds every row's answer and usage (repeats carry zero): count it, not the input.
+        counts, prompt, completion, usd = output_totals(spec.job.output)
+        book = Ledger(spec.ledger_path, spec.endpoint_key)
+        try:
+            last = _last_run(book)
+        finally:
+            book.close()
+        failed_by = {k: n for k, n in counts.items() if k not in ("ok", "pending")}
+        return Status(
+            sum(counts.values()),
+            counts.get("ok", 0),
+            sum(failed_by.values()),
+            counts.get("pending", 0),
+            failed_by,
+            prompt,
+            completion,
+            usd,
+            last,
+        )
     p = prepare(spec, selection, need_key=False)
     ledger = _ledger(p)
     ok = failed = pending = 0
@@ -122,11 +195,7 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
     last = None
     try:
         if ledger is not None:
-            lr = ledger.last_run()
-            if lr:
-                started = dt.datetime.fromtimestamp(lr[1], dt.UTC).isoformat(timespec="seconds")
-                code = lr[3] if lr[3] is not None else "none (still running, or killed)"
-                last = f"{lr[0]} started {started}, exit code {code}"
+            last = _last_run(ledger)
         for chunk in iter_requests(p):
             hashes = [r.request_hash for r in chunk]
             known = ledger.known_usage(hashes) if ledger else {}
@@ -147,12 +216,8 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
         if ledger is not None:
             # Each distinct request was paid once, however many rows asked it: take the repeats back out.
             # The row map lives in SQLite, so memory does not grow with the input.
-            repeated = ledger.repeated_hashes()
-            for h, answer in ledger.known_usage(list(repeated)).items():
-                extra = repeated[h][1] - 1
-                prompt -= answer[1] * extra
-                completion -= answer[2] * extra
-                usd -= answer[3] * extra
+            extra_prompt, extra_completion, extra_usd = ledger.repeated_usage()
+            prompt, completion, usd = prompt - extra_prompt, completion - extra_completion, usd - extra_usd
     finally:
         if ledger:
             ledger.close()

@@ -46,6 +46,8 @@ class Prepared:
     """Where ``schema`` came from, for messages (a file, or a function in the tools file)."""
     warnings: list[str] | None = None
     """Things a person should know before paying (``plan`` prints them, ``run`` logs them once)."""
+    only_rows: frozenset[int] | None = None
+    """Only these row numbers are rendered and sent: an incremental run's changed rows (``incremental``)."""
 
 
 def load_schema(spec: JobSpec) -> dict[str, Any] | None:
@@ -262,7 +264,7 @@ def iter_requests(p: Prepared, chunk_rows: int | None = None) -> Iterator[list[R
     size = chunk_rows or p.spec.job.chunk_rows
     if p.spec.media.image_columns or p.spec.media.video_columns:
         size = min(size, media.CHUNK_ROWS)  # media bytes live in the request bodies: keep few chunks of them
-    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column):
+    for rows in read_rows(p.table, p.selection, size, columns, p.spec.job.id_column, only=p.only_rows):
         requests = [p.renderer.render(r) for r in rows]
         if p.holds is not None:  # a Ray shard renders every row to learn which requests are its own
             requests = [r for r in requests if p.holds(r.request_hash)]

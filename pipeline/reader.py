@@ -20,7 +20,7 @@ import codecs
 import random
 import re
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -261,6 +261,25 @@ def _parquet_frames(
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
 
 
+def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[str]) -> Iterator[pl.DataFrame]:
+    """The rows numbered ``numbers`` (sorted) of a Parquet input, reading only the row groups that hold
+    them: an incremental run's few changed rows cost a row group each, not a read of the whole file."""
+    try:
+        source = pq.ParquetFile(table.path)
+        start = 0
+        for group in range(source.metadata.num_row_groups):
+            size = source.metadata.row_group(group).num_rows
+            here = numbers[bisect_left(numbers, start) : bisect_left(numbers, start + size)]
+            if here:
+                frame = pl.from_arrow(source.read_row_group(group, columns=list(columns)))
+                assert isinstance(frame, pl.DataFrame)
+                frame = frame.with_row_index(ROW_NUMBER, offset=start)
+                yield frame.filter(pl.col(ROW_NUMBER).is_in(here))
+            start += size
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
+
+
 def read_rows(
     table: InputTable,
     selection: Selection,
@@ -268,15 +287,21 @@ def read_rows(
     columns: Sequence[str],
     id_column: str | None,
     row_range: RowRange | None = None,
+    only: Collection[int] | None = None,
 ) -> Iterator[list[Row]]:
     """Rows as plain Python values (only ``columns``), one list per chunk, for the hot loop.
 
     With ``row_range`` only those positions among the selected rows; frames before it are skipped
-    before the costly conversion to dicts.
+    before the costly conversion to dicts. With ``only``, only rows with those row numbers (an
+    incremental run's changed rows), filtered before the conversion too.
     """
+    wanted_rows = pl.Series(sorted(only), dtype=pl.Int64) if only is not None else None
     wanted = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
     pos = 0
-    for chunk in read_frames(table, selection, chunk_rows, wanted):
+    frames = read_frames(table, selection, chunk_rows, wanted)
+    if only is not None and table.format == "parquet" and selection.sample is None and row_range is None:
+        frames = _parquet_rows(table, sorted(only), wanted)
+    for chunk in frames:
         frame = chunk
         if row_range is not None:
             lo, pos = pos, pos + chunk.height
@@ -286,6 +311,10 @@ def read_rows(
                 return
             start = max(row_range.start, lo)
             frame = chunk.slice(start - lo, min(pos, row_range.stop) - start)
+        if wanted_rows is not None:
+            frame = frame.filter(pl.col(ROW_NUMBER).cast(pl.Int64).is_in(wanted_rows))
+            if not frame.height:
+                continue
         numbers = frame.get_column(ROW_NUMBER).to_list()
         keys: list[Any] = frame.get_column(id_column).to_list() if id_column else numbers
         values = frame.select(wanted).to_dicts() if wanted else [{} for _ in numbers]

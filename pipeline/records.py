@@ -237,6 +237,8 @@ class RunSummary:
     output_path: str | None = None
     manifest_path: str | None = None
     exit_code: int = 0
+    up_to_date: bool = False
+    """Nothing was done: the output was already built from this input, job and ledger (``uptodate``)."""
 
     @property
     def wall_s(self) -> float:
@@ -259,3 +261,14 @@ def count_error(summary: RunSummary, kind: str, message: str) -> None:
     """Errors are summarized by kind with one example, never one line per row."""
     summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
     summary.error_examples.setdefault(kind, message[:300])
+
+
+def exit_code_for(summary: RunSummary) -> ExitCode:
+    """The exit code a run's outcome maps to: one rule for a run and for an up-to-date rerun."""
+    if summary.stopped_by is StopReason.FATAL:
+        return ExitCode.FATAL_API
+    if summary.rows_by_status.get("pending"):
+        return ExitCode.PARTIAL
+    if any(n for status, n in summary.rows_by_status.items() if status not in ("ok", "skipped")):
+        return ExitCode.ROWS_FAILED
+    return ExitCode.OK

@@ -17,38 +17,29 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import polars as pl
 
-from pipeline import __version__, schema_types, storage
+from pipeline import __version__, incremental, schema_types, storage, uptodate
 from pipeline.batch_output import write_batch_output
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
-from pipeline.prepare import Prepared, prepare
+from pipeline.prepare import Prepared, prepare, read_all
 from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
-from pipeline.records import ExitCode, RunSummary, Selection, StopReason
+from pipeline.records import ExitCode, RunSummary, Selection, exit_code_for
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
-from pipeline.writer import write_atomic, write_output
+from pipeline.writer import patch_output, write_atomic, write_output
 
 __all__ = ["ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "arun_job", "run_job"]
 
 
 def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def exit_code_for(summary: RunSummary) -> ExitCode:
-    if summary.stopped_by is StopReason.FATAL:
-        return ExitCode.FATAL_API
-    if summary.rows_by_status.get("pending"):
-        return ExitCode.PARTIAL
-    if any(n for status, n in summary.rows_by_status.items() if status not in ("ok", "skipped")):
-        return ExitCode.ROWS_FAILED
-    return ExitCode.OK
 
 
 def _typed_columns(p: Prepared) -> Callable[[Sequence[str | None], Sequence[str]], list[pl.Series]] | None:
@@ -65,8 +56,8 @@ def _typed_columns(p: Prepared) -> Callable[[Sequence[str | None], Sequence[str]
     return build
 
 
-def write_manifest(spec: JobSpec, summary: RunSummary) -> Path:
-    hidden = ("job", "run_id", "started_at", "ended_at", "exit_code", "output_path", "manifest_path")
+def write_manifest(spec: JobSpec, summary: RunSummary, built_from: dict[str, Any] | None = None) -> Path:
+    hidden = ("job", "run_id", "started_at", "ended_at", "exit_code", "output_path", "manifest_path", "up_to_date")
     data = {
         "seedbatch_version": __version__,
         "job": summary.job,
@@ -80,6 +71,7 @@ def write_manifest(spec: JobSpec, summary: RunSummary) -> Path:
         "exit_code": summary.exit_code,
         "output": summary.output_path,
         "ledger": str(spec.ledger_path),
+        "built_from": built_from,
         **{k: v for k, v in summary.as_dict().items() if k not in hidden},
     }
     write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
@@ -93,6 +85,18 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
     """
     spec = p.spec
     typed = _typed_columns(p)
+    if p.only_rows is not None:  # an incremental run (never with run_output: see uptodate.eligible)
+        summary.rows_by_status = patch_output(
+            spec.job.output,
+            read_frames(p.table, p.selection, incremental.PATCH_CHUNK_ROWS),
+            ROW_NUMBER,
+            ledger.answers_for_rows,
+            set(p.only_rows),
+            incremental.PATCH_CHUNK_ROWS,
+            typed=typed,
+        )
+        summary.output_path = str(spec.job.output)
+        return
     try:
         summary.rows_by_status = write_output(
             spec.job.output,
@@ -140,16 +144,32 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     answer mid-run does not raise: the summary says so, and output and manifest are written.
     """
     options = options or RunOptions()
-    p = prepare(spec, options.selection)
+    skipped = uptodate.skip(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
+    if skipped is not None:
+        return skipped
+    try:  # taken before the input is read: a change while the run reads it makes the next run look again
+        input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input, uptodate.previous_input(spec))
+    except OSError:
+        input_fp = None  # prepare says what is wrong with the input
+    # Only the input changed since the output was built: redo the changed rows, patch the output.
+    base = uptodate.patchable(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
+    p = prepare(spec, options.selection, read_everything=base is None)
+    if base is not None:
+        p.only_rows = incremental.changed_rows(p)  # this pass parses every row, as read_all does
+        if p.only_rows is None:
+            read_all(p)
     for warning in p.warnings or ():
         if options.log:
             options.log(warning)
     execute = executor_for(spec)
     summary = RunSummary(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
+    built_from: dict[str, Any] | None = None
     with JobLock(spec.lock_path):
         ledger = Ledger(spec.ledger_path, spec.endpoint_key)
         if spec.shards_dir.exists():  # a Ray run died before merging its shards: their answers are paid for
             ledger.merge_leftovers(spec.shards_dir)
+        if p.only_rows is not None and ledger.state() != base:  # another run changed it since the check
+            p.only_rows = None
         ledger.start_run(summary.run_id, spec.name, summary.started_at)
         server = None
         failure: int | None = None
@@ -161,7 +181,13 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
                 server = LocalAPI(ServerConfig(latency_ms=spec.endpoint.local_latency_ms))
                 url = server.start()
             await execute(p, ledger, options, summary, url)
+            ledger.flush()
+            ledger_id, generation = ledger.state()  # before the output is read from it
             _write_outputs(p, ledger, summary)
+            stopped = summary.stopped_by is not None
+            if input_fp is not None and uptodate.complete(summary.rows_by_status, summary.errors_by_kind, stopped):
+                state = {"ledger_id": ledger_id, "generation": generation}
+                built_from = uptodate.built_from(spec, options.selection, input_fp, state)
         except SeedbatchError as exc:
             failure = exc.exit_code  # the manifest and `status` must say what the process exits with
             raise
@@ -174,7 +200,7 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
             summary.ended_at = time.time()
             summary.exit_code = failure if failure is not None else exit_code_for(summary)
             try:
-                summary.manifest_path = str(write_manifest(spec, summary))
+                summary.manifest_path = str(write_manifest(spec, summary, built_from))
             except OSError:
                 summary.manifest_path = None  # the run's result stands; only its record could not be written
             ledger.end_run(

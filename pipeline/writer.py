@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, PartialOutputError, SpecError
@@ -253,3 +254,188 @@ def read_output(path: Path, only_status: str | None, rows: int) -> tuple[pl.Data
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"{path}: cannot read {fmt} output ({str(exc).strip().splitlines()[0]})") from None
     return df, counts
+
+
+def output_totals(path: Path) -> tuple[dict[str, int], int, int, float]:
+    """Rows by status and the prompt tokens, completion tokens and USD an output's rows carry.
+
+    A row that reused an identical row's answer carries zero usage (``answers_for_rows``), so these sums
+    are what was paid. Read in batches of four columns: bounded memory at any size.
+    """
+    counts: dict[str, int] = {}
+    prompt = completion = 0
+    usd = 0.0
+    columns = ["status", "prompt_tokens", "completion_tokens", "usd_spent"]
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=columns):
+            for item in pc.value_counts(batch.column(0)).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+            prompt += pc.sum(batch.column(1)).as_py() or 0
+            completion += pc.sum(batch.column(2)).as_py() or 0
+            usd += pc.sum(batch.column(3)).as_py() or 0.0
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read the output: {str(exc).splitlines()[0]}") from None
+    return counts, prompt, completion, usd
+
+
+def _answered(
+    frame: pl.DataFrame, row_number_column: str, answers_for: AnswerLookup, typed: TypedColumns | None
+) -> pl.DataFrame:
+    """Input rows joined with their answers: the output's rows (``write_output`` builds the same per chunk)."""
+    numbers = frame.get_column(row_number_column).to_list()
+    answer = _answer_frame(numbers, answers_for(min(numbers), max(numbers)))
+    parts = [frame.drop(row_number_column), answer]
+    if typed is not None:
+        contents = answer.get_column("content").to_list()
+        parts.append(pl.DataFrame(typed(contents, answer.get_column("status").to_list())))
+    return pl.concat(parts, how="horizontal")
+
+
+def _positioned(path: Path, chunk_rows: int, columns: Sequence[str] | None = None) -> Iterator[pl.DataFrame]:
+    """An output's rows in frames of exactly ``chunk_rows`` (the last may be shorter)."""
+    buf: list[pl.DataFrame] = []
+    held = 0
+    names = list(columns) if columns is not None else None
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=names):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        buf.append(frame)
+        held += frame.height
+        while held >= chunk_rows:
+            whole = pl.concat(buf) if len(buf) > 1 else buf[0]
+            yield whole.slice(0, chunk_rows)
+            buf, held = [whole.slice(chunk_rows)], held - chunk_rows
+    if held:
+        yield pl.concat(buf) if len(buf) > 1 else buf[0]
+
+
+def _positioned_tables(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
+    """``_positioned`` as Arrow tables: a chunk copied as it is never becomes a polars frame."""
+    buf: list[pa.RecordBatch] = []
+    held = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+        buf.append(batch)
+        held += batch.num_rows
+        while held >= chunk_rows:
+            whole = pa.Table.from_batches(buf)
+            yield whole.slice(0, chunk_rows)
+            buf, held = whole.slice(chunk_rows).to_batches(), held - chunk_rows
+    if held:
+        yield pa.Table.from_batches(buf)
+
+
+def changed_positions(
+    path: Path, frames: Iterable[pl.DataFrame], row_number_column: str, chunk_rows: int, limit: int
+) -> list[int] | None:
+    """Row numbers of ``frames`` (the selected input rows, ``chunk_rows`` each, numbered from 0) whose
+    values differ from the copy of the input in the output at ``path``; rows past its end count as changed.
+
+    None when the output cannot be compared row by row (other columns or types, fewer input rows than
+    it holds, nested values) or more than ``limit`` rows changed: then the whole output is rewritten.
+    """
+    try:
+        output_rows = pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
+    changed: list[int] = []
+    seen = 0
+    old_frames: Iterator[pl.DataFrame] | None = None
+    for frame in frames:
+        new = frame.drop(row_number_column)
+        numbers = frame.get_column(row_number_column)
+        if old_frames is None:
+            if new.columns != pq.ParquetFile(path).schema_arrow.names[: new.width]:
+                return None
+            old_frames = _positioned(path, chunk_rows, new.columns)
+        seen += frame.height
+        old = next(old_frames, None)
+        if old is None:
+            changed.extend(numbers.to_list())
+        else:
+            if old.schema != new.schema:
+                return None
+            same = pl.Series([True] * old.height)
+            try:
+                for name in new.columns:
+                    same = same & new.get_column(name).head(old.height).eq_missing(old.get_column(name))
+            except (pl.exceptions.PolarsError, TypeError):
+                return None
+            changed.extend(numbers.head(old.height).filter(~same).to_list())
+            changed.extend(numbers.slice(old.height).to_list())
+        if len(changed) > limit:
+            return None
+    if seen < output_rows:
+        return None  # rows were removed: every later row moved
+    return changed
+
+
+def hash_positions(path: Path, hashes: set[str]) -> list[int]:
+    """Positions of the output's rows whose request is one of ``hashes``."""
+    wanted = pa.array(sorted(hashes), type=pa.string())
+    found: list[int] = []
+    start = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=["request_hash"]):
+        column = batch.column(0).cast(pa.string())
+        hits = pc.indices_nonzero(pc.fill_null(pc.is_in(column, value_set=wanted), False)).to_pylist()
+        found.extend(start + i for i in hits)
+        start += batch.num_rows
+    return found
+
+
+def hashes_at(path: Path, positions: set[int]) -> set[str]:
+    """The request hashes of the output's rows at ``positions``."""
+    found: set[str] = set()
+    start = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=["request_hash"]):
+        here = [p - start for p in positions if start <= p < start + batch.num_rows]
+        if here:
+            found.update(h for h in batch.column(0).take(pa.array(here)).to_pylist() if h is not None)
+        start += batch.num_rows
+    return found
+
+
+def patch_output(
+    path: Path,
+    frames: Iterable[pl.DataFrame],
+    row_number_column: str,
+    answers_for: AnswerLookup,
+    changed: set[int],
+    chunk_rows: int,
+    *,
+    typed: TypedColumns | None = None,
+) -> dict[str, int]:
+    """Rewrite the output at ``path`` with only the ``changed`` rows (row numbers = positions) rebuilt from
+    their input and answers; every other row is copied from the old file as it is. Returns rows by status.
+
+    Exact when no unchanged row shares a request with a changed one (the caller checks): a row's reused
+    answer (zero usage) then depends on changed rows only.
+    """
+    schema = pq.ParquetFile(path).schema_arrow
+    old_tables = _positioned_tables(path, chunk_rows)
+    counts: dict[str, int] = {}
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for frame in frames:
+            old_table = next(old_tables, None)
+            numbers = frame.get_column(row_number_column)
+            mask = numbers.is_in(pl.Series(sorted(changed), dtype=numbers.dtype))
+            old_height = old_table.num_rows if old_table is not None else 0
+            if old_table is not None and old_height == frame.height and not mask.any():
+                table = old_table
+            else:
+                pieces: list[pa.Table] = []
+                positions: list[pl.Series] = []
+                if old_table is not None:  # rows past the old output's end are all changed (new rows)
+                    keep = ~mask.head(old_height)
+                    pieces.append(old_table.filter(keep.to_arrow()).cast(schema))
+                    positions.append(numbers.head(old_height).filter(keep))
+                if mask.any():
+                    fresh = _answered(frame.filter(mask), row_number_column, answers_for, typed)
+                    pieces.append(fresh.to_arrow().cast(schema))
+                    positions.append(numbers.filter(mask))
+                table = pa.concat_tables(pieces).take(pl.concat(positions).arg_sort().to_arrow())
+                if table.num_rows != frame.height:
+                    raise RuntimeError(f"{path}: patched chunk has {table.num_rows} rows, expected {frame.height}")
+            for item in pc.value_counts(table.column("status")).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+            writer.write_table(table.cast(schema) if table.schema != schema else table)
+    return counts

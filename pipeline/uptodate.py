@@ -1,0 +1,259 @@
+"""Whether a job's output is up to date: built from this input, this job and this ledger.
+
+Every finished run records in its manifest what its output was built from (``built_from``): the
+input's size, mtime and blake2b digest, a digest of the job as it affects the output, the selection,
+the ledger's id and generation (``Ledger.state``: bumped by every change to its answers), the
+output's size and mtime, and the seedbatch version. A rerun whose every part is unchanged has
+nothing to send and would write the same file: ``run`` says so and exits, ``status`` and ``plan`` count
+from the output instead of rendering every row.
+
+Only a complete output is a base: no pending row, no error the next run would send again by itself.
+``--fresh`` and ``--retry-errors`` always do the work; so do jobs with media columns or message lists (the
+request hashes cover image files the input only names), jobs with ``job.run_output`` or ``job.batch_output`` (each
+run writes its own file; the batch file is rebuilt from the output), jobs whose input or output is an object
+(``s3://…``: the local copy says nothing of the object, and an upload may be owed) and CSV/JSONL outputs (the
+fast paths read Parquet). An input whose size and mtime are unchanged is taken as unchanged (as make and
+rsync do); a touched input of the same size is hashed and compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline import __version__
+from pipeline.ledger import JobLock, Ledger
+from pipeline.records import RunSummary, Selection, exit_code_for, is_transient
+from pipeline.spec import JobSpec
+
+#: Job sections that change how fast rows are sent, never what an answer or the output is.
+_PACE_ONLY = {"limits", "executor"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The check's answer: up to date or not, why, and the manifest it read."""
+
+    up_to_date: bool
+    reason: str
+    manifest: dict[str, Any] | None = None
+
+
+def eligible(spec: JobSpec, *, fresh: bool, retry_errors: bool) -> bool:
+    """Whether a run of this job may be skipped at all (see the module docstring)."""
+    if fresh or retry_errors or spec.job.run_output or spec.job.batch_output is not None:
+        return False
+    if spec.objects or spec.job.output.suffix.lower() not in (".parquet", ".pq"):
+        return False
+    if spec.prompt.messages_column is not None or spec.job.input_format == "openai_batch":
+        return False  # message lists may name local images, like media columns
+    return not (spec.media.image_columns or spec.media.video_columns)
+
+
+def job_digest(spec: JobSpec, selection: Selection) -> str:
+    """sha256 of the job as it shapes the output: every section but the pacing ones, the bytes of the files
+    it names (the schema, the tools), the endpoint answers come from, and the selection."""
+    data = spec.model_dump(mode="json", exclude=_PACE_ONLY)
+    h = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str))
+    for named in (spec.output.schema_, spec.model.tools):
+        if named is not None and not isinstance(named, dict | list):
+            try:
+                h.update(Path(named).read_bytes())
+            except OSError:
+                h.update(b"(unreadable)")
+        h.update(b"\x1e")
+    h.update(spec.endpoint_key.encode())
+    h.update(json.dumps([selection.limit, selection.sample, selection.sample_seed]).encode())
+    return h.hexdigest()
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def input_fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Size, mtime and content digest of the input; the digest is reused from ``previous`` when size and
+    mtime are the ones it was taken at (hashing is the only cost that grows with the file)."""
+    st = path.stat()
+    fp: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if previous and all(previous.get(k) == fp[k] for k in ("path", "size", "mtime_ns")) and previous.get("blake2b"):
+        fp["blake2b"] = previous["blake2b"]
+    else:
+        fp["blake2b"] = _digest(path)
+    return fp
+
+
+def ledger_state(spec: JobSpec) -> dict[str, Any] | None:
+    if not spec.ledger_path.exists():
+        return None
+    ledger = Ledger(spec.ledger_path, spec.endpoint_key)
+    try:
+        ledger_id, generation = ledger.state()
+    finally:
+        ledger.close()
+    return {"ledger_id": ledger_id, "generation": generation}
+
+
+def output_fingerprint(path: Path) -> dict[str, Any] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def complete(rows_by_status: dict[str, int], errors_by_kind: dict[str, int], stopped: bool) -> bool:
+    """Whether a rerun of the same job would send nothing: no pending row, no error it retries by itself."""
+    if stopped or rows_by_status.get("pending"):
+        return False
+    return not any(is_transient(kind) for kind in errors_by_kind)
+
+
+def built_from(
+    spec: JobSpec, selection: Selection, input_fp: dict[str, Any], ledger: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The manifest's record of what the output (as it is on disk now) was built from."""
+    output = output_fingerprint(spec.job.output)
+    if output is None:
+        return None
+    return {
+        "seedbatch_version": __version__,
+        "job_sha256": job_digest(spec, selection),
+        "input": input_fp,
+        "ledger": ledger,
+        "output": output,
+    }
+
+
+def read_manifest(spec: JobSpec) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(spec.manifest_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def previous_input(spec: JobSpec) -> dict[str, Any] | None:
+    """The input fingerprint the last manifest recorded (its digest saves hashing an unchanged file)."""
+    data = read_manifest(spec)
+    base = data.get("built_from") if data else None
+    return base.get("input") if isinstance(base, dict) else None
+
+
+def check(spec: JobSpec, selection: Selection, *, refresh: bool = False) -> Verdict:
+    """Whether the output on disk is what a rerun with this input, job and ledger would write.
+
+    ``refresh`` (a run, holding the job's lock): a touched input with the same bytes has its new mtime
+    written to the manifest. ``status`` and ``plan`` hold no lock and never write.
+    """
+    data = read_manifest(spec)
+    if data is None:
+        return Verdict(False, "no manifest")
+    base = data.get("built_from")
+    if not isinstance(base, dict):
+        return Verdict(False, "the last run left work to do (or predates built_from)")
+    if base.get("seedbatch_version") != __version__:
+        return Verdict(False, f"built by seedbatch {base.get('seedbatch_version')}, this is {__version__}")
+    if output_fingerprint(spec.job.output) != base.get("output"):
+        return Verdict(False, "the output is missing or was changed")
+    if base.get("job_sha256") != job_digest(spec, selection):
+        return Verdict(False, "the job (or the selection) changed")
+    old = base.get("input") or {}
+    try:
+        st = spec.job.input.stat()
+    except OSError:
+        return Verdict(False, "the input is missing")
+    if old.get("path") != str(spec.job.input.resolve()) or old.get("size") != st.st_size:
+        return Verdict(False, "the input changed")
+    if old.get("mtime_ns") != st.st_mtime_ns:
+        if _digest(spec.job.input) != old.get("blake2b"):
+            return Verdict(False, "the input changed")
+        if refresh:  # touched, same bytes: remember the new mtime so the next check need not hash again
+            base["input"] = {**old, "mtime_ns": st.st_mtime_ns}
+            _write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    if base.get("ledger") != ledger_state(spec):
+        return Verdict(False, "the ledger changed")
+    return Verdict(True, "input, job and ledger unchanged since the output was written", data)
+
+
+def patchable(
+    spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_errors: bool = False
+) -> tuple[str, int] | None:
+    """The ledger state (id, generation) the output was built from, when only the input changed since:
+    same job, ledger, output and version. None otherwise. The caller checks the state again once it
+    holds the job's lock.
+
+    Then the output can be patched row by row (``incremental``) instead of rebuilt from every row.
+    Local runs of the whole input or its first rows only (a sample's rows are not numbered by position).
+    """
+    if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
+        return None
+    if spec.executor.kind != "local" or selection.sample is not None:
+        return None
+    data = read_manifest(spec)
+    base = data.get("built_from") if data else None
+    if not isinstance(base, dict) or base.get("seedbatch_version") != __version__:
+        return None
+    if output_fingerprint(spec.job.output) != base.get("output"):
+        return None
+    if base.get("job_sha256") != job_digest(spec, selection):
+        return None
+    if (base.get("input") or {}).get("path") != str(spec.job.input.resolve()):
+        return None
+    ledger = base.get("ledger")
+    if not isinstance(ledger, dict) or ledger != ledger_state(spec):
+        return None
+    return str(ledger["ledger_id"]), int(ledger["generation"])
+
+
+def skip(spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_errors: bool = False) -> RunSummary | None:
+    """A run's shortcut: the summary of a run with nothing to do when the output is up to date, else None.
+
+    Imports neither polars nor pyarrow (the CLI calls it before loading the runner), so an up-to-date
+    rerun costs an interpreter start, a manifest, two ``stat`` calls and one ledger query.
+    """
+    if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
+        return None
+    # First without the lock: a job that is not up to date (a bad one among them) must reach prepare's
+    # one-line errors before anything is created, the lock file included.
+    if not check(spec, selection).up_to_date:
+        return None
+    with JobLock(spec.lock_path):
+        verdict = check(spec, selection, refresh=True)
+    if not verdict.up_to_date or verdict.manifest is None:
+        return None
+    return _summary(spec, verdict.manifest)
+
+
+def _summary(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
+    """The summary of a run that had nothing to do: the counts of the run that built the output."""
+    now = time.time()
+    summary = RunSummary(
+        job=spec.name,
+        run_id=str(manifest.get("run_id")),
+        rows_total=int(manifest.get("rows_total") or 0),
+        rows_by_status=dict(manifest.get("rows_by_status") or {}),
+        started_at=now,
+        ended_at=now,
+        output_path=str(spec.job.output),
+        manifest_path=str(spec.manifest_path),
+        up_to_date=True,
+    )
+    by_status = summary.rows_by_status
+    summary.rows_from_ledger = summary.rows_total - by_status.get("too_long", 0) - by_status.get("skipped", 0)
+    summary.exit_code = exit_code_for(summary)
+    return summary
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
