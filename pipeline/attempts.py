@@ -24,14 +24,13 @@ instead, so a deterministic server cannot be paid twice for the same mistake.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.client import ratelimit_of
+from pipeline.client import ratelimit_of, wait_until
 from pipeline.costs import Price, fill_cost, worst_case_usd
 from pipeline.errors import RetryableError, RowError
 from pipeline.pacing import Pacing
@@ -246,21 +245,12 @@ class Attempts:
         one of them hanging for 120 s held a 20 s run for 120 s. Until the deadline has settled, each
         request re-reads it twice a second (later requests take the cheap path: one fixed timeout).
         """
+
+        def expired(deadline: float) -> RetryableError:
+            return RetryableError(f"no answer within {deadline:g}s", kind="timeout", sent=True)
+
         task = asyncio.ensure_future(self.send(body, None))
-        try:
-            while True:
-                deadline = self.pacing.timeout_s(max_tokens)
-                remaining = started + deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RetryableError(f"no answer within {deadline:g}s", kind="timeout", sent=True)
-                done, _ = await asyncio.wait({task}, timeout=min(remaining, 0.5))
-                if done:
-                    return task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RetryableError):
-                    await task
+        return await wait_until(task, started, lambda: self.pacing.timeout_s(max_tokens), expired)
 
     def _reask(self, req: Request, body: bytes, max_tokens: int, last: Judgement, tried: set[bytes]) -> bytes | None:
         """The next try after an invalid answer, or None when every candidate was already sent.

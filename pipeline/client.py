@@ -14,13 +14,15 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 
 from pipeline.errors import FatalAPIError, RetryableError, RowError
 from pipeline.records import RateLimits, Reply
+
+T = TypeVar("T")
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = {
@@ -161,25 +163,42 @@ def _constant(value: float) -> Callable[[], float]:
     return lambda: value
 
 
-async def _next_piece(chunks: AsyncIterator[bytes], stall: Callable[[], float]) -> bytes | None:
-    """The next piece of the stream, or a stall once it has been silent for ``stall()`` (read twice a second)."""
-    loop = asyncio.get_running_loop()
-    quiet_since = loop.time()
-    waiting = asyncio.ensure_future(anext(chunks, None))
+async def wait_until(
+    task: asyncio.Future[T],
+    since: float,
+    limit: Callable[[], float],
+    expired: Callable[[float], BaseException],
+) -> T:
+    """``task``'s result, or ``expired(limit())`` raised once ``limit()`` seconds have passed since ``since``
+    (``time.monotonic``). ``limit`` is read again twice a second, so a limit learned while waiting applies
+    to what already waits; the task is cancelled when the wait gives up.
+
+    One mechanism for a request watched by a deadline still being learned (``attempts``) and a stream's
+    silence (``_next_piece``).
+    """
     try:
         while True:
-            limit = stall()
-            remaining = quiet_since + limit - loop.time()
+            current = limit()
+            remaining = since + current - time.monotonic()
             if remaining <= 0:
-                raise RetryableError(f"stream stalled: no chunk for {limit:g}s", kind="stall", sent=True)
-            done, _ = await asyncio.wait({waiting}, timeout=min(remaining, 0.5))
+                raise expired(current)
+            done, _ = await asyncio.wait({task}, timeout=min(remaining, 0.5))
             if done:
-                return waiting.result()
+                return task.result()
     finally:
-        if not waiting.done():
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                await waiting
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RetryableError, httpx.HTTPError):
+                await task
+
+
+async def _next_piece(chunks: AsyncIterator[bytes], stall: Callable[[], float]) -> bytes | None:
+    """The next piece of the stream, or a stall once it has been silent for ``stall()`` (read twice a second)."""
+
+    def stalled(limit: float) -> RetryableError:
+        return RetryableError(f"stream stalled: no chunk for {limit:g}s", kind="stall", sent=True)
+
+    return await wait_until(asyncio.ensure_future(anext(chunks, None)), time.monotonic(), stall, stalled)
 
 
 async def _read_events(response: httpx.Response, stall: Callable[[], float]) -> dict[str, Any]:

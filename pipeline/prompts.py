@@ -187,8 +187,9 @@ class Renderer:
         fixed_text = "".join(x["content"] for x in self.few_shot)
         self.fixed_tokens = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * (len(self.few_shot) + 1 + bool(self.system))
         self.fixed_tokens += estimate_tokens(fixed_text)
-        if tools is not None:  # providers bill the function definitions as prompt text
-            self.fixed_tokens += estimate_tokens(orjson.dumps(list(tools.definitions)).decode())
+        # Providers bill the function definitions as prompt text, whichever way the messages are made.
+        self.tools_tokens = estimate_tokens(orjson.dumps(list(tools.definitions)).decode()) if tools else 0
+        self.fixed_tokens += self.tools_tokens
 
     def _empty(self, cells: dict[str, str], parts: list[dict[str, Any]]) -> bool:
         """Every placeholder null or blank (and no media): the answer could only be invented."""
@@ -277,13 +278,8 @@ class Renderer:
                 "not sent (prompt.send_empty = true sends such rows)",
                 "empty",
             )
-        elif self.context_tokens is not None and est + self.max_tokens > self.context_tokens:
-            not_sent = NotSent(
-                "too_long",
-                f"prompt ~{est:,} tokens + max_tokens {self.max_tokens:,} exceeds the model's context of "
-                f"{self.context_tokens:,} tokens (model.context_tokens); not sent",
-                "too_long",
-            )
+        else:
+            not_sent = self._too_long(est, self.max_tokens)
         return Request(
             row_index=row.index,
             row_key=row.key,
@@ -293,6 +289,17 @@ class Renderer:
             max_tokens=self.max_tokens,
             null_cells=nulls,
             not_sent=not_sent,
+        )
+
+    def _too_long(self, est: int, max_tokens: int) -> NotSent | None:
+        """A row whose estimated prompt plus ``max_tokens`` exceeds the model's context: never sent."""
+        if self.context_tokens is None or est + max_tokens <= self.context_tokens:
+            return None
+        return NotSent(
+            "too_long",
+            f"prompt ~{est:,} tokens + max_tokens {max_tokens:,} exceeds the model's context of "
+            f"{self.context_tokens:,} tokens (model.context_tokens); not sent",
+            "too_long",
         )
 
     def _render_messages(self, row: Row) -> Request:
@@ -331,19 +338,15 @@ class Renderer:
             + estimate_tokens("".join(x["content"] for x in self.few_shot))
             + int(chars / CHARS_PER_TOKEN + 0.5)
             + TOKENS_PER_IMAGE * media
+            + self.tools_tokens
         )
         not_sent = None
         if error is not None:
             not_sent = NotSent("error", error, "messages")
         elif raw is None:
             not_sent = NotSent("skipped", f"column {column!r} is null or holds no messages; not sent", "empty")
-        elif self.context_tokens is not None and est + max_tokens > self.context_tokens:
-            not_sent = NotSent(
-                "too_long",
-                f"prompt ~{est:,} tokens + max_tokens {max_tokens:,} exceeds the model's context of "
-                f"{self.context_tokens:,} tokens (model.context_tokens); not sent",
-                "too_long",
-            )
+        else:
+            not_sent = self._too_long(est, max_tokens)
         return Request(
             row_index=row.index,
             row_key=row.key,
