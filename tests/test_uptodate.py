@@ -338,3 +338,27 @@ def test_removed_rows_rebuild_the_output(tmp_path: Path, api: LocalAPI, monkeypa
     assert seen[-1] is None
     assert received(api) == 0
     assert pl.read_parquet(tmp_path.joinpath(*OUTPUT)).height == 40
+
+
+def test_retries_that_ended_ok_leave_a_complete_output() -> None:
+    from pipeline.uptodate import complete
+
+    # Every failed attempt is counted, also those a retry then answered: no row left to send by itself.
+    assert complete({"ok": 10}, {"http_429": 3, "connection": 1}, stopped=False)
+    assert not complete({"ok": 9, "error": 1}, {"timeout": 2}, stopped=False)  # a row a rerun sends again
+    assert complete({"ok": 9, "error": 1}, {"http_400": 1}, stopped=False)  # final: waits for --retry-errors
+    assert not complete({"ok": 9, "pending": 1}, {}, stopped=False)
+    assert not complete({"ok": 10}, {}, stopped=True)
+
+
+def test_a_run_that_retried_its_way_to_every_row_ok_is_up_to_date(tmp_path: Path, api: LocalAPI) -> None:
+    from pipeline.localapi import ServerConfig
+
+    api.config = ServerConfig(fail_5xx_rate=0.2, seed=5)
+    api.reset()
+    job = first_run(tmp_path, api, limits={"backoff_max_s": 0.2})
+    assert manifest(tmp_path)["errors_by_kind"], "no request failed on the way: the test proves nothing"
+    api.config = ServerConfig()
+    result = cli("run", str(job))
+    assert result.output.strip().startswith("seedbatch up_to_date:"), result.output
+    assert received(api) == 0
