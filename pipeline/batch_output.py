@@ -21,10 +21,16 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import pyarrow.parquet as pq
+
+from pipeline.lazy import lazy
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+else:  # only openai_batch jobs write Batch files (see lazy)
+    pq = lazy("pyarrow.parquet")
 
 #: Statuses of rows the server answered with a 200.
 ANSWERED = frozenset({"ok", "invalid_output", "refused", "truncated"})

@@ -23,16 +23,21 @@ from bisect import bisect_left
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.lazy import lazy
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+else:  # a small Parquet input is read by polars alone; pyarrow loads for streamed reads (see lazy)
+    pa, pc, pcsv, pq = lazy("pyarrow"), lazy("pyarrow.compute"), lazy("pyarrow.csv"), lazy("pyarrow.parquet")
 from pipeline.records import Row, RowRange, Selection
 
 __all__ = ["FORMATS", "ROW_NUMBER", "InputTable", "RowRange", "Selection", "open_input", "read_frames", "read_rows"]
@@ -242,23 +247,35 @@ def _parquet_frames(
     keep = selected_indices(table.rows, selection)
     limit = selection.limit if keep is None else None
     try:
-        source = pq.ParquetFile(table.path)
-        start = 0
-        for batch in source.iter_batches(batch_size=chunk_rows, columns=list(columns) if columns is not None else None):
+        for start, chunk in _parquet_chunks(table, chunk_rows, columns):
             if limit is not None and start >= limit:
                 return
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            frame = frame.with_row_index(ROW_NUMBER, offset=start)
-            start += batch.num_rows
+            frame = chunk.with_row_index(ROW_NUMBER, offset=start)
             if keep is not None:
                 frame = frame.filter(pl.col(ROW_NUMBER).is_in(keep))
             elif limit is not None:
                 frame = frame.filter(pl.col(ROW_NUMBER) < limit)
             if frame.height:
                 yield frame
-    except (pa.ArrowException, OSError) as exc:
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
+
+
+def _parquet_chunks(
+    table: InputTable, chunk_rows: int, columns: Sequence[str] | None
+) -> Iterator[tuple[int, pl.DataFrame]]:
+    """(first row number, frame) per chunk. An input of at most one chunk is read by polars alone, so a
+    small job never imports pyarrow (``pipeline.lazy``); a larger one streams through pyarrow's batches."""
+    names = list(columns) if columns is not None else None
+    if table.rows <= chunk_rows:
+        yield 0, pl.read_parquet(table.path, columns=names)
+        return
+    start = 0
+    for batch in pq.ParquetFile(table.path).iter_batches(batch_size=chunk_rows, columns=names):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        yield start, frame
+        start += batch.num_rows
 
 
 def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[str]) -> Iterator[pl.DataFrame]:

@@ -16,6 +16,7 @@ import datetime as dt
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +176,21 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
         failure: int | None = None
         try:
             url = spec.base_url
-            if url is None:  # preset "local" without a base_url: the built-in server, on this machine only
-                from pipeline.localapi import LocalAPI, ServerConfig
+            if url is None:  # preset "local" without a base_url: the built-in API, on this machine only
+                from pipeline.localapi import ServerConfig
 
-                server = LocalAPI(ServerConfig(latency_ms=spec.endpoint.local_latency_ms))
-                url = server.start()
+                config = ServerConfig(latency_ms=spec.endpoint.local_latency_ms)
+                if spec.executor.kind == "ray":  # Ray's workers reach it over 127.0.0.1
+                    from pipeline.localapi import LocalAPI
+
+                    server = LocalAPI(config)
+                    url = server.start()
+                else:  # answered in this process (unless the caller brought a transport): no web server to start
+                    from pipeline.localapi.inprocess import BASE_URL, InProcessTransport
+
+                    url = BASE_URL
+                    if options.transport is None:
+                        options = replace(options, transport=InProcessTransport(config))
             await execute(p, ledger, options, summary, url)
             ledger.flush()
             ledger_id, generation = ledger.state()  # before the output is read from it

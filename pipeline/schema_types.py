@@ -38,14 +38,19 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import polars as pl
-import pyarrow as pa
 from polars.datatypes import DataTypeClass
 
 from pipeline.errors import SpecError
+from pipeline.lazy import lazy
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+else:  # only nested schema fields go through pyarrow (see lazy)
+    pa = lazy("pyarrow")
 
 __all__ = [
     "check_column_clash",

@@ -32,13 +32,18 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import pyarrow as pa
-import pyarrow.fs as pafs
-
 from pipeline.errors import InputError, SeedbatchError, SpecError
+from pipeline.lazy import lazy
 from pipeline.spec import JobSpec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+else:  # only object-store jobs need pyarrow's filesystems (see lazy)
+    pa, pafs = lazy("pyarrow"), lazy("pyarrow.fs")
 
 __all__ = ["UploadError", "check_output", "download", "fetch_input", "objects_named", "open_object", "upload"]
 

@@ -14,16 +14,21 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, PartialOutputError, SpecError
+from pipeline.lazy import lazy
 from pipeline.ledger import ANSWER_COLUMNS as _LEDGER_ORDER
 from pipeline.spec import OUTPUT_SUFFIXES, output_format
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+else:  # a small output is written by polars alone; pyarrow loads for chunked writes and reruns (see lazy)
+    pa, pc, pq = lazy("pyarrow"), lazy("pyarrow.compute"), lazy("pyarrow.parquet")
 
 #: The ``tool_calls`` column: the answer's function calls as sent, arguments as the model's JSON text.
 TOOL_CALLS_DTYPE = pl.List(pl.Struct({"id": pl.String(), "name": pl.String(), "arguments": pl.String()}))
@@ -139,20 +144,35 @@ class _Sink:
         self._parquet: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self._text: Any = None
+        #: A Parquet output's first chunk, held until a second one comes: an output of one chunk is then
+        #: written by polars alone (same Arrow schema), so a small job never imports pyarrow.
+        self._first: pl.DataFrame | None = None
 
     @property
     def started(self) -> bool:
-        return self._parquet is not None or self._text is not None
+        return self._parquet is not None or self._text is not None or self._first is not None
 
     def write(self, frame: pl.DataFrame) -> None:
         if self.format == "parquet":
-            table = frame.to_arrow()
-            if self._parquet is None:
-                self._schema = table.schema
-                self._parquet = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
-            assert self._schema is not None
-            self._parquet.write_table(table.cast(self._schema) if table.schema != self._schema else table)
+            if self._parquet is None and self._first is None:
+                self._first = frame
+                return
+            if self._first is not None:
+                first, self._first = self._first, None
+                self._write_arrow(first)
+            self._write_arrow(frame)
             return
+        self._write_text(frame)
+
+    def _write_arrow(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if self._parquet is None:
+            self._schema = table.schema
+            self._parquet = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+        assert self._schema is not None
+        self._parquet.write_table(table.cast(self._schema) if table.schema != self._schema else table)
+
+    def _write_text(self, frame: pl.DataFrame) -> None:
         first = self._text is None
         if self._text is None:
             self._text = open(self.tmp, "wb")  # noqa: SIM115 (closed by close(), after the last chunk)
@@ -162,6 +182,9 @@ class _Sink:
             _as_text(frame, nested_as_json=False).write_ndjson(self._text)
 
     def close(self) -> None:
+        if self._first is not None:
+            first, self._first = self._first, None
+            first.write_parquet(self.tmp, compression="zstd")
         if self._parquet is not None:
             self._parquet.close()
         if self._text is not None:

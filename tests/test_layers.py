@@ -15,7 +15,7 @@ PACKAGE = ROOT / "pipeline"
 
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("data", {"errors", "records"}),
+    ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
     ("pure policy", {"pacing", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
     (

@@ -159,6 +159,33 @@ def test_read_frames_carries_row_numbers_and_all_columns(tables: dict[str, Path]
     assert pl.concat(frames).get_column(ROW_NUMBER).to_list() == list(range(250))
 
 
+@pytest.mark.parametrize(
+    "selection",
+    [Selection(), Selection(limit=250), Selection(sample=40, sample_seed=3)],
+    ids=["all", "limit", "sample"],
+)
+def test_parquet_of_one_chunk_reads_like_the_streamed_path(tables: dict[str, Path], selection: Selection) -> None:
+    """A Parquet input of at most one chunk is read by polars alone (a small job never loads pyarrow):
+    the rows, row numbers, columns and types are those of pyarrow's batch reader."""
+    t = open_input(tables["parquet"])
+    whole = pl.concat(read_frames(t, selection, N))  # one chunk: polars
+    streamed = pl.concat(read_frames(t, selection, 100))  # pyarrow's batches
+    assert whole.equals(streamed)
+    assert whole.schema == streamed.schema
+    only = list(read_frames(t, selection, N, ["text"]))
+    assert only[0].columns == [ROW_NUMBER, "text"]
+
+
+def test_parquet_broken_after_open_is_an_input_error_on_either_path(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pl.DataFrame({"text": [f"r{i}" for i in range(50)]}).write_parquet(path)
+    t = open_input(path)
+    path.write_bytes(path.read_bytes()[:-30])
+    for chunk_rows in (50, 10):
+        with pytest.raises(InputError, match="failed while reading"):
+            list(read_frames(t, Selection(), chunk_rows))
+
+
 def test_limit(tables: dict[str, Path]) -> None:
     t = open_input(tables["csv"])
     rows = [r for c in read_rows(t, Selection(limit=5), 100, ["n"], None) for r in c]

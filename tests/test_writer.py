@@ -108,6 +108,19 @@ def test_parquet_schema_is_the_same_when_first_chunk_is_all_pending(tmp_path: Pa
     assert df.get_column("total_tokens").to_list() == [None, None, None, 3]
 
 
+def test_one_chunk_written_by_polars_equals_the_chunked_pyarrow_file(tmp_path: Path, ledger: Ledger) -> None:
+    """An output of one chunk is written by polars alone (no pyarrow import for a small job): same Arrow
+    schema, same values and the same counts as the chunk-by-chunk pyarrow writer gives."""
+    one, many = tmp_path / "one.parquet", tmp_path / "many.parquet"
+    assert write_output(one, frames(6, 6), RN, ledger.answers_for_rows) == write_output(
+        many, frames(6, 2), RN, ledger.answers_for_rows
+    )
+    assert pq.ParquetFile(one).metadata.num_row_groups == 1
+    assert pq.ParquetFile(many).metadata.num_row_groups == 3
+    assert pq.read_schema(one) == pq.read_schema(many)
+    assert pl.read_parquet(one).equals(pl.read_parquet(many))
+
+
 def test_no_temp_file_left_and_overwrite_replaces(tmp_path: Path, ledger: Ledger) -> None:
     out = tmp_path / "out.parquet"
     write_output(out, frames(6, 4), RN, ledger.answers_for_rows)
