@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.client import FEW_REQUESTS
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
 from pipeline.writer import OUTPUT_COLUMNS
@@ -55,15 +56,17 @@ def test_null_cells_render_empty_and_are_counted(tmp_path: Path, api: LocalAPI) 
     assert summary.exit_code == ExitCode.OK
 
 
-def test_faults_every_row_ok_and_answered_once(tmp_path: Path, api: LocalAPI) -> None:
+@pytest.mark.parametrize("rows", [FEW_REQUESTS, 160], ids=["httpx-pool", "aiohttp-pool"])
+def test_faults_every_row_ok_and_answered_once(tmp_path: Path, api: LocalAPI, rows: int) -> None:
+    """Both connection pools (httpx's own for a job of few rows, aiohttp's above) meet the same faults."""
     api.config = ServerConfig(fail_5xx_rate=0.05, drop_rate=0.02, rpm=2400, burst_s=1.0, latency_ms=5, seed=7)
-    spec = make_spec(tmp_path, api, n=160, limits={"concurrency": 32, "backoff_max_s": 1.0, "max_attempts": 10})
+    spec = make_spec(tmp_path, api, n=rows, limits={"concurrency": 32, "backoff_max_s": 1.0, "max_attempts": 10})
     summary = run(spec)
     out = pl.read_parquet(spec.job.output)
     stats = api.stats()
 
-    assert out.get_column("status").value_counts().rows() == [("ok", 160)]
-    assert stats["answered_ok"] == 160
+    assert out.get_column("status").value_counts().rows() == [("ok", rows)]
+    assert stats["answered_ok"] == rows
     assert sorted(set(stats["ok_by_body_hash"].values())) == [1]  # every request answered OK exactly once
     assert stats["rate_limited"] > 0, "the server-side limit was never reached: the test proves nothing"
     assert stats["by_status"].get("500", 0) + stats["by_status"].get(500, 0) + stats["dropped"] > 0

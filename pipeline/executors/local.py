@@ -15,7 +15,7 @@ from functools import partial
 
 from pipeline import schema_types
 from pipeline.attempts import AnswerPolicy, Attempts, Budget, Send
-from pipeline.client import Client
+from pipeline.client import FEW_REQUESTS, Client
 from pipeline.errors import FatalAPIError
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
@@ -205,6 +205,7 @@ class Dispatch:
             max_connections=spec.limits.concurrency,
             transport=self.options.transport,
             stall_s=spec.endpoint.stall_s,
+            few_requests=self.p.rows <= FEW_REQUESTS,
         )
         self.attempts = Attempts(
             send=streaming_send(client, spec.endpoint.stall_s, self.pacing.timeout_s)
