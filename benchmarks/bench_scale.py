@@ -1,4 +1,4 @@
-"""9. Scale: plan, run, reruns and status at 1M rows (and 10M with SEEDBATCH_BENCH_10M=1).
+"""9. Scale: plan, run, reruns and status at 1M and 10M rows (``SEEDBATCH_BENCH_10M=0``: 1M only).
 
 Each step is its own client process against ``seedbatch serve`` (latency 0, own process); wall time is
 process start to exit, peak RSS the child's own (``benchmarks/measured.py``).
@@ -7,7 +7,7 @@ process start to exit, peak RSS the child's own (``benchmarks/measured.py``).
   date: must say so), then ``status``, then a rerun after ONE input row's text changed (one request),
   then ``status`` again.
 - 1M tier (always): the memory benchmark's 1M-review generator, 1M distinct requests.
-- 10M tier (only with ``SEEDBATCH_BENCH_10M=1``): the 1M input tiled ten times with the same review ids,
+- 10M tier (skipped with ``SEEDBATCH_BENCH_10M=0``, alone with ``=only``): the 1M input tiled ten times with the same review ids,
   so 10M rows ask 1M distinct requests, each ten times (90% of the rows are duplicates the run answers
   from the first). Sending 10M distinct requests at ~2,000/s would take ~80 min on this machine; the
   tiled input runs every per-row path (read, render, hash, row map, output) at 10M rows in ~1/10 of that.
@@ -39,14 +39,14 @@ CONCURRENCY = 256
 
 
 def tiers(quick: bool) -> list[int]:
-    """1M always; with ``SEEDBATCH_BENCH_10M=1`` 10M too, with ``=only`` 10M alone (after a ``make bench``
+    """1M and 10M; with ``SEEDBATCH_BENCH_10M=0`` 1M alone, with ``=only`` 10M alone (after a ``make bench``
     that measured 1M: the linearity figure then compares two runs, and says so)."""
     if quick:
         return [50_000]
-    tier_10m = os.environ.get("SEEDBATCH_BENCH_10M")
+    tier_10m = os.environ.get("SEEDBATCH_BENCH_10M", "1")
     if tier_10m == "only":
         return [10_000_000]
-    return [1_000_000, 10_000_000] if tier_10m == "1" else [1_000_000]
+    return [1_000_000] if tier_10m == "0" else [1_000_000, 10_000_000]
 
 
 def base_input(quick: bool) -> Path:
@@ -169,7 +169,7 @@ def run(quick: bool) -> BenchResult:
             "server": "seedbatch serve, latency 0, no limits (own process)",
             "client": f"rpm {HIGH_RPM:,.0f}, tpm {HIGH_TPM:,.0f} (never binding), concurrency {CONCURRENCY}",
             "tiers": ", ".join(f"{n:,}" for n in sizes)
-            + ("" if len(sizes) > 1 or quick else " (10M only with SEEDBATCH_BENCH_10M=1: about 30 min more)"),
+            + ("" if len(sizes) > 1 or quick else " (10M skipped: SEEDBATCH_BENCH_10M=0)"),
         }
     )
     rates: dict[int, dict[str, float]] = {}
@@ -191,7 +191,7 @@ def run(quick: bool) -> BenchResult:
                 ratio >= LINEAR_RATIO if step != "status (output up to date)" else None,
             )
     elif sizes == [1_000_000]:
-        result.notes.append("10M tier not run (set SEEDBATCH_BENCH_10M=1): no linearity figure in this run")
+        result.notes.append("10M tier not run (SEEDBATCH_BENCH_10M=0): no linearity figure in this run")
     else:
         result.notes.append("10M tier alone (SEEDBATCH_BENCH_10M=only): compare its rows/s with a 1M run's")
     result.notes.append(
