@@ -369,15 +369,19 @@ def changed_positions(
     return changed
 
 
-def hash_positions(path: Path, hashes: set[str]) -> list[int]:
-    """Positions of the output's rows whose request is one of ``hashes``."""
-    wanted = pa.array(sorted(hashes), type=pa.string())
+def hash_positions(path: Path, hashes: set[str], limit: int | None = None) -> list[int] | None:
+    """Positions of the output's rows whose request is one of ``hashes``; None once more than ``limit``."""
     found: list[int] = []
+    if not hashes:
+        return found
+    wanted = pa.array(sorted(hashes), type=pa.string())
     start = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=["request_hash"]):
         column = batch.column(0).cast(pa.string())
         hits = pc.indices_nonzero(pc.fill_null(pc.is_in(column, value_set=wanted), False)).to_pylist()
         found.extend(start + i for i in hits)
+        if limit is not None and len(found) > limit:
+            return None
         start += batch.num_rows
     return found
 
@@ -407,8 +411,9 @@ def patch_output(
     """Rewrite the output at ``path`` with only the ``changed`` rows (row numbers = positions) rebuilt from
     their input and answers; every other row is copied from the old file as it is. Returns rows by status.
 
-    Exact when no unchanged row shares a request with a changed one (the caller checks): a row's reused
-    answer (zero usage) then depends on changed rows only.
+    Exact when ``changed`` holds every row asking any request one of its rows asks or asked (the caller,
+    ``incremental.changed_rows``, makes it so): which row of a request's askers carries its usage then
+    depends on rows in ``changed`` only, and the run's row map holds all of them.
     """
     schema = pq.ParquetFile(path).schema_arrow
     old_tables = _positioned_tables(path, chunk_rows)
