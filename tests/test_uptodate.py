@@ -239,10 +239,12 @@ def test_ledger_generation_counts_every_change_to_answers(tmp_path: Path, api: L
         other.close()
 
 
-def _parquet_job(tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, **sections: Any) -> Path:
+def _parquet_job(
+    tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, row_group_size: int | None = None, **sections: Any
+) -> Path:
     """A job over a Parquet input (the row-group path of an incremental run)."""
     job = write_job(tmp_path, api, frame, **sections)
-    frame.write_parquet(tmp_path / "input.parquet")
+    frame.write_parquet(tmp_path / "input.parquet", row_group_size=row_group_size)
     job.write_text(job.read_text().replace("input.csv", "input.parquet"))
     return job
 
@@ -310,12 +312,17 @@ def _doubled(n: int) -> pl.DataFrame:
 
 
 def _patched_then_rebuilt(
-    tmp_path: Path, api: LocalAPI, job: Path, edited: pl.DataFrame, seen: list[frozenset[int] | None]
+    tmp_path: Path,
+    api: LocalAPI,
+    job: Path,
+    edited: pl.DataFrame,
+    seen: list[frozenset[int] | None],
+    row_group_size: int | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """Write ``edited`` as the input, rerun (an incremental run), and check the patched output equals
     (every column, every row, in order) what a run builds from the input and the ledger alone.
     Returns the patched output and the requests the patch sent."""
-    edited.write_parquet(tmp_path / "input.parquet")
+    edited.write_parquet(tmp_path / "input.parquet", row_group_size=row_group_size)
     result = cli("run", str(job))
     assert result.exit_code == 0, result.output
     assert seen[-1] is not None, "patched, not rebuilt"
@@ -377,11 +384,12 @@ def test_one_changed_row_of_a_tiled_input_sends_one_request_and_patches_its_copi
     monkeypatch.setattr(incremental, "PATCH_CHUNK_ROWS", 64)  # the patch crosses many chunks
     tile = reviews(40)
     frame = pl.concat([tile] * 10)  # every request asked by 10 rows, ids included (as the 10M benchmark)
-    job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review {review_id}: {text}"}, job={"chunk_rows": 100})
+    # Row groups of 30 rows: the input is read across them in chunks of 64, as the output is.
+    job = _parquet_job(tmp_path, api, frame, 30, prompt={"user": "Review {review_id}: {text}"}, job={"chunk_rows": 100})
     assert cli("run", str(job)).exit_code == 0
     assert received(api) == 40
     api.reset()
-    _, sent = _patched_then_rebuilt(tmp_path, api, job, _edit(frame, 200, "row 200 was edited"), seen)
+    _, sent = _patched_then_rebuilt(tmp_path, api, job, _edit(frame, 200, "row 200 was edited"), seen, 30)
     assert seen[-1] == frozenset(range(0, 400, 40))
     assert sent == 1
 
