@@ -26,7 +26,7 @@ from dataclasses import replace
 
 from pipeline.prepare import Prepared, iter_requests
 from pipeline.reader import ROW_NUMBER, read_frames
-from pipeline.writer import changed_positions, hash_positions, hashes_at
+from pipeline.writer import changed_positions, sharing_rows
 
 #: Rows per frame when comparing and patching: vectorized work, so large frames (memory: a few tens of MB).
 PATCH_CHUNK_ROWS = 16_384
@@ -47,8 +47,7 @@ def changed_rows(p: Prepared) -> frozenset[int] | None:
     if not rows:
         return rows
     new_hashes = {r.request_hash for chunk in iter_requests(replace(p, only_rows=rows)) for r in chunk}
-    asked = new_hashes | hashes_at(spec.job.output, set(rows))
-    sharing = hash_positions(spec.job.output, asked, limit=limit)
+    sharing = sharing_rows(spec.job.output, set(rows), new_hashes, limit)
     if sharing is None:
         return None  # the rows asking the changed rows' requests are too many to patch
     rows = rows.union(sharing)

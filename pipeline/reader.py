@@ -304,11 +304,12 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
         for group in range(source.metadata.num_row_groups):
             size = source.metadata.row_group(group).num_rows
             here = numbers[bisect_left(numbers, start) : bisect_left(numbers, start + size)]
-            if here:
-                frame = pl.from_arrow(source.read_row_group(group, columns=list(columns)))
+            if here:  # taken in Arrow: polars converts only the rows asked for, not the row group's
+                picked = source.read_row_group(group, columns=list(columns)).take(pa.array([n - start for n in here]))
+                frame = pl.from_arrow(picked)
                 assert isinstance(frame, pl.DataFrame)
-                frame = frame.with_row_index(ROW_NUMBER, offset=start)
-                yield frame.filter(pl.col(ROW_NUMBER).is_in(here))
+                frame = frame.with_row_index(ROW_NUMBER)
+                yield frame.with_columns(pl.Series(ROW_NUMBER, here, dtype=frame.schema[ROW_NUMBER]))
             start += size
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
