@@ -316,7 +316,8 @@ def _batches(
         window.append(group)
         held += meta.row_group(group).num_rows
         if held >= batch_size or group == meta.num_row_groups - 1:
-            yield from source.iter_batches(batch_size=batch_size, row_groups=window, columns=names)
+            # One thread: per-thread allocator caches held ~50 MB more when a patch read a 10M-row output.
+            yield from source.iter_batches(batch_size=batch_size, row_groups=window, columns=names, use_threads=False)
             window, held = [], 0
 
 
