@@ -239,10 +239,12 @@ def test_ledger_generation_counts_every_change_to_answers(tmp_path: Path, api: L
         other.close()
 
 
-def _parquet_job(tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, **sections: Any) -> Path:
+def _parquet_job(
+    tmp_path: Path, api: LocalAPI, frame: pl.DataFrame, row_group_size: int | None = None, **sections: Any
+) -> Path:
     """A job over a Parquet input (the row-group path of an incremental run)."""
     job = write_job(tmp_path, api, frame, **sections)
-    frame.write_parquet(tmp_path / "input.parquet")
+    frame.write_parquet(tmp_path / "input.parquet", row_group_size=row_group_size)
     job.write_text(job.read_text().replace("input.csv", "input.parquet"))
     return job
 
@@ -304,21 +306,111 @@ def test_an_incremental_run_patches_only_the_changed_rows_and_equals_a_rebuild(
     assert received(api) == 2, "the rebuild sent nothing"
 
 
-def test_a_changed_row_sharing_its_request_rebuilds_the_output(tmp_path: Path, api: LocalAPI, monkeypatch: Any) -> None:
+def _doubled(n: int) -> pl.DataFrame:
+    """``reviews(n)`` twice, with distinct ids: row ``i`` and row ``n + i`` ask the same request."""
+    return pl.concat([reviews(n), reviews(n)]).with_columns(review_id=pl.format("id-{}", pl.int_range(pl.len())))
+
+
+def _patched_then_rebuilt(
+    tmp_path: Path,
+    api: LocalAPI,
+    job: Path,
+    edited: pl.DataFrame,
+    seen: list[frozenset[int] | None],
+    row_group_size: int | None = None,
+) -> tuple[pl.DataFrame, int]:
+    """Write ``edited`` as the input, rerun (an incremental run), and check the patched output equals
+    (every column, every row, in order) what a run builds from the input and the ledger alone.
+    Returns the patched output and the requests the patch sent."""
+    edited.write_parquet(tmp_path / "input.parquet", row_group_size=row_group_size)
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert seen[-1] is not None, "patched, not rebuilt"
+    sent = received(api)
+    patched = pl.read_parquet(tmp_path.joinpath(*OUTPUT))
+    assert "up_to_date" in cli("run", str(job)).output
+    assert patched.equals(_rebuilt(tmp_path, job))
+    assert received(api) == sent, "the rebuild sent nothing"
+    return patched, sent
+
+
+def test_a_changed_first_asker_is_patched_with_its_request_s_other_rows(
+    tmp_path: Path, api: LocalAPI, monkeypatch: Any
+) -> None:
     seen = _watch(monkeypatch)
-    frame = pl.concat([reviews(120), reviews(120)]).with_columns(review_id=pl.format("id-{}", pl.int_range(pl.len())))
+    frame = _doubled(120)
     job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review: {text}"}, job={"chunk_rows": 100})
     assert cli("run", str(job)).exit_code == 0
     api.reset()
     # Row 5 paid for its request; row 125 reused it at zero usage. Once row 5 changes, row 125 is the
-    # first (and only) row asking it: it must carry the usage, so the output is rebuilt, not patched.
-    _edit(frame, 5, "row 5 now says something else").write_parquet(tmp_path / "input.parquet")
+    # first (and only) row asking it: it is redone with row 5, from the ledger, and now carries the usage.
+    out, sent = _patched_then_rebuilt(tmp_path, api, job, _edit(frame, 5, "row 5 now says something else"), seen)
+    assert seen[-1] == frozenset({5, 125})
+    assert sent == 1, "row 5's new request only; row 125's answer is the ledger's"
+    assert out.get_column("prompt_tokens")[125] > 0
+    assert out.get_column("attempts")[125] == 1
+    assert out.get_column("prompt_tokens").sum() == api.stats()["prompt_tokens"] + _paid_before(out, 5)
+
+
+def test_a_changed_row_asking_another_row_s_request_is_patched_exactly(
+    tmp_path: Path, api: LocalAPI, monkeypatch: Any
+) -> None:
+    seen = _watch(monkeypatch)
+    frame = _doubled(60)
+    job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review: {text}"}, job={"chunk_rows": 100})
+    assert cli("run", str(job)).exit_code == 0
+    api.reset()
+    texts = frame.get_column("text")
+    # Row 3 now asks row 40's request (so row 3, earlier, takes its usage from row 40), row 50 asks row
+    # 20's (an earlier row's: row 50 carries none); row 63 and row 110 asked rows 3's and 50's old requests.
+    edited = _edit(_edit(frame, 3, texts[40]), 50, texts[20])
+    before = pl.read_parquet(tmp_path.joinpath(*OUTPUT))
+    out, sent = _patched_then_rebuilt(tmp_path, api, job, edited, seen)
+    assert seen[-1] == frozenset({3, 40, 100, 20, 80, 50, 63, 110})
+    assert sent == 0, "every request redone is answered in the ledger"
+    tokens = out.get_column("prompt_tokens")
+    assert tokens[3] > 0 and tokens[40] == 0 and tokens[100] == 0
+    assert tokens[50] == 0 and tokens[20] > 0
+    assert tokens[63] > 0 and tokens[110] > 0, "the first rows left asking rows 3's and 50's old requests"
+    assert tokens.sum() == before.get_column("prompt_tokens").sum(), "the same requests, paid once each"
+
+
+def test_one_changed_row_of_a_tiled_input_sends_one_request_and_patches_its_copies(
+    tmp_path: Path, api: LocalAPI, monkeypatch: Any
+) -> None:
+    from pipeline import incremental
+
+    seen = _watch(monkeypatch)
+    monkeypatch.setattr(incremental, "PATCH_CHUNK_ROWS", 64)  # the patch crosses many chunks
+    tile = reviews(40)
+    frame = pl.concat([tile] * 10)  # every request asked by 10 rows, ids included (as the 10M benchmark)
+    # Row groups of 30 rows: the input is read across them in chunks of 64, as the output is.
+    job = _parquet_job(tmp_path, api, frame, 30, prompt={"user": "Review {review_id}: {text}"}, job={"chunk_rows": 100})
+    assert cli("run", str(job)).exit_code == 0
+    assert received(api) == 40
+    api.reset()
+    _, sent = _patched_then_rebuilt(tmp_path, api, job, _edit(frame, 200, "row 200 was edited"), seen, 30)
+    assert seen[-1] == frozenset(range(0, 400, 40))
+    assert sent == 1
+
+
+def test_a_change_to_a_request_asked_by_too_many_rows_rebuilds_the_output(
+    tmp_path: Path, api: LocalAPI, monkeypatch: Any
+) -> None:
+    seen = _watch(monkeypatch)
+    frame = pl.concat([reviews(1), reviews(1100)]).with_columns(
+        text=pl.when(pl.int_range(pl.len()) < 1050).then(pl.lit("the same text")).otherwise(pl.col("text"))
+    )
+    job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review: {text}"}, job={"chunk_rows": 500})
+    assert cli("run", str(job)).exit_code == 0
+    api.reset()
+    # Row 0 asked the request 1,050 rows ask: more rows to redo than the limit (1,000): rebuilt, still exact.
+    _edit(frame, 0, "row 0 now differs").write_parquet(tmp_path / "input.parquet")
     assert cli("run", str(job)).exit_code == 0
     assert seen[-1] is None
     assert received(api) == 1
     out = pl.read_parquet(tmp_path.joinpath(*OUTPUT))
-    assert out.get_column("prompt_tokens")[125] > 0
-    assert out.get_column("prompt_tokens").sum() == api.stats()["prompt_tokens"] + _paid_before(out, 5)
+    assert out.get_column("prompt_tokens")[1] > 0 and out.get_column("prompt_tokens")[2] == 0
     assert out.equals(_rebuilt(tmp_path, job))
 
 
