@@ -238,11 +238,17 @@ def _parquet_frames(
 
     polars' ``collect_batches`` ran the whole scan ahead of a slow consumer: the 1M-row benchmark
     input sat in memory (~280 MB) while requests were built from its first chunks.
+
+    ``pre_buffer=False``: with pyarrow's default, ``iter_batches`` caches every row group's compressed
+    bytes it has read until the reader is dropped, so a pass over the input ended holding the whole file
+    (16 bytes a row of the benchmark input: 160 MB at 10M rows, in ``plan``, ``run`` and the output pass).
+    Without it, a pass holds one row group, and is no slower on a local file (inputs on object stores are
+    read from a local copy).
     """
     keep = selected_indices(table.rows, selection)
     limit = selection.limit if keep is None else None
     try:
-        source = pq.ParquetFile(table.path)
+        source = pq.ParquetFile(table.path, pre_buffer=False)
         start = 0
         for batch in source.iter_batches(batch_size=chunk_rows, columns=list(columns) if columns is not None else None):
             if limit is not None and start >= limit:
@@ -265,7 +271,7 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
     """The rows numbered ``numbers`` (sorted) of a Parquet input, reading only the row groups that hold
     them: an incremental run's few changed rows cost a row group each, not a read of the whole file."""
     try:
-        source = pq.ParquetFile(table.path)
+        source = pq.ParquetFile(table.path, pre_buffer=False)
         start = 0
         for group in range(source.metadata.num_row_groups):
             size = source.metadata.row_group(group).num_rows

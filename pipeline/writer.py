@@ -267,7 +267,7 @@ def output_totals(path: Path) -> tuple[dict[str, int], int, int, float]:
     usd = 0.0
     columns = ["status", "prompt_tokens", "completion_tokens", "usd_spent"]
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=columns):
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=262_144, columns=columns):
             for item in pc.value_counts(batch.column(0)).to_pylist():
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
             prompt += pc.sum(batch.column(1)).as_py() or 0
@@ -296,7 +296,7 @@ def _positioned(path: Path, chunk_rows: int, columns: Sequence[str] | None = Non
     buf: list[pl.DataFrame] = []
     held = 0
     names = list(columns) if columns is not None else None
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=names):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=chunk_rows, columns=names):
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
         buf.append(frame)
@@ -313,7 +313,7 @@ def _positioned_tables(path: Path, chunk_rows: int) -> Iterator[pa.Table]:
     """``_positioned`` as Arrow tables: a chunk copied as it is never becomes a polars frame."""
     buf: list[pa.RecordBatch] = []
     held = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=chunk_rows):
         buf.append(batch)
         held += batch.num_rows
         while held >= chunk_rows:
@@ -374,7 +374,7 @@ def hash_positions(path: Path, hashes: set[str]) -> list[int]:
     wanted = pa.array(sorted(hashes), type=pa.string())
     found: list[int] = []
     start = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=["request_hash"]):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=262_144, columns=["request_hash"]):
         column = batch.column(0).cast(pa.string())
         hits = pc.indices_nonzero(pc.fill_null(pc.is_in(column, value_set=wanted), False)).to_pylist()
         found.extend(start + i for i in hits)
@@ -386,7 +386,7 @@ def hashes_at(path: Path, positions: set[int]) -> set[str]:
     """The request hashes of the output's rows at ``positions``."""
     found: set[str] = set()
     start = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=["request_hash"]):
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=262_144, columns=["request_hash"]):
         here = [p - start for p in positions if start <= p < start + batch.num_rows]
         if here:
             found.update(h for h in batch.column(0).take(pa.array(here)).to_pylist() if h is not None)
