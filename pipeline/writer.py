@@ -132,13 +132,13 @@ def _as_text(frame: pl.DataFrame, nested_as_json: bool) -> pl.DataFrame:
 
 #: A Parquet output's row groups hold at least this many rows (or ``ROW_GROUP_BYTES``), whatever the chunk size.
 #: pyarrow's writer keeps every row group's metadata (each column's offsets and statistics) until it closes
-#: the file, and serializes it all then: with one row group per 2,000-row chunk (``job.chunk_rows``) the
-#: output pass grew ~30 bytes a row (a 4M-row rerun peaked at 412 MB, 374 MB with these row groups; at 10M
-#: rows 5,000 row groups and a 16 MB footer every later reader parses). 65,536 rows of the benchmark's
-#: output are ~30 MB of Arrow data, held once.
-ROW_GROUP_ROWS = 65_536
+#: the file, and serializes it all then (~47 KB a row group of the benchmark's 26 columns): with one row
+#: group per 2,000-row chunk (``job.chunk_rows``) the output pass grew ~24 bytes a row, ~240 MB at 10M rows
+#: (5,000 row groups, a 16 MB footer every later reader parses). Larger groups cost their buffered rows:
+#: a 1M-row rerun peaked at 298 MB with 16,384 rows (as with 2,000), 337 MB with 32,768, 345 MB with 65,536.
+ROW_GROUP_ROWS = 16_384
 #: ... or as soon as the chunks buffered for one row group hold this many bytes (wide rows, images).
-ROW_GROUP_BYTES = 32 * 1024 * 1024
+ROW_GROUP_BYTES = 16 * 1024 * 1024
 
 
 class _Sink:
