@@ -92,7 +92,7 @@ def completion(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rows(output: Path, id_column: str | None) -> Iterator[tuple[Any, dict[str, Any]]]:
-    source = pq.ParquetFile(output)
+    source = pq.ParquetFile(output, pre_buffer=False)  # pre-buffering caches every row group read
     names = [*_COLUMNS, *([id_column] if id_column and id_column not in _COLUMNS else [])]
     for batch in source.iter_batches(batch_size=2_000, columns=names):
         for row in batch.to_pylist():

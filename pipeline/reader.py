@@ -244,8 +244,14 @@ def _parquet_batches(path: Path, batch_size: int, columns: Sequence[str] | None)
     in 16,384-row batches took 124 MB to 343 MB); a reader per window of row groups stays bounded. A
     window's last batch is short, so batches are carried over to keep every chunk at ``batch_size`` rows:
     an incremental run compares the input with the output chunk by chunk, by position.
+
+    ``pre_buffer=False``: with pyarrow's default, ``iter_batches`` caches every row group's compressed
+    bytes it has read until the reader is dropped, so a pass over the input ended holding the whole file
+    (16 bytes a row of the benchmark input: 160 MB at 10M rows, in ``plan``, ``run`` and the output pass).
+    Without it, a pass holds one row group, and is no slower on a local file (inputs on object stores are
+    read from a local copy).
     """
-    source = pq.ParquetFile(path)
+    source = pq.ParquetFile(path, pre_buffer=False)
     names = list(columns) if columns is not None else None
     meta = source.metadata
     held: list[pa.RecordBatch] = []
@@ -317,7 +323,7 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
     """The rows numbered ``numbers`` (sorted) of a Parquet input, reading only the row groups that hold
     them: an incremental run's few changed rows cost a row group each, not a read of the whole file."""
     try:
-        source = pq.ParquetFile(table.path)
+        source = pq.ParquetFile(table.path, pre_buffer=False)
         start = 0
         for group in range(source.metadata.num_row_groups):
             size = source.metadata.row_group(group).num_rows

@@ -136,8 +136,25 @@ def _as_text(frame: pl.DataFrame, nested_as_json: bool) -> pl.DataFrame:
     return frame.with_columns(casts) if casts else frame
 
 
+#: A Parquet output's row groups hold at least this many rows (or ``ROW_GROUP_BYTES``), whatever the chunk size.
+#: pyarrow's writer keeps every row group's metadata (each column's offsets and statistics) until it closes
+#: the file, and serializes it all then (~47 KB a row group of the benchmark's 26 columns): with one row
+#: group per 2,000-row chunk (``job.chunk_rows``) the output pass grew ~24 bytes a row, ~240 MB at 10M rows
+#: (5,000 row groups, a 16 MB footer every later reader parses). Larger groups cost their buffered rows:
+#: a 1M-row rerun peaked at 298 MB with 16,384 rows (as with 2,000), 337 MB with 32,768, 345 MB with 65,536.
+ROW_GROUP_ROWS = 16_384
+#: ... or as soon as the chunks buffered for one row group hold this many bytes (wide rows, images).
+ROW_GROUP_BYTES = 16 * 1024 * 1024
+
+
 class _Sink:
-    """One output file being written, a chunk at a time, in the format its name asks for."""
+    """One output file being written, a chunk at a time, in the format its name asks for.
+
+    Parquet chunks are buffered into row groups of ``ROW_GROUP_ROWS`` rows (``ROW_GROUP_BYTES``): memory is
+    one row group's Arrow data, not metadata that grows with every chunk. ``finish`` writes what is left.
+    The first chunk stays a polars frame until a second one comes: an output of one chunk is written by
+    polars alone (the same Arrow schema), so a small job never imports pyarrow (``pipeline.lazy``).
+    """
 
     def __init__(self, tmp: Path, fmt: str) -> None:
         self.tmp = tmp
@@ -145,47 +162,67 @@ class _Sink:
         self._parquet: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self._text: Any = None
-        #: A Parquet output's first chunk, held until a second one comes: an output of one chunk is then
-        #: written by polars alone (same Arrow schema), so a small job never imports pyarrow.
         self._first: pl.DataFrame | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
 
     @property
     def started(self) -> bool:
-        return self._parquet is not None or self._text is not None or self._first is not None
+        return self._first is not None or self._schema is not None or self._text is not None
 
     def write(self, frame: pl.DataFrame) -> None:
         if self.format == "parquet":
-            if self._parquet is None and self._first is None:
+            if self._first is None and self._schema is None:
                 self._first = frame
                 return
             if self._first is not None:
                 first, self._first = self._first, None
-                self._write_arrow(first)
-            self._write_arrow(frame)
+                self._buffer(first)
+            self._buffer(frame)
             return
-        self._write_text(frame)
-
-    def _write_arrow(self, frame: pl.DataFrame) -> None:
-        table = frame.to_arrow()
-        if self._parquet is None:
-            self._schema = table.schema
-            self._parquet = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
-        assert self._schema is not None
-        self._parquet.write_table(table.cast(self._schema) if table.schema != self._schema else table)
-
-    def _write_text(self, frame: pl.DataFrame) -> None:
-        first = self._text is None
+        first_chunk = self._text is None
         if self._text is None:
             self._text = open(self.tmp, "wb")  # noqa: SIM115 (closed by close(), after the last chunk)
         if self.format == "csv":
-            _as_text(frame, nested_as_json=True).write_csv(self._text, include_header=first)
+            _as_text(frame, nested_as_json=True).write_csv(self._text, include_header=first_chunk)
         elif frame.height:
             _as_text(frame, nested_as_json=False).write_ndjson(self._text)
 
-    def close(self) -> None:
+    def _buffer(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if self._schema is None:
+            self._schema = table.schema
+        self._pending.append(table.cast(self._schema) if table.schema != self._schema else table)
+        self._pending_rows += table.num_rows
+        self._pending_bytes += table.nbytes
+        if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered chunks as one row group (an empty one only when nothing was written yet)."""
+        if not self._pending or (self._pending_rows == 0 and self._parquet is not None):
+            return
+        assert self._schema is not None
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+        pending, self._pending = self._pending, []
+        self._pending_rows = self._pending_bytes = 0
+        table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+        del pending
+        self._parquet.write_table(table, row_group_size=max(table.num_rows, 1))
+
+    def finish(self) -> None:
+        """Write what is still buffered (call once, after the last chunk; ``close`` does not write)."""
         if self._first is not None:
             first, self._first = self._first, None
             first.write_parquet(self.tmp, compression="zstd")
+            return
+        self._flush()
+
+    def close(self) -> None:
+        self._first = None
+        self._pending = []
         if self._parquet is not None:
             self._parquet.close()
         if self._text is not None:
@@ -247,6 +284,7 @@ def write_output(
                 if last is None:
                     raise SpecError(f"{path}: no rows selected; nothing to write")
                 sink.write(last)  # no row kept: the file still says which columns there would be
+            sink.finish()
         finally:
             sink.close()
     if broken is not None:
@@ -291,7 +329,7 @@ def output_totals(path: Path) -> tuple[dict[str, int], int, int, float]:
     usd = 0.0
     columns = ["status", "prompt_tokens", "completion_tokens", "usd_spent"]
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=columns):
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=262_144, columns=columns):
             for item in pc.value_counts(batch.column(0)).to_pylist():
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
             prompt += pc.sum(batch.column(1)).as_py() or 0
@@ -318,7 +356,7 @@ def _answered(
 def _parquet(source: Path | pq.ParquetFile) -> pq.ParquetFile:
     """An open Parquet file. Opening parses the footer: a 10M-row output written in 2,000-row groups has
     5,000 of them, a 16 MB footer that costs ~120 MB to hold, so each patch step opens the output once."""
-    return source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source)
+    return source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source, pre_buffer=False)
 
 
 def _batches(
@@ -389,7 +427,7 @@ def changed_positions(
     it holds, nested values) or more than ``limit`` rows changed: then the whole output is rewritten.
     """
     try:
-        output = pq.ParquetFile(path)
+        output = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError):
         return None
     output_rows = output.metadata.num_rows
@@ -428,7 +466,7 @@ def changed_positions(
 def sharing_rows(path: Path, positions: set[int], hashes: set[str], limit: int) -> list[int] | None:
     """Positions of the output's rows whose request is one of ``hashes`` or one the rows at ``positions``
     asked; None once they are more than ``limit``. Two reads of the ``request_hash`` column, one open."""
-    output = pq.ParquetFile(path)
+    output = pq.ParquetFile(path, pre_buffer=False)
     asked = set(hashes)
     ordered = sorted(positions)
     start = 0
@@ -470,7 +508,9 @@ def patch_output(
     ``incremental.changed_rows``, makes it so): which row of a request's askers carries its usage then
     depends on rows in ``changed`` only, and the run's row map holds all of them.
     """
-    old = pq.ParquetFile(path)  # opened once (its footer can be large); replaced under it only at the end
+    old = pq.ParquetFile(
+        path, pre_buffer=False
+    )  # opened once (its footer can be large); replaced under it only at the end
     schema = old.schema_arrow
     old_tables = _positioned_tables(old, chunk_rows)
     counts: dict[str, int] = {}

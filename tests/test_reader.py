@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from pipeline import reader
@@ -495,3 +497,20 @@ def test_chunks_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert [r.key for r in first] == [f"id-{i}" for i in range(100)]
     assert 0 < read[0] < big.stat().st_size / 4
     chunks.close()
+
+
+def test_a_pass_over_a_parquet_input_holds_one_row_group_not_every_one_read(tmp_path: Path) -> None:
+    """pyarrow's default ``pre_buffer`` kept every row group read by ``iter_batches`` until the reader was
+    dropped: a pass over a 10M-row input ended holding the whole compressed file (160 MB)."""
+    path = tmp_path / "many_groups.parquet"
+    texts = [os.urandom(500).hex() for _ in range(2_000)]  # incompressible: a row group is ~1 MB on disk
+    pl.DataFrame({"text": texts * 10}).write_parquet(path, row_group_size=2_000, compression="zstd")
+    table = open_input(path)
+    before = pa.total_allocated_bytes()
+    most = 0
+    rows = 0
+    for frame in read_frames(table, Selection(), 500):
+        rows += frame.height
+        most = max(most, pa.total_allocated_bytes() - before)
+    assert rows == 20_000
+    assert most < 5_000_000  # one row group (~2 MB here); pre-buffering held 12 MB by the end

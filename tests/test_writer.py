@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import writer
 from pipeline.errors import InputError, SpecError
 from pipeline.ledger import Ledger
 from pipeline.records import Outcome, Usage
@@ -93,7 +94,10 @@ def test_columns_dtypes_and_values(tmp_path: Path, ledger: Ledger) -> None:
     assert df.row(4, named=True)["attempts"] == 3
 
 
-def test_parquet_schema_is_the_same_when_first_chunk_is_all_pending(tmp_path: Path) -> None:
+def test_parquet_schema_is_the_same_when_first_chunk_is_all_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 2)  # a row group per chunk: the second is cast to the first
     led = Ledger(tmp_path / "l.sqlite", "test")
     led.map_rows([(i, _hash(i)) for i in range(4)])
     led.add(Outcome(_hash(3), "ok", content="x", usage=Usage(1, 2, 3), attempts=1, latency_ms=1.0), "r")
@@ -108,17 +112,58 @@ def test_parquet_schema_is_the_same_when_first_chunk_is_all_pending(tmp_path: Pa
     assert df.get_column("total_tokens").to_list() == [None, None, None, 3]
 
 
-def test_one_chunk_written_by_polars_equals_the_chunked_pyarrow_file(tmp_path: Path, ledger: Ledger) -> None:
+def test_one_chunk_written_by_polars_equals_the_chunked_pyarrow_file(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An output of one chunk is written by polars alone (no pyarrow import for a small job): same Arrow
     schema, same values and the same counts as the chunk-by-chunk pyarrow writer gives."""
     one, many = tmp_path / "one.parquet", tmp_path / "many.parquet"
-    assert write_output(one, frames(6, 6), RN, ledger.answers_for_rows) == write_output(
-        many, frames(6, 2), RN, ledger.answers_for_rows
-    )
+    counts = write_output(one, frames(6, 6), RN, ledger.answers_for_rows)
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 1)  # a row group per chunk: pyarrow writes them
+    assert write_output(many, frames(6, 2), RN, ledger.answers_for_rows) == counts
     assert pq.ParquetFile(one).metadata.num_row_groups == 1
     assert pq.ParquetFile(many).metadata.num_row_groups == 3
     assert pq.read_schema(one) == pq.read_schema(many)
     assert pl.read_parquet(one).equals(pl.read_parquet(many))
+
+
+def _row_groups(path: Path) -> list[int]:
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def test_parquet_row_groups_span_chunks(tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks are buffered into row groups of ``ROW_GROUP_ROWS``: the same rows and values as one row group
+    per chunk (what the writer did before), in a file whose metadata does not grow with every chunk."""
+    one_group = tmp_path / "one.parquet"
+    counts = write_output(one_group, frames(6, 2), RN, ledger.answers_for_rows)
+    assert _row_groups(one_group) == [6]
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 1)
+    per_chunk = tmp_path / "per_chunk.parquet"
+    assert write_output(per_chunk, frames(6, 2), RN, ledger.answers_for_rows) == counts
+    assert _row_groups(per_chunk) == [2, 2, 2]
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 4)
+    uneven = tmp_path / "uneven.parquet"
+    assert write_output(uneven, frames(6, 3), RN, ledger.answers_for_rows) == counts
+    assert _row_groups(uneven) == [6]  # a row group closes at the first chunk that reaches the size
+    five = tmp_path / "five.parquet"
+    five_counts = {"ok": 1, "error": 1, "invalid_output": 1, "pending": 2}
+    assert write_output(five, frames(5, 2), RN, ledger.answers_for_rows) == five_counts
+    assert _row_groups(five) == [4, 1]  # the rest is written when the last chunk was read
+    expected = pl.read_parquet(per_chunk)
+    assert pl.read_parquet(one_group).equals(expected)
+    assert pl.read_parquet(uneven).equals(expected)
+    assert pl.read_parquet(five).equals(expected.head(5))
+
+
+def test_parquet_row_group_closes_at_its_byte_size(
+    tmp_path: Path, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wide rows (images, long texts) close a row group by bytes before ``ROW_GROUP_ROWS`` rows."""
+    monkeypatch.setattr(writer, "ROW_GROUP_BYTES", 1)
+    out = tmp_path / "out.parquet"
+    write_output(out, frames(6, 2), RN, ledger.answers_for_rows)
+    assert _row_groups(out) == [2, 2, 2]
 
 
 def test_no_temp_file_left_and_overwrite_replaces(tmp_path: Path, ledger: Ledger) -> None:
