@@ -8,10 +8,10 @@ process start to exit, peak RSS the child's own (``benchmarks/measured.py``).
   then ``status`` again.
 - 1M tier (always): the memory benchmark's 1M-review generator, 1M distinct requests.
 - 10M tier (skipped with ``SEEDBATCH_BENCH_10M=0``, alone with ``=only``): the 1M input tiled ten
-  times with the same review ids, so 10M rows ask 1M distinct requests, each ten times (90% of the rows are duplicates the run answers
-  from the first). Sending 10M distinct requests at ~2,000/s would take ~80 min on this machine; the
-  tiled input runs every per-row path (read, render, hash, row map, output) at 10M rows in ~1/10 of that.
-  Its rows/s are rows handled per second, not requests per second.
+  times with the same review ids, so 10M rows ask 1M distinct requests, each ten times (90% of the rows
+  are duplicates the run answers from the first). Sending 10M distinct requests at ~2,000/s would take
+  ~80 min on this machine; the tiled input runs every per-row path (read, render, hash, row map, output)
+  at 10M rows in ~1/10 of that. Its rows/s are rows handled per second, not requests per second.
 """
 
 from __future__ import annotations

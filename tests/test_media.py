@@ -448,6 +448,9 @@ def write_noise_images(folder: Path, n: int, side: int = 184) -> int:
 #: tracemalloc books each orjson body at its ~1 MB buffer size although only ~136 KB of it is ever touched.
 MEMORY_PROBE = """
 import json, resource, sys
+# Libraries a job of this size loads on first use (pipeline.lazy), imported up front: their code is
+# start-up, not memory the images hold.
+import httpx_aiohttp, pyarrow.compute, pyarrow.parquet
 from pipeline.runner import RunOptions, run_job
 from pipeline.spec import load_spec
 spec = load_spec(sys.argv[1])
