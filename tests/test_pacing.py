@@ -152,6 +152,37 @@ def test_a_429_burst_lowers_the_pace_once_and_it_recovers_within_seconds() -> No
     assert seen == [3087, 4630, 6000, 6000, 6000]
 
 
+def test_a_429_lowers_the_pace_by_the_share_of_sends_refused() -> None:
+    """A stray 429 among hundreds of sends costs a sliver; 429s that go on cost ×0.7 a second at most."""
+    clock = Clock()
+    rates = RateControl(6000, None, clock=clock, decrease=0.7, recover_after_s=2.0)
+    for i in range(200):  # a start-up burst: 200 sends in the first second
+        clock.now = i * 0.005
+        rates.on_send()
+    rates.on_rate_limited(0.01)  # the first 429 of three
+    assert rates.factor == pytest.approx(1 - 1 / 200)
+    rates.on_rate_limited(0.01)
+    rates.on_rate_limited(0.01)
+    assert rates.factor == pytest.approx(1 - 1 / 200)  # the same burst: one step
+    # 20% of the next second's sends refused: the pace was 25% over the limit, and steps down to it.
+    for i in range(100):
+        clock.now = 1.0 + i * 0.01
+        rates.on_send()
+        if i % 5 == 0:
+            rates.on_rate_limited(0.01)
+    assert rates.factor == pytest.approx(1 - 1 / 200)  # within a second of the last step
+    clock.now = 2.0
+    rates.on_send()
+    rates.on_rate_limited(0.01)  # a second on: the step measures the last second, 21 of 101 refused
+    assert rates.factor == pytest.approx((1 - 1 / 200) * 0.8, rel=0.02)
+    # Most of a second refused: at most ×0.7 a step.
+    for i in range(100):
+        clock.now = 3.0 + i * 0.01
+        rates.on_send()
+        rates.on_rate_limited(0.01)
+    assert rates.factor == pytest.approx((1 - 1 / 200) * 0.8 * 0.7, rel=0.02)
+
+
 def test_429_with_no_limit_known_starts_from_the_rate_that_got_through() -> None:
     clock = Clock()
     rates = RateControl(None, None, clock=clock, decrease=0.5)
