@@ -223,7 +223,12 @@ class Ledger:
 
         With ``run_id``, only answers from that run count (``--fresh`` ignores earlier runs, not its own).
         """
-        return {r[0]: (r[1], r[2]) for r in self._lookup(hashes, "status, error_kind", run_id)}
+        return {h: (status, kind) for h, (status, kind, _) in self.known_runs(hashes, run_id).items()}
+
+    def known_runs(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, tuple[str, str | None, str]]:
+        """``known`` with the run that answered each: a row whose request this run answered a chunk
+        earlier is a twin of that row, not a row answered by an earlier run."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self._lookup(hashes, "status, error_kind, run_id", run_id)}
 
     def known_usage(self, hashes: Sequence[str]) -> dict[str, tuple[str, int, int, float]]:
         """Status, prompt tokens, completion tokens and USD of each hash already answered, in one lookup."""
@@ -451,9 +456,9 @@ class ShardLedger(Ledger):
         )
         self.main = Ledger(main_path, endpoint)  # read only here: the driver writes it after every shard ended
 
-    def known(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, tuple[str, str | None]]:
-        found = self.main.known(hashes, run_id)
-        found.update(super().known(hashes, run_id))  # the shard's answers are newer
+    def known_runs(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, tuple[str, str | None, str]]:
+        found = self.main.known_runs(hashes, run_id)
+        found.update(super().known_runs(hashes, run_id))  # the shard's answers are newer
         return found
 
     def get(self, request_hash: str) -> Outcome | None:

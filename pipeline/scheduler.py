@@ -362,6 +362,7 @@ async def run_all(
         # No try/finally here: if the group is cancelled, putting the end marker into a full queue
         # nobody reads any more would hang the shutdown forever.
         nonlocal finished
+        first = True
         if isinstance(items, AsyncIterator):
             async for item in items:
                 if stop is not None and stop.is_set():
@@ -372,6 +373,9 @@ async def run_all(
                 if stop is not None and stop.is_set():
                     break
                 await queue.put(item)
+                if first:  # a worker sends it before the items behind it are made (a chunk: ~20 ms)
+                    first = False
+                    await asyncio.sleep(0)
         finished = True
         await queue.put(done)
 

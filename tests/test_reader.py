@@ -514,3 +514,22 @@ def test_a_pass_over_a_parquet_input_holds_one_row_group_not_every_one_read(tmp_
         most = max(most, pa.total_allocated_bytes() - before)
     assert rows == 20_000
     assert most < 5_000_000  # one row group (~2 MB here); pre-buffering held 12 MB by the end
+
+
+def test_a_short_first_chunk_doubles_up_to_chunk_rows_and_keeps_every_request(tmp_path: Path) -> None:
+    """A run's first request waits for rendering ``first_chunk_rows`` rows, not a whole chunk."""
+    p = tmp_path / "rows.csv"
+    p.write_text("id,text\n" + "".join(f"{i},row {i}\n" for i in range(2_500)))
+    spec = spec_from_dict(
+        {
+            "job": {"input": str(p), "output": str(tmp_path / "o.parquet"), "id_column": "id", "chunk_rows": 1_000},
+            "prompt": {"user": "{text}"},
+            "endpoint": {"preset": "local"},
+        }
+    )
+    prepared = prepare(spec, need_key=False)
+    whole = list(iter_requests(prepared))
+    cut = list(iter_requests(prepared, first_chunk_rows=64))
+    assert [len(c) for c in whole] == [1_000, 1_000, 500]
+    assert [len(c) for c in cut] == [64, 128, 256, 512, 40, 1_000, 500]  # then whole chunks again
+    assert [r.request_hash for c in cut for r in c] == [r.request_hash for c in whole for r in c]

@@ -47,6 +47,16 @@ def test_demo_job_end_to_end(tmp_path: Path, api: LocalAPI) -> None:
     assert billed["duplicates"] == 0
 
 
+def test_a_twin_in_a_later_chunk_is_deduplicated_not_from_the_ledger(tmp_path: Path, api: LocalAPI) -> None:
+    """Row 299 asks what row 0 asked; its chunk is read after row 0's answer was committed by this run."""
+    frame = reviews(300)
+    twin = frame.slice(0, 1).with_columns(pl.lit("r-twin").alias("review_id"))
+    frame = pl.concat([frame.slice(0, 299), twin])
+    summary = run(make_spec(tmp_path, api, frame))
+    assert (summary.rows_deduplicated, summary.rows_from_ledger) == (1, 0)
+    assert api.stats()["answered_ok"] == 299
+
+
 def test_null_cells_render_empty_and_are_counted(tmp_path: Path, api: LocalAPI) -> None:
     frame = reviews(10).with_columns(
         pl.when(pl.int_range(pl.len()) % 3 == 0).then(None).otherwise(pl.col("text")).alias("text")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Iterator
 
 import pytest
 
@@ -367,3 +368,20 @@ def test_run_all_starts_workers_as_the_cap_can_use_them() -> None:
     assert max(n for c, n in seen if c == 4) <= 4 + 16 + others
     assert max(n for c, n in seen) <= 40 + 16 + others
     assert max(n for c, n in seen if c == 40) > 4 + 16 + others  # all 300 items were queued: still grew
+
+
+def test_run_all_hands_the_first_item_to_a_worker_before_making_the_next() -> None:
+    """Making an item can be slow (rendering a chunk of rows): the first request must not wait for it."""
+    events: list[str] = []
+
+    def items() -> Iterator[int]:
+        for i in range(3):
+            events.append(f"made {i}")
+            yield i
+
+    async def handle(i: int) -> int:
+        events.append(f"handled {i}")
+        return i
+
+    asyncio.run(run_all(items(), handle, lambda i, r: None, concurrency=4))
+    assert events.index("handled 0") < events.index("made 1")

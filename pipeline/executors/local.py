@@ -28,6 +28,8 @@ from pipeline.validator import judge
 
 #: Seconds between progress reports and stop checks (answers are committed every loop turn, not on this).
 TICK_S = 0.2
+#: Rows in the first chunk sent: the first request leaves after rendering these, not ``job.chunk_rows``.
+FIRST_CHUNK_ROWS = 64
 
 
 def make_pacing(spec: JobSpec, quota: Quota | None = None) -> tuple[Pacer, Pacing]:
@@ -115,22 +117,26 @@ class Dispatch:
     # What to send ----------------------------------------------------------------------------------
     def todo(self) -> Iterator[Request]:
         retry = self.options.retry_errors
-        for chunk in iter_requests(self.p):
+        for chunk in iter_requests(self.p, first_chunk_rows=FIRST_CHUNK_ROWS):
             if self.stop.is_set():
                 return
             self.ledger.map_rows([(r.row_index, r.request_hash) for r in chunk])
             # ``known`` is a snapshot: answers committed after it are remembered in ``committed_since``
             # until the next snapshot, so an identical row later in the chunk is never sent again.
             self.committed_since.clear()
-            known = self.ledger.known(
+            known = self.ledger.known_runs(
                 [r.request_hash for r in chunk], run_id=self.summary.run_id if self.options.fresh else None
             )
             for req in chunk:
                 self.summary.null_cells += req.null_cells
                 h = req.request_hash
-                prior = known.get(h)
+                found = known.get(h)
+                prior = found[:2] if found is not None else None
                 if req.not_sent is None and not needs_sending(prior, retry_errors=retry):
-                    self.summary.rows_from_ledger += 1
+                    if found is not None and found[2] == self.summary.run_id:  # answered a chunk ago
+                        self.summary.rows_deduplicated += 1
+                    else:
+                        self.summary.rows_from_ledger += 1
                 elif h in self.open_hashes or h in self.committed_since:
                     self.summary.rows_deduplicated += 1
                 else:
