@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m compileall -q pipeline  # as a non-editable install does: start-up reads bytecode
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install seedbatch with its dev tools
