@@ -236,6 +236,11 @@ class RateControl:
     def on_send(self) -> None:
         self._sends.append(self.clock())
 
+    def sent_within(self, seconds: float) -> int:
+        """Sends of the last ``seconds`` (at most the last 4,096)."""
+        now = self.clock()
+        return sum(1 for t in reversed(self._sends) if now - t <= seconds) if self._sends else 0
+
     def on_headers(self, limits: ServerLimits | None) -> None:
         if limits is None:
             return
@@ -266,7 +271,7 @@ class RateControl:
             self.learned_rpm = max(len(recent) / span * 60.0, 6.0)
             self.factor = max(self.min_factor, self.factor * self.decrease)
             return
-        sent = sum(1 for t in self._sends if now - t <= 1.0)
+        sent = self.sent_within(1.0)
         refused = sum(1 for t in self._refusals if now - t <= 1.0)
         share = min(1.0, refused / sent) if sent else 1.0
         self.factor = max(self.min_factor, self.factor * max(self.decrease, 1.0 - share))

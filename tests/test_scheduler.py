@@ -385,3 +385,23 @@ def test_run_all_hands_the_first_item_to_a_worker_before_making_the_next() -> No
 
     asyncio.run(run_all(items(), handle, lambda i, r: None, concurrency=4))
     assert events.index("handled 0") < events.index("made 1")
+
+
+def test_a_limit_learned_mid_run_starts_its_bucket_holding_the_last_second_of_sends() -> None:
+    """With no RPM in the job the first sends go out unpaced; the server's bucket has counted them."""
+    from pipeline.pacing import Pacing
+    from pipeline.records import RateLimits
+
+    now = [0.0]
+    pacing = Pacing(None, None, clock=lambda: now[0])
+    pacer = Pacer(None, None, control=pacing)
+
+    async def go() -> float:
+        for _ in range(40):
+            await pacer.acquire(1)
+        pacing.rates.on_headers(RateLimits(limit_requests=3000))  # 50 a second, a 50-request bucket
+        pacer.observe(10, 10, 10, 10)
+        assert pacer.requests is not None
+        return pacer.requests._level
+
+    assert asyncio.run(go()) == pytest.approx(40.0, abs=0.5)  # 10 more may go at once, not 50
