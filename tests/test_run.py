@@ -70,7 +70,9 @@ def test_null_cells_render_empty_and_are_counted(tmp_path: Path, api: LocalAPI) 
 def test_faults_every_row_ok_and_answered_once(tmp_path: Path, api: LocalAPI, rows: int) -> None:
     """Both connection pools (httpx's own for a job of few rows, aiohttp's above) meet the same faults."""
     api.config = ServerConfig(fail_5xx_rate=0.05, drop_rate=0.02, rpm=2400, burst_s=1.0, latency_ms=5, seed=7)
-    spec = make_spec(tmp_path, api, n=rows, limits={"concurrency": 32, "backoff_max_s": 1.0, "max_attempts": 10})
+    # The job's RPM is 5× the server's: its opening burst meets the server's limit.
+    limits = {"rpm": 12000, "concurrency": 32, "backoff_max_s": 1.0, "max_attempts": 10}
+    spec = make_spec(tmp_path, api, n=rows, limits=limits)
     summary = run(spec)
     out = pl.read_parquet(spec.job.output)
     stats = api.stats()
