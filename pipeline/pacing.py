@@ -157,6 +157,16 @@ class InFlightLimit:
         return min(self.ceiling, max(self.floor, math.ceil(target_rps * (q + self.queueing_s) * self.headroom)))
 
 
+def _within(times: collections.deque[float], since: float) -> int:
+    """How many of ``times`` (oldest first) are at or after ``since``, counted from the newest."""
+    n = 0
+    for t in reversed(times):
+        if t < since:
+            break
+        n += 1
+    return n
+
+
 class RateControl:
     """Requests and tokens per minute to pace at, learned from the server, and the 429 pause.
 
@@ -238,8 +248,7 @@ class RateControl:
 
     def sent_within(self, seconds: float) -> int:
         """Sends of the last ``seconds`` (at most the last 4,096)."""
-        now = self.clock()
-        return sum(1 for t in reversed(self._sends) if now - t <= seconds) if self._sends else 0
+        return _within(self._sends, self.clock() - seconds)
 
     def on_headers(self, limits: ServerLimits | None) -> None:
         if limits is None:
@@ -271,8 +280,8 @@ class RateControl:
             self.learned_rpm = max(len(recent) / span * 60.0, 6.0)
             self.factor = max(self.min_factor, self.factor * self.decrease)
             return
-        sent = self.sent_within(1.0)
-        refused = sum(1 for t in self._refusals if now - t <= 1.0)
+        sent = _within(self._sends, now - 1.0)
+        refused = _within(self._refusals, now - 1.0)
         share = min(1.0, refused / sent) if sent else 1.0
         self.factor = max(self.min_factor, self.factor * max(self.decrease, 1.0 - share))
 
