@@ -8,13 +8,18 @@ touches rows, files or the ledger, so it is unit-tested with a fake ``send`` and
 Per attempt::
 
     stop requested?  → give up before sending (the row stays pending)
+    circuit open?    → wait; one probe at growing intervals; open too long: stop the run (``breaker``)
     budget.reserve(worst case)  → refused: stop the run (the row stays pending)
     pacer.acquire(tokens)        waits out a 429 pause and the RPM/TPM buckets
     send(body, timeout)          timeout from the latencies seen so far (Pacing.timeout_s)
       429            → pacing signal; retried within ``rate_limit_wait_s``, never uses up an attempt
-      timeout/5xx/…  → retried quickly once, then with backoff (``max_attempts``)
-      400/413/422    → the row's error
+      timeout/5xx/…  → retried quickly once, then with backoff (``max_attempts``); feeds the circuit
+      401/403/404    → fatal: no new sends, the row stays pending, answers in flight are kept
+      400/413/422    → the row's error, unless several rows get the same refusal (a setup error: fatal)
     judge(reply)     → ok | invalid_output (re-ask) | truncated (more max_tokens) | refused
+
+Whatever stops the run, an answer that arrived is returned (a re-asked row's earlier paid answer too:
+``abandoned`` holds it when the row is cancelled), so the caller commits it.
 
 A re-ask never repeats the exact request: it carries the validation error (``reask_with_error``), and a
 deterministic request (temperature 0, or a seed) that would come out identical gets a sampling step
@@ -30,9 +35,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.breaker import Circuit, SameRefusal, about_the_row
 from pipeline.client import ratelimit_of, wait_until
 from pipeline.costs import Price, fill_cost, worst_case_usd
-from pipeline.errors import RetryableError, RowError
+from pipeline.errors import FatalAPIError, RetryableError, RowError
 from pipeline.pacing import Pacing
 from pipeline.prompts import vary_sampling, with_changes
 from pipeline.records import Outcome, Reply, Request, RunSummary, Usage, count_error
@@ -94,6 +100,16 @@ def _digest(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=16).digest()
 
 
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Wait for the first of ``waits``; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 class Attempts:
     """The per-request policy of one run (or one Ray shard); ``in_flight`` and ``budget_hit`` are read outside."""
 
@@ -110,6 +126,9 @@ class Attempts:
         summary: RunSummary,
         stop: asyncio.Event,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        circuit: Circuit | None = None,
+        same_refusal: SameRefusal | None = None,
+        hold_s: float = 10.0,
     ) -> None:
         self.send = send
         self.pacer = pacer
@@ -123,6 +142,87 @@ class Attempts:
         self.sleep = sleep
         self.in_flight = 0
         self.budget_hit = False
+        self.circuit = circuit or Circuit()
+        self.same_refusal = same_refusal or SameRefusal()
+        self.hold_s = hold_s
+        """The longest a refused row is held while it is not known whether every row gets that refusal."""
+        self.fatal: FatalAPIError | None = None
+        """What stopped the run as fatal (a 401, the same refusal for every row); the first one."""
+        self.gave_up: str | None = None
+        """Set when the circuit stayed open for ``outage_wait_s``: why, in one line."""
+        self.abandoned: list[Outcome] = []
+        """Paid answers of rows cancelled mid-way (a re-ask in flight at a hard stop): the caller commits them."""
+        self.idle = asyncio.Event()
+        """Set while no request is in flight: a stopping run waits for it before dropping what only waits."""
+        self.idle.set()
+        self._closed = asyncio.Event()
+        self._verdict: asyncio.Future[bool] | None = None
+
+    # -- what stops the run
+
+    def _stop_fatal(self, exc: FatalAPIError) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+        self.stop.set()
+
+    async def _admit(self) -> bool:
+        """Wait while the circuit is open; True when this attempt is its probe. Raises ``_Stopped``."""
+        circuit = self.circuit
+        while circuit.is_open():
+            if self.stop.is_set():
+                raise _Stopped
+            if circuit.gave_up():
+                if self.gave_up is None:
+                    self.gave_up = (
+                        f"the provider is unavailable: every request failed for {circuit.open_for_s():.0f} s "
+                        f"(limits.outage_wait_s = {circuit.outage_wait_s:g}; {circuit.probes} probes); "
+                        f"last: {circuit.last_failure}"
+                    )
+                self.stop.set()
+                raise _Stopped
+            wait = circuit.claim_probe()
+            if wait <= 0:
+                return True
+            closed = self._closed
+            await _first(self.sleep(min(wait, circuit.until_give_up_s(), 60.0)), closed.wait(), self.stop.wait())
+        return False
+
+    def _on_answered(self) -> None:
+        """The server is up and taking requests: close the circuit, and a held refusal was about its row."""
+        if self.circuit.on_success():
+            self._closed.set()
+            self._closed = asyncio.Event()
+        self.same_refusal.on_success()
+        self._release(False)
+
+    def _release(self, setup_error: bool) -> None:
+        if self._verdict is not None:
+            if not self._verdict.done():
+                self._verdict.set_result(setup_error)
+            self._verdict = None
+
+    async def _is_setup_error(self, req: Request, exc: RowError) -> bool:
+        """Whether this refusal is one every row gets (hold the row until that is known, ``hold_s`` at most)."""
+        message = str(exc)
+        if about_the_row(exc.status_code, message):
+            self._on_answered()
+            return False
+        same = self.same_refusal
+        episode = same.episode
+        verdict = same.add(req.request_hash, exc.status_code, message)
+        if same.episode != episode:
+            self._release(False)
+        if verdict:
+            self._release(True)
+            return True
+        if self._verdict is None:
+            self._verdict = asyncio.get_running_loop().create_future()
+        held = self._verdict
+        try:
+            async with asyncio.timeout(self.hold_s):
+                return await asyncio.shield(held)
+        except TimeoutError:
+            return False
 
     async def answer(self, req: Request, prior: Outcome | None = None) -> Outcome | None:
         """The row's outcome, all attempts folded in; None when it was never sent (it stays pending).
@@ -144,19 +244,27 @@ class Attempts:
             nonlocal attempts, unconfirmed
             if self.stop.is_set():
                 raise _Stopped
+            probe = await self._admit()
             worst = worst_case_usd(req.est_prompt_tokens, max_tokens, self.price)
             if not await self.budget.reserve(worst):
                 self.budget_hit = True
                 self.stop.set()
+                if probe:
+                    self.circuit.probe_abandoned()
                 raise _Stopped
             try:
                 await self.pacer.acquire(self.pacer.estimate(req.est_prompt_tokens, max_tokens))
+                if self.stop.is_set():  # stopped while it waited for its turn: nothing new is sent
+                    raise _Stopped
             except BaseException:
                 self.budget.settle(worst, 0.0)
+                if probe:
+                    self.circuit.probe_abandoned()
                 raise
             attempts += 1
             summary.requests_sent += 1
             self.in_flight += 1
+            self.idle.clear()
             timeout = self.pacing.timeout_s(max_tokens)
             started = time.monotonic()
             try:
@@ -166,32 +274,69 @@ class Attempts:
                     reply = await self._send_watched(body, max_tokens, started)
             except RetryableError as exc:
                 self.budget.settle(worst, 0.0)
-                unconfirmed += exc.sent
+                if not exc.sent:  # never reached the server (refused, name not found): not a request it received
+                    summary.requests_sent -= 1
+                # Only a request whose fate is unknown (a timeout, a dropped connection) may have been billed:
+                # a 429 or a 5xx is the server's answer that it did not do the work.
+                unconfirmed += exc.sent and exc.status_code is None
                 if exc.status_code == 429:
                     summary.http_429 += 1
                     self.pacer.on_rate_limited(exc.retry_after, ratelimit_of(exc))
+                    if probe:
+                        self._on_answered()  # a rate limit is a server that is up
                 else:
                     timed_out = time.monotonic() - started if exc.kind == "timeout" else None
                     self.pacing.on_error(ratelimit_of(exc), timed_out_s=timed_out)
+                    self.circuit.on_failure(req.request_hash, str(exc), probe=probe)
+                    exc.during_outage = self.circuit.is_open()
                 count_error(summary, exc.kind, str(exc))
                 raise
             except BaseException:
                 self.budget.settle(worst, 0.0)
+                if probe:
+                    self.circuit.probe_abandoned()
                 raise
             finally:
                 self.in_flight -= 1
+                if not self.in_flight:
+                    self.idle.set()
             return reply, worst
 
         def on_retry(exc: BaseException, wait: float) -> None:
             summary.retries += 1
 
+        async def nap(seconds: float) -> None:  # a wait between tries ends early when the run stops
+            await _first(self.sleep(seconds), self.stop.wait())
+
+        def so_far() -> Outcome | None:
+            return None if last is None else self._outcome(req, last, usage, attempts, unconfirmed, latency)
+
         while True:
             try:
-                reply, worst = await call_paced(attempt, pol.retry, self.pacing, sleep=self.sleep, on_retry=on_retry)
+                reply, worst = await call_paced(attempt, pol.retry, self.pacing, sleep=nap, on_retry=on_retry)
             except _Stopped:
-                return None if last is None else self._outcome(req, last, usage, attempts, unconfirmed, latency)
+                return so_far()
+            except FatalAPIError as exc:
+                self.pacing.on_refusal()
+                self._stop_fatal(exc)
+                return so_far()
+            except asyncio.CancelledError:
+                kept = so_far()  # a re-ask cancelled by a hard stop: its earlier answer was paid for
+                if kept is not None:
+                    self.abandoned.append(kept)
+                raise
             except (RetryableError, RowError) as exc:
                 if isinstance(exc, RowError):
+                    self.pacing.on_refusal()
+                    if await self._is_setup_error(req, exc):
+                        self._stop_fatal(
+                            FatalAPIError(
+                                f"every row gets the same refusal, so the request itself is wrong, not a row: {exc} "
+                                "(check model.name, endpoint.base_url, the API key and [model.extra])",
+                                status_code=exc.status_code,
+                            )
+                        )
+                        return so_far()
                     count_error(summary, exc.kind, str(exc))
                     error = str(exc)
                 else:
@@ -206,6 +351,7 @@ class Attempts:
                     unconfirmed_attempts=unconfirmed,
                     latency_ms=latency,
                 )
+            self._on_answered()
             latency = reply.latency_ms
             last = self.judge(reply)
             paid = fill_cost(last.usage, self.price)

@@ -413,6 +413,19 @@ def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, deb
     "--invalid-arguments", type=float, default=0.0, help="Fraction of function calls with malformed arguments."
 )
 @click.option("--require-key-env", default=None, help="Demand the key held by this environment variable.")
+@click.option("--revoke-key-after", type=int, default=None, help="After N answers every request gets 401.")
+@click.option("--fail-status", type=int, default=None, help="Answer every request with this status (e.g. 503).")
+@click.option(
+    "--fail-body",
+    default="json",
+    show_default=True,
+    help="What --fail-status answers say: json, html (a login page), no_choices, or a message of your own.",
+)
+@click.option("--fail-for-s", type=float, default=None, help="The failing ends after this many seconds.")
+@click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option("--no-retry-after", is_flag=True, help="429s carry no Retry-After.")
+@click.option("--advertised-rpm", type=float, default=None, help="Headers claim this RPM, not the one enforced.")
+@click.option("--burst-s", type=float, default=1.0, show_default=True, help="Window over which --rpm/--tpm hold.")
 @debug_opt
 @guarded
 def serve(
@@ -429,6 +442,14 @@ def serve(
     invalid_json: float,
     invalid_arguments: float,
     require_key_env: str | None,
+    revoke_key_after: int | None,
+    fail_status: int | None,
+    fail_body: str,
+    fail_for_s: float | None,
+    no_ratelimit_headers: bool,
+    no_retry_after: bool,
+    advertised_rpm: float | None,
+    burst_s: float,
     debug: bool,
 ) -> None:
     """Run the built-in local API (OpenAI/AIML-compatible) for dry runs, tests and benchmarks."""
@@ -450,6 +471,14 @@ def serve(
         invalid_json_rate=invalid_json,
         invalid_arguments_rate=invalid_arguments,
         require_key=os.environ.get(require_key_env) if require_key_env else None,
+        revoke_key_after=revoke_key_after,
+        fail_status=fail_status,
+        fail_body=fail_body,
+        fail_for_s=fail_for_s,
+        ratelimit_headers=not no_ratelimit_headers,
+        retry_after=not no_retry_after,
+        advertised_rpm=advertised_rpm,
+        burst_s=burst_s,
     )
     run_server(config, host, port, ready=lambda url: click.echo(f"seedbatch local API on {url}", err=True))
 

@@ -138,16 +138,76 @@ def _server_message(response: httpx.Response) -> str:
     return msg[:300]
 
 
+def _glimpse(response: httpx.Response) -> str:
+    """The content type and the first words of a body that is not what was expected: the server's own words."""
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    text = " ".join(response.content[:2000].decode("utf-8", "replace").split())
+    return f"{kind}: {text[:120]!r}"
+
+
 def _was_sent(exc: BaseException) -> bool:
     """Whether the server may have received the request (and so may bill it)."""
     if isinstance(exc, httpx.ConnectError | httpx.PoolTimeout):
         return False
-    cause = exc.__cause__
-    if cause is not None:
-        name = type(cause).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and type(cause).__module__.startswith("aiohttp"):
         # aiohttp maps every ClientConnectionError to ConnectTimeout; only a failed connect was never sent.
-        return name not in {"ClientConnectorError", "ClientConnectorDNSError", "ClientConnectorCertificateError"}
+        return not type(cause).__name__.startswith("ClientConnector")
     return not isinstance(exc, httpx.ConnectTimeout)
+
+
+#: What a failed connection's own words mean, in words a user can act on: (pattern, cause, permanent).
+#: A permanent cause (TLS spoken to a plain-HTTP server, an untrusted certificate) fails every request
+#: the same way, so the run stops at once instead of retrying it.
+_CONNECT_CAUSES: tuple[tuple[re.Pattern[str], str, bool], ...] = (
+    (
+        re.compile(r"WRONG_VERSION_NUMBER|wrong version number|record layer failure|packet length too long", re.I),
+        "the server at {where} speaks plain HTTP, not TLS: use http:// in endpoint.base_url",
+        True,
+    ),
+    (
+        re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|self.signed certificate", re.I),
+        "the TLS certificate of {where} is not trusted (self-signed or an unknown CA); use a trusted certificate "
+        "or set SSL_CERT_FILE to the CA bundle that signs it",
+        True,
+    ),
+    (
+        re.compile(
+            r"Name or service not known|nodename nor servname|Temporary failure in name resolution|"
+            r"No address associated|getaddrinfo failed|Errno -[235]\]",
+            re.I,
+        ),
+        "host name not found: {host} (check endpoint.base_url)",
+        False,
+    ),
+    (
+        re.compile(r"Connect call failed|Connection refused|Errno 111\]|All connection attempts failed", re.I),
+        "connection refused at {where}: nothing listens there (is the server running, is endpoint.base_url right?)",
+        False,
+    ),
+)
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The messages of ``exc`` and what caused it (httpx and aiohttp wrap the socket's own words)."""
+    parts, seen = [], 0
+    current: BaseException | None = exc
+    while current is not None and seen < 6:
+        parts.append(str(current))
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return " | ".join(parts)
+
+
+def connect_cause(exc: BaseException, url: httpx.URL) -> tuple[str, bool] | None:
+    """Why a connection failed, as a line a user can act on, and whether it is permanent; None if unknown."""
+    text = _chain_text(exc)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    where = f"{url.host}:{port}"
+    for pattern, words, permanent in _CONNECT_CAUSES:
+        if pattern.search(text):
+            return words.format(where=where, host=url.host), permanent
+    return None
 
 
 def _streaming(body: bytes) -> bytes:
@@ -190,8 +250,10 @@ async def wait_until(
     finally:
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RetryableError, httpx.HTTPError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        elif not task.cancelled():
+            task.exception()  # retrieved: a failure that lands as the wait is cancelled is no stray traceback
 
 
 async def _next_piece(chunks: AsyncIterator[bytes], stall: Callable[[], float]) -> bytes | None:
@@ -395,14 +457,8 @@ class Client:
                     await response.aclose()
         except TimeoutError:
             raise RetryableError(f"no answer within {limit:g}s", kind="timeout", sent=True) from None
-        except httpx.TimeoutException as exc:
-            sent = _was_sent(exc)
-            kind = ("stall" if stream and isinstance(exc, httpx.ReadTimeout) else "timeout") if sent else "connect"
-            raise RetryableError(f"{kind}: {type(exc).__name__}", kind=kind, sent=sent) from None
         except httpx.TransportError as exc:
-            sent = _was_sent(exc)
-            kind = "connection" if sent else "connect"
-            raise RetryableError(f"{kind} failed: {type(exc).__name__}", kind=kind, sent=sent) from None
+            raise self._transport_error(exc, stream) from None
         latency_ms = (time.perf_counter() - started) * 1000.0
         status = response.status_code
         if status == 200 and streamed is not None:
@@ -411,9 +467,18 @@ class Client:
             try:
                 data: Any = orjson.loads(response.content)
             except orjson.JSONDecodeError:
-                raise RetryableError("200 with a body that is not JSON", kind="bad_response", status_code=200) from None
+                raise RetryableError(
+                    f"200 with a body that is not JSON ({_glimpse(response)}): a proxy or login page in front of the "
+                    "API? check endpoint.base_url",
+                    kind="bad_response",
+                    status_code=200,
+                ) from None
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-                raise RetryableError("200 without choices", kind="bad_response", status_code=200)
+                raise RetryableError(
+                    f"200 without choices ({_glimpse(response)}): not a chat completion",
+                    kind="bad_response",
+                    status_code=200,
+                )
             return Reply(data=data, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
         message = _server_message(response)
         if self._secret and self._secret in message:
@@ -438,6 +503,21 @@ class Client:
                 ratelimit=parse_rate_limits(response.headers),
             )
         raise RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
+
+    def _transport_error(self, exc: httpx.TransportError, stream: bool) -> Exception:
+        """A transport failure on the error tree, with its cause in a user's words where it is known."""
+        found = connect_cause(exc, self._url)
+        if found is not None:
+            words, permanent = found
+            if permanent:
+                return FatalAPIError(f"cannot connect to {self.base_url}: {words}", status_code=None)
+            return RetryableError(words, kind="connect", sent=False)
+        sent = _was_sent(exc)
+        if isinstance(exc, httpx.TimeoutException):
+            kind = ("stall" if stream and isinstance(exc, httpx.ReadTimeout) else "timeout") if sent else "connect"
+            return RetryableError(f"{kind}: {type(exc).__name__}", kind=kind, sent=sent)
+        kind = "connection" if sent else "connect"
+        return RetryableError(f"{kind} failed: {type(exc).__name__}", kind=kind, sent=sent)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

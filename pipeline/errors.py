@@ -7,9 +7,11 @@
     ├── InputError                    missing/corrupt input, missing column     → exit 2, nothing sent
     │   └── PartialOutputError        the input broke mid-run: partial output   → exit 2, answers kept
     ├── LockedError                   another run of this job holds its lock    → exit 5, nothing sent
-    ├── FatalAPIError                 401/403/404: every row would fail         → stop now, ledger kept, exit 4
+    ├── FatalAPIError                 401/403/404, the same refusal for every   → no new sends, answers in flight
+    │                                 row, TLS to a plain-HTTP server             kept, exit 4
     └── RequestError                  one request went wrong
-        ├── RetryableError            timeout, connection, 408/409/429/5xx      → backoff, retry, then row 'error'
+        ├── RetryableError            timeout, connection, 408/409/429/5xx      → backoff, retry, then row 'error';
+        │                                                                         nearly all failing: the circuit opens
         └── RowError                  400/413/422 for this row                  → recorded on the row, run goes on
 
 Row outcomes that are not exceptions (invalid JSON, off-schema, refusal, truncation) live in
@@ -76,6 +78,8 @@ class RequestError(SeedbatchError):
         self.kind = kind
         self.sent = sent
         self.retry_after = retry_after
+        #: Failed while the circuit was open (``breaker.Circuit``): uses up none of the row's attempts.
+        self.during_outage = False
 
 
 class RetryableError(RequestError):

@@ -6,12 +6,14 @@ asks it before each send and tells it what came back::
 
     before a send   pause_s()             > 0: wait that long (a 429's Retry-After holds every new send)
                     rpm(), tpm()          the rate buckets follow these (None: no limit known)
-                    in_flight_limit()     the cap on requests in flight (run_all's ``limit``)
+                    in_flight_limit()     the cap on requests in flight (run_all's ``limit``); narrow until
+                                          the server's first 200, so a wrong setup costs a few requests
                     timeout_s(max_tokens) the timeout for this send (Client.send's ``timeout_s``)
                     on_send()
     on an answer    on_reply(latency_s, ratelimit, completion_tokens)
     on a 429        on_rate_limited(retry_after, ratelimit)
     on a failure    on_error(ratelimit, timed_out_s=)  timeout, dropped connection, 5xx: retryable, not a 429
+    on a refusal    on_refusal()          a 4xx or a fatal answer
     between tries   retry_delay(failures, retry_after, rng)
     to log, once    take_message()
 
@@ -208,6 +210,14 @@ class RateControl:
         self.server_rpm: float | None = None
         self.server_tpm: float | None = None
         self.learned_rpm: float | None = None
+        self.headers_bind = True
+        """False once a 429 came while the headers said requests remained: their limit is not the one
+        enforced (a gateway passing on its upstream's headers), so the rate is learned from admissions."""
+        self.probe_up_every_s = 5.0
+        self._last_probe_up = -math.inf
+        self._admits: collections.deque[float] = collections.deque(maxlen=8192)
+        self._episode_start = -math.inf
+        self._probe_step = 1.05
         self.factor = 1.0
         self.not_before = -math.inf
         self._last_429 = -math.inf
@@ -218,7 +228,8 @@ class RateControl:
         self._told: set[str] = set()
 
     def _base_rpm(self) -> float | None:
-        known = [r for r in (self.job_rpm, self.server_rpm, self.learned_rpm) if r]
+        server = self.server_rpm if self.headers_bind else None
+        known = [r for r in (self.job_rpm, server, self.learned_rpm) if r]
         return min(known) if known else None
 
     def _base_tpm(self) -> float | None:
@@ -226,6 +237,17 @@ class RateControl:
         return min(known) if known else None
 
     def _recover(self, now: float) -> None:
+        if (
+            self.learned_rpm is not None
+            and not self.headers_bind
+            and now - self._last_429 >= self.probe_up_every_s
+            and now - self._last_probe_up >= self.probe_up_every_s
+        ):
+            # A limit learned from refusals alone may be below what the server admits: probe above it, 5%
+            # at first and more with each quiet step, so a refusal finds the limit without bursts of them.
+            self._last_probe_up = now
+            self.learned_rpm *= self._probe_step
+            self._probe_step = min(1.5, 1.0 + (self._probe_step - 1.0) * 2.0)
         if self.factor < 1.0 and now - self._last_429 >= self.recover_after_s and now - self._last_step >= 1.0:
             self._last_step = now
             self.factor = min(1.0, self.factor * self.recover_step)
@@ -250,6 +272,10 @@ class RateControl:
         """Sends of the last ``seconds`` (at most the last 4,096)."""
         return _within(self._sends, self.clock() - seconds)
 
+    def on_admitted(self) -> None:
+        """The server took a request (an answer came): what a limit learned from refusals is measured on."""
+        self._admits.append(self.clock())
+
     def on_headers(self, limits: ServerLimits | None) -> None:
         if limits is None:
             return
@@ -269,8 +295,16 @@ class RateControl:
         now = self.clock()
         self.on_headers(limits)
         self.not_before = max(self.not_before, now + self._pause_for(retry_after, limits))
+        if now - self._last_429 > 10.0:
+            self._episode_start = now
         self._last_429 = now
         self._refusals.append(now)
+        self._probe_step = 1.05
+        told_room = limits is not None and (limits.remaining_requests or 0) > 0 and (limits.remaining_tokens or 1) > 0
+        unknown = self.learned_rpm is not None and not self.headers_bind
+        if retry_after is None and (told_room or unknown or (self._base_rpm() is None and self._base_tpm() is None)):
+            self._learn_from_refusal(now, told_room)
+            return
         if now - self._last_step < self.decrease_every_s:
             return  # the same burst: one decrease per burst
         self._last_step = now
@@ -284,6 +318,18 @@ class RateControl:
         refused = _within(self._refusals, now - 1.0)
         share = min(1.0, refused / sent) if sent else 1.0
         self.factor = max(self.min_factor, self.factor * max(self.decrease, 1.0 - share))
+
+    def _learn_from_refusal(self, now: float, told_room: bool) -> None:
+        """Refused with no word of when, while the headers claim room or say nothing: the enforced limit is
+        unknown, so the admissions measure it. Once refusals have gone on for a second, the server's bucket
+        is empty and what it admits since is its rate; at the first refusal, what it admitted in the last
+        minute is the guess (a per-minute window that a burst emptied)."""
+        self.headers_bind = False  # told room, or told nothing: either way the headers do not set the pace
+        since = self._episode_start
+        if now - since >= 1.0:
+            self.learned_rpm = max(6.0, _within(self._admits, since) / (now - since) * 60.0)
+        elif self.learned_rpm is None:
+            self.learned_rpm = max(6.0, float(_within(self._admits, now - 60.0)))
 
     def _pause_for(self, retry_after: float | None, limits: ServerLimits | None) -> float:
         if retry_after is not None:
@@ -408,6 +454,8 @@ class Pacing:
         rates: RateControl | None = None,
         in_flight: InFlightLimit | None = None,
         deadline: Deadline | None = None,
+        narrow: int = 4,
+        narrow_doubling_s: float = 0.2,
     ) -> None:
         self.clock = clock
         self.rates = rates or RateControl(rpm, tpm, clock=clock)
@@ -417,6 +465,11 @@ class Pacing:
         self._outcomes: collections.deque[bool] = collections.deque(maxlen=failure_window)
         self._failed = 0
         self._tokens_per_request: float | None = None
+        self.narrow = narrow
+        self.narrow_doubling_s = narrow_doubling_s
+        self._answered = False
+        self._doubted = False
+        self._first_send: float | None = None
 
     # -- before a send
     def pause_s(self) -> float:
@@ -437,7 +490,21 @@ class Pacing:
         return min(options) if options else None
 
     def in_flight_limit(self) -> int:
-        return self.in_flight.limit(self.target_rps())
+        cap = self.in_flight.limit(self.target_rps())
+        return cap if self._answered else min(cap, self._narrow())
+
+    def _narrow(self) -> int:
+        """The cap until the server's first 200: ``narrow`` requests, doubling every ``narrow_doubling_s``
+        while nothing has failed, so a wrong setup costs a handful of requests and a slow model is not held.
+        After a failure or a refusal, before any 200, it stays at ``narrow``."""
+        if self._doubted or self._first_send is None:
+            return self.narrow
+        doublings = (self.clock() - self._first_send) / self.narrow_doubling_s
+        return self.narrow if doublings < 1 else int(self.narrow * 2.0 ** min(doublings, 20.0))
+
+    def on_refusal(self) -> None:
+        """A 4xx or a fatal answer: before the first 200, the cap stays narrow."""
+        self._doubted = True
 
     def timeout_s(self, max_tokens: int | None = None) -> float:
         return self.deadline.timeout_s(max_tokens)
@@ -445,6 +512,8 @@ class Pacing:
     def on_send(self) -> None:
         self.rates.on_send()
         self.in_flight.on_send()
+        if self._first_send is None:
+            self._first_send = self.clock()
 
     # -- what came back
     def on_reply(
@@ -454,6 +523,8 @@ class Pacing:
         completion_tokens: int | None = None,
         total_tokens: int | None = None,
     ) -> None:
+        self._answered = True
+        self.rates.on_admitted()
         self.rates.on_headers(ratelimit)
         self.in_flight.on_answer(latency_s)
         self.deadline.on_answer(latency_s, completion_tokens)
@@ -468,6 +539,7 @@ class Pacing:
     def on_error(self, ratelimit: ServerLimits | None = None, *, timed_out_s: float | None = None) -> None:
         """Any retryable failure but a 429; ``timed_out_s``: the timeout it hit, if it was a timeout."""
         self.rates.on_headers(ratelimit)
+        self._doubted = True
         if timed_out_s is not None:
             self.deadline.on_timeout(timed_out_s)
         self._outcome(True)

@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     PARTIAL = 3  # stopped early (signal, budget): rows left pending; rerun to resume
     FATAL_API = 4  # 401/403/404: every row would fail
     LOCKED = 5  # another run of the job holds its lock
+    UNAVAILABLE = 6  # the provider failed every request for limits.outage_wait_s: rows left pending
     INTERNAL = 70  # a bug in seedbatch
 
 
@@ -28,6 +29,7 @@ class StopReason(StrEnum):
 
     SIGNAL = "signal"
     FATAL = "fatal"
+    OUTAGE = "outage"
     BUDGET = "budget"
     SHARDS_FAILED = "shards_failed"
 
@@ -267,6 +269,8 @@ def exit_code_for(summary: RunSummary) -> ExitCode:
     """The exit code a run's outcome maps to: one rule for a run and for an up-to-date rerun."""
     if summary.stopped_by is StopReason.FATAL:
         return ExitCode.FATAL_API
+    if summary.stopped_by is StopReason.OUTAGE:
+        return ExitCode.UNAVAILABLE
     if summary.rows_by_status.get("pending"):
         return ExitCode.PARTIAL
     if any(n for status, n in summary.rows_by_status.items() if status not in ("ok", "skipped")):

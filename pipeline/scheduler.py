@@ -98,6 +98,8 @@ class _RetryBudget:
                 return None
             self.waited += wait
             return wait
+        if exc.during_outage:  # the circuit holds the next try until a probe succeeds: no attempt used up
+            return 0.0
         self.failures += 1
         if self.failures >= policy.max_attempts:
             return None

@@ -142,6 +142,14 @@ class JobSection(_Strict):
 class ModelSection(_Strict):
     name: str = DEFAULT_MODEL
     """Model id sent as ``model``."""
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError('the model name is empty: give the server\'s model id, e.g. name = "gpt-4o-mini"')
+        return name
+
     max_tokens: int = Field(default=1024, ge=1)
     """Upper bound on generated tokens (reasoning included); also the worst case for budgets."""
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -261,6 +269,9 @@ class LimitsSection(_Strict):
     """Stop issuing requests before spent + in-flight worst case would exceed this."""
     backoff_max_s: float = Field(default=60.0, gt=0)
     """Longest wait between tries when the server gives no Retry-After."""
+    outage_wait_s: float = Field(default=600.0, ge=0)
+    """How long the run waits out a provider that fails nearly every request (the circuit is open: one probe
+    at 1 s, 2 s, … up to 60 s apart, rows kept pending) before it stops with exit 6. 0: stop at once."""
     shared_limiter: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     """Name of an RPM/TPM bucket shared by every job on this machine naming it (one key, one limit)."""
     shared_limiter_file: Path | None = None
@@ -273,6 +284,17 @@ class EndpointSection(_Strict):
     base_url: str | None = None
     api_key_env: str | None = None
     """Environment variable holding the API key (the key itself is never in the job)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.lower().startswith(("http://", "https://")):
+            raise ValueError(
+                f"{url!r} has no http:// or https:// scheme: write it as 'http://{url}' (a server on this machine "
+                f"usually speaks plain HTTP) or 'https://{url}'"
+            )
+        return url
+
     api_key_file: Path | None = None
     """File holding the API key; used when set, else the variable."""
     structured_output: Literal["json_schema", "json_object_schema", "instructions", "tool"] | None = None
@@ -371,6 +393,12 @@ class JobSpec(_Strict):
                 "loopback address (a `seedbatch serve`): remove endpoint.base_url or choose another preset"
             )
         m = self.model
+        context = self.context_tokens
+        if context is not None and m.max_tokens >= context:
+            raise ValueError(
+                f"model.max_tokens = {m.max_tokens} leaves no room for a prompt in the model's context of {context} "
+                "tokens (model.context_tokens): lower model.max_tokens"
+            )
         if m.tools is None and (m.tool_choice is not None or m.parallel_tool_calls is not None):
             key = "model.tool_choice" if m.tool_choice is not None else "model.parallel_tool_calls"
             raise ValueError(f"{key} needs model.tools (the functions the model may call)")

@@ -243,6 +243,19 @@ CASES: list[Case] = [
         "model.reasoning_effort",
     ),
     Case("chunk size out of range", "`chunk_rows = 5`", job(job={"chunk_rows": 5}), "job.chunk_rows"),
+    Case("empty model name", '`name = ""`', job(model={"name": " "}), "model.name: Value error, the model name is empty"),
+    Case(
+        "base_url without a scheme",
+        '`base_url = "127.0.0.1:8000/v1"`',
+        job(endpoint={"base_url": "127.0.0.1:8000/v1"}),
+        "endpoint.base_url: Value error, '127.0.0.1:8000/v1' has no http:// or https:// scheme",
+    ),
+    Case(
+        "max_tokens as large as the context",
+        "`max_tokens = 300000` (the model's context is 262,144)",
+        job(model={"max_tokens": 300_000}),
+        "model.max_tokens = 300000 leaves no room for a prompt",
+    ),
     Case(
         "missing [prompt]",
         "no `[prompt]` section",

@@ -40,14 +40,14 @@ def test_progress_is_a_json_line_when_not_a_terminal(tmp_path: Path, api: LocalA
 
 def test_errors_are_summarized_by_kind_not_one_line_per_row(tmp_path: Path, api: LocalAPI) -> None:
     frame = reviews(20).with_columns(
-        pl.when(pl.int_range(pl.len()) < 8).then(pl.lit("[[status:400]] bad")).otherwise("text").alias("text")
-    )
+        pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("[[status:400]] bad")).otherwise("text").alias("text")
+    )  # every other row: a refusal that rows between them do not get is about those rows, not the setup
     job = write_job(tmp_path, api, frame)
     result = CliRunner().invoke(main, ["run", str(job), "--log-format", "json", "--no-progress"])
     assert result.exit_code == ExitCode.ROWS_FAILED
     errors = [json.loads(line) for line in result.output.splitlines() if '"event": "errors"' in line]
     assert len(errors) == 1
-    assert errors[0]["count"] == 8
+    assert errors[0]["count"] == 10
     assert "400" in errors[0]["example"]
 
 
@@ -151,7 +151,8 @@ def test_the_key_never_leaves_the_process(tmp_path: Path, api: LocalAPI) -> None
     api.config = ServerConfig(require_key=secret, fail_5xx_rate=1.0)
     flaky_dir = tmp_path / "flaky"
     flaky_dir.mkdir()
-    assert go(write_job(flaky_dir, api, reviews(5), limits={"max_attempts": 2})).returncode == ExitCode.ROWS_FAILED
+    down = write_job(flaky_dir, api, reviews(5), limits={"max_attempts": 2, "outage_wait_s": 0})
+    assert go(down).returncode == ExitCode.UNAVAILABLE
 
     api.config = ServerConfig(require_key=secret, latency_ms=2000)
     crash_dir = tmp_path / "crash"

@@ -256,7 +256,7 @@ def test_pacing_backs_off_from_the_first_retry_when_many_requests_fail() -> None
 
 def test_pacing_in_flight_cap_uses_the_learned_rate() -> None:
     pacing = Pacing(None, None, ceiling=4096, clock=Clock())
-    assert pacing.in_flight_limit() == 32
+    assert pacing.in_flight_limit() == 4  # narrow until the server's first 200
     for _ in range(50):
         pacing.on_reply(20.0, RateLimits(limit_requests=6000))
     # 6000 rpm = 100 req/s, × (20 s + 0.25 s of pacer queueing) × 1.5 headroom.
@@ -268,3 +268,30 @@ def test_tpm_bounds_the_target_rate_through_tokens_per_answer() -> None:
     for _ in range(10):
         pacing.on_reply(1.0, total_tokens=100)
     assert pacing.target_rps() == pytest.approx(10.0)  # 1000 tokens/s ÷ 100 tokens < 100 requests/s
+
+
+def test_the_cap_is_narrow_until_the_first_answer_and_grows_while_nothing_fails() -> None:
+    clock = Clock()
+    pacing = Pacing(6000, None, ceiling=4096, clock=clock)
+    assert pacing.in_flight_limit() == 4
+    pacing.on_send()
+    clock.now += 0.1
+    assert pacing.in_flight_limit() == 4
+    clock.now += 0.3  # 0.4 s: two doublings
+    assert pacing.in_flight_limit() == 16
+    clock.now += 0.6  # 1 s: five doublings, but no more than the age-grown cap allows
+    assert pacing.in_flight_limit() == 128
+    pacing.on_reply(0.05)
+    assert pacing.in_flight_limit() == 45  # the first 200 hands the cap to Little's law: 100/s × 0.3 s × 1.5
+
+
+@pytest.mark.parametrize("failure", ["error", "refusal"])
+def test_a_failure_before_the_first_answer_keeps_the_cap_narrow(failure: str) -> None:
+    clock = Clock()
+    pacing = Pacing(6000, None, ceiling=4096, clock=clock)
+    pacing.on_send()
+    pacing.on_error() if failure == "error" else pacing.on_refusal()
+    clock.now += 5.0
+    assert pacing.in_flight_limit() == 4
+    pacing.on_reply(0.05)
+    assert pacing.in_flight_limit() > 4

@@ -443,3 +443,28 @@ def test_node_lost_mid_run_its_shard_moves_and_the_run_ends_complete(
     assert len(stats["ok_by_body_hash"]) == ROWS
     assert not spec.shards_dir.exists(), "shard ledgers are merged and removed"
     assert_same_output(out, expected)
+
+
+@pytest.mark.ray
+def test_an_unreachable_cluster_address_fails_in_bounded_time_with_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = write_job(tmp_path, None, reviews(10))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", "--executor", "ray"]
+        + ["--ray-address", f"127.0.0.1:{port}"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == ExitCode.BAD_INPUT, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [
+        f"seedbatch: error: executor.address '127.0.0.1:{port}': no Ray cluster answers there (connection refused "
+        "within 10 s); check the address (--ray-address) or start one with `ray start --head`"
+    ]

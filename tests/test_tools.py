@@ -157,16 +157,18 @@ def test_model_extra_reaches_the_server_as_written_and_is_warned(tmp_path: Path,
     plan = cli("plan", str(job))
     assert "warning        model.extra sends prediction as written: unchecked" in plan.output, plan.output
 
-    # The server sees the field exactly as written: a shape the reference rejects fails every row with its 400.
+    # The server sees the field exactly as written: a shape the reference rejects is refused for every row,
+    # which is a setup error: the run stops after those rows, quoting the server, and no row is a final error.
     bad = tmp_path / "bad"
     bad.mkdir()
     job = write_job(bad, api, '[model]\nmax_tokens = 64\n\n[model.extra]\nprediction = {type = "text"}\n',
                     input_path=REVIEWS)  # fmt: skip
     result = cli("run", str(job), "--no-progress", "--limit", "3")
-    assert result.exit_code == ExitCode.ROWS_FAILED, result.output
+    assert result.exit_code == ExitCode.FATAL_API, result.output
+    assert "every row gets the same refusal" in result.output and "Invalid 'prediction'" in result.output
+    assert "[model.extra]" in result.output
     df = pl.read_parquet(bad / "out" / "result.parquet")
-    assert df.get_column("error_kind").unique().to_list() == ["http_400"]
-    assert df.get_column("error").str.contains("prediction").all()
+    assert df.get_column("status").unique().to_list() == ["pending"]
 
 
 def test_auto_choice_keeps_calls_and_text_answers(tmp_path: Path, api: LocalAPI) -> None:

@@ -15,6 +15,7 @@ from functools import partial
 
 from pipeline import schema_types
 from pipeline.attempts import AnswerPolicy, Attempts, Budget, Send
+from pipeline.breaker import Circuit, SameRefusal
 from pipeline.client import FEW_REQUESTS, Client
 from pipeline.errors import FatalAPIError
 from pipeline.ledger import Ledger
@@ -163,6 +164,9 @@ class Dispatch:
         if outcome is None:  # never sent (budget or stop): stays pending
             self.open_hashes.discard(req.request_hash)
             return
+        self._keep(outcome)
+
+    def _keep(self, outcome: Outcome) -> None:
         self.ledger.add(outcome, self.summary.run_id)
         self.uncommitted.append(outcome)
         # Group commit once per event-loop turn: every answer that arrived in this turn is committed
@@ -225,6 +229,9 @@ class Dispatch:
             policy=answer_policy(spec),
             summary=self.summary,
             stop=self.stop,
+            circuit=Circuit(outage_wait_s=spec.limits.outage_wait_s),
+            # A job of two rows that both get one refusal is as clear a setup error as three rows.
+            same_refusal=SameRefusal(rows_needed=max(2, min(3, self.p.rows))),
         )
         loop = asyncio.get_running_loop()
         sending = asyncio.ensure_future(
@@ -252,18 +259,42 @@ class Dispatch:
 
         unlisten = self.options.stop.listen(on_stop)
         ticker = asyncio.create_task(self.ticker())
+        drain = asyncio.create_task(self._drain(sending))
         try:
             await sending
         except asyncio.CancelledError:
-            if not self.summary.interrupted:
+            if not (self.summary.interrupted or self.stop.is_set()):
                 raise
         finally:
             unlisten()
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            for task in (ticker, drain):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for outcome in self.attempts.abandoned:
+                self._keep(outcome)
             self.flush()
             await client.aclose()
+        self._say_why_stopped()
+
+    async def _drain(self, sending: asyncio.Future[None]) -> None:
+        """Once the run stops (fatal, outage, budget, signal): no new sends; the requests in flight land
+        (``options.grace_s`` at most), then what only waits (a backoff, a bucket, a held refusal) is dropped."""
+        await self.stop.wait()
+        assert self.attempts is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.grace_s):
+                await self.attempts.idle.wait()
+        await asyncio.sleep(0)  # the last answer's record and commit come first
+        sending.cancel()
+
+    def _say_why_stopped(self) -> None:
+        assert self.attempts is not None
+        spec = self.spec
+        if self.attempts.fatal is not None:
+            self.summary.stop(StopReason.FATAL, f"fatal: {self.attempts.fatal}")
+        if self.attempts.gave_up is not None:
+            self.summary.stop(StopReason.OUTAGE, self.attempts.gave_up)
         if self.attempts.budget_hit:
             self.summary.stop(
                 StopReason.BUDGET,

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -300,11 +301,39 @@ async def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary:
     await asyncio.to_thread(_drive, p, ledger, options, summary, url)
 
 
+#: Seconds a cluster address may take to accept a connection before the run gives up on it.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in bounded time, in one line, when a cluster address takes no connection.
+
+    ``ray.init`` on an address it cannot reach retries for minutes, printing warnings, and does not
+    return to see a stop request: a TCP connect first settles it. ``None``, ``auto`` and ``local`` name
+    no remote address and are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"executor.address {address!r}: give host:port (e.g. 127.0.0.1:6379) or ray://host:10001")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
+        raise SpecError(
+            f"executor.address {address!r}: no Ray cluster answers there ({reason} within {timeout_s:g} s); "
+            "check the address (--ray-address) or start one with `ray start --head`"
+        ) from None
+
+
 def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
     """Shards as tasks, then their ledgers merged into ``ledger``; a stop request reaches every shard."""
+    spec = p.spec
+    check_reachable(spec.executor.address)
     import ray
 
-    spec = p.spec
     started_ray = False
     if not ray.is_initialized():
         ray.init(address=spec.executor.address, log_to_driver=True, include_dashboard=False)

@@ -19,12 +19,17 @@ import enum
 import hashlib
 import random
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline.localapi.documents import off_schema
+
+if TYPE_CHECKING:
+    from pipeline.localapi.handler import ServerConfig
 
 #: ``[[status:503]]`` in the last user message: answer with that HTTP status (400-599).
 STATUS_MARKER = re.compile(r"\[\[status:(\d{3})\]\]")
@@ -126,3 +131,40 @@ class Hangs:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+
+#: A gateway's sign-in page: what a proxy in front of the API answers when its session has expired.
+LOGIN_PAGE = (
+    b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form action='/login' method='post'>"
+    b"<input name='user'><input name='password' type='password'><button>Sign in</button></form></body></html>"
+)
+
+
+class Systematic:
+    """Failure of every request (``ServerConfig.fail_status``), for ``fail_for_s`` seconds or for ever.
+
+    The clock starts at the first failing answer, so an outage of T seconds lasts T seconds of the run.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.since: float | None = None
+
+    def failing(self, cfg: ServerConfig) -> tuple[int, bytes, str] | None:
+        """(status, body, content type) of the failing answer, or None when the server answers normally."""
+        if cfg.fail_status is None:
+            return None
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        if cfg.fail_for_s is not None and now - self.since >= cfg.fail_for_s:
+            return None
+        status, kind = cfg.fail_status, cfg.fail_body
+        if kind == "html":
+            return status, LOGIN_PAGE, "text/html; charset=utf-8"
+        if kind == "no_choices":
+            body = {"id": "chatcmpl-local-none", "object": "chat.completion", "created": 0, "model": cfg.model_name}
+            return status, orjson.dumps(body), "application/json"
+        message = "The local API is failing every request (fail_status)." if kind == "json" else kind
+        error = {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error"}
+        return status, orjson.dumps({"error": {**error, "param": None, "code": None}}), "application/json"

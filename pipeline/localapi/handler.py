@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+import math
 import os
 import random
 import time
@@ -30,7 +31,7 @@ import orjson
 
 from pipeline.localapi import streaming
 from pipeline.localapi.answers import Answer, Answerer, completion, refusal, truncate, usd_for
-from pipeline.localapi.faults import Fault, Faults, Hangs, marker_status, wants_refusal
+from pipeline.localapi.faults import Fault, Faults, Hangs, Systematic, marker_status, wants_refusal
 from pipeline.localapi.limits import Clock, RateLimits, Verdict, request_tokens
 from pipeline.localapi.validation import BadRequest, Parsed, parse
 from pipeline.spec import DEFAULT_MODEL, LOCAL_MODEL
@@ -72,6 +73,22 @@ class ServerConfig:
     output_per_million: float = 2.0
     seed: int = 0
     model_name: str = LOCAL_MODEL
+    # Systematic failure: every request, not a random share (``faults.Systematic``).
+    revoke_key_after: int | None = None
+    """After this many 200 answers every request gets 401 (a key revoked mid-run)."""
+    fail_status: int | None = None
+    """Every chat request is answered with this status: 503 (a provider down), 200 with ``fail_body``."""
+    fail_body: str = "json"
+    """What those answers say: ``json`` (an error object), ``html`` (a login page), ``no_choices`` (a JSON
+    200 without ``choices``), or any other text as the error message (e.g. a gateway's ``No connected db.``)."""
+    fail_for_s: float | None = None
+    """The failing ends this many seconds after its first answer (an outage that recovers); None: never."""
+    ratelimit_headers: bool = True
+    """Send ``x-ratelimit-*`` headers; False: a gateway that says nothing of its limit."""
+    retry_after: bool = True
+    """429s carry ``Retry-After``; False: a gateway that says nothing of when to retry."""
+    advertised_rpm: float | None = None
+    """Headers claim this request limit instead of the enforced one (a gateway passing its upstream's headers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +158,7 @@ class Handler:
         self.jitter_rng = random.Random(self.config.seed + 1)
         self._limit_key: tuple[float | None, float | None, float] | None = None
         self.limits: RateLimits | None = None
+        self.systematic = Systematic(self.clock)
 
     def snapshot(self) -> dict[str, Any]:
         ok = {digest.hex(): n for digest, n in self.ok_by_hash.items()}
@@ -188,6 +206,11 @@ class Handler:
         )
         return _error(401, message, "invalid_request_error", code="invalid_api_key")
 
+    def _revoked(self, cfg: ServerConfig) -> Reply | None:
+        if cfg.revoke_key_after is None or self.answered_ok < cfg.revoke_key_after:
+            return None
+        return _error(401, "The API key was revoked.", "invalid_request_error", code="invalid_api_key")
+
     # -- chat completions
 
     def _count(self, status: int) -> None:
@@ -197,10 +220,14 @@ class Handler:
         """One ``POST /v1/chat/completions``: ``raw`` is the request body as sent."""
         self.received += 1
         cfg = self.config
-        denied = self._auth(headers_in)
+        denied = self._auth(headers_in) or self._revoked(cfg)
         if denied is not None:
             self._count(401)
             return denied
+        failing = self.systematic.failing(cfg)
+        if failing is not None:
+            self._count(failing[0])
+            return Reply(failing[0], failing[1], {"Content-Type": failing[2]})
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -232,7 +259,7 @@ class Handler:
                 self.rate_limited += 1
                 return _error(
                     429,
-                    f"Rate limit reached for {verdict.limit} on the local API; retry after {headers['Retry-After']}s.",
+                    f"Rate limit reached for {verdict.limit} on the local API; retry after {math.ceil(verdict.wait_s)}s.",
                     verdict.limit,
                     None,
                     "rate_limit_exceeded",
@@ -320,7 +347,17 @@ class Handler:
             completion_tokens,
             raw_len,
         )
-        return self.limits.check(tokens)
+        verdict = self.limits.check(tokens)
+        if not cfg.ratelimit_headers:
+            for name in [n for n in verdict.headers if n.startswith("x-ratelimit-")]:
+                del verdict.headers[name]
+        elif cfg.advertised_rpm is not None:
+            verdict.headers["x-ratelimit-limit-requests"] = str(int(cfg.advertised_rpm))
+            verdict.headers["x-ratelimit-remaining-requests"] = str(int(cfg.advertised_rpm) - 1)
+        if not cfg.retry_after:
+            verdict.headers.pop("Retry-After", None)
+            verdict.headers.pop("retry-after-ms", None)
+        return verdict
 
     def _ok(self, cfg: ServerConfig, parsed: Parsed, answer: Answer, body_hash: bytes) -> dict[str, Any]:
         """The answer as a ``chat.completion``, counted as answered (billed) whether it goes plain or streamed."""

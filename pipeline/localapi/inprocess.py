@@ -50,7 +50,7 @@ class InProcessTransport(httpx.AsyncBaseTransport):
             return httpx.Response(
                 200, headers=outcome.headers, stream=_Events(self.handler.events(outcome)), request=request
             )
-        headers = {**_JSON, **(outcome.headers or {})}
+        headers = {**_JSON, **{k.lower(): v for k, v in (outcome.headers or {}).items()}}
         return httpx.Response(outcome.status, headers=headers, content=outcome.body, request=request)
 
     async def aclose(self) -> None:

@@ -101,6 +101,8 @@ class _Server:
 
 
 def _response(reply: Reply) -> web.Response:
+    if reply.headers and "Content-Type" in reply.headers:  # aiohttp takes the type once: a header or the argument
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
     return web.Response(status=reply.status, body=reply.body, content_type=_JSON, headers=reply.headers)
 
 
