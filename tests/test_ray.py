@@ -454,9 +454,10 @@ def test_an_unreachable_cluster_address_fails_in_bounded_time_with_one_line(tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     job = write_job(tmp_path, None, reviews(10))
+    address = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", "--executor", "ray"]
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", "--executor", "ray"]
-        + ["--ray-address", f"127.0.0.1:{port}"],
+        [*command, "--ray-address", address],
         capture_output=True,
         timeout=60,
         check=False,

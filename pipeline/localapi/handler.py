@@ -259,7 +259,8 @@ class Handler:
                 self.rate_limited += 1
                 return _error(
                     429,
-                    f"Rate limit reached for {verdict.limit} on the local API; retry after {math.ceil(verdict.wait_s)}s.",
+                    f"Rate limit reached for {verdict.limit} on the local API; "
+                    f"retry after {math.ceil(verdict.wait_s)}s.",
                     verdict.limit,
                     None,
                     "rate_limit_exceeded",
