@@ -103,6 +103,8 @@ class ClusterLimits:
         self.leased = 0.0
         self.stop_requested = False
         self.progress: dict[int, dict[str, Any]] = {}
+        self.attempts: dict[tuple[int, str], dict[str, Any]] = {}
+        self.finished: set[tuple[int, str]] = set()
 
     def reserve(self, tokens: float) -> tuple[bool, float]:
         parts: list[tuple[ReservationBucket, float, float]] = []
@@ -129,13 +131,24 @@ class ClusterLimits:
     def request_stop(self) -> None:
         self.stop_requested = True
 
-    def heartbeat(self, shard: int, progress: dict[str, Any]) -> bool:
-        """A shard's counters so far; returns whether the driver asked every shard to stop."""
+    def heartbeat(self, shard: int, progress: dict[str, Any], attempt: str = "", final: bool = False) -> bool:
+        """A shard's counters so far; returns whether the driver asked every shard to stop.
+
+        Kept per attempt too: an attempt lost with its node returns no summary, and its last heartbeat
+        is what the driver knows of the requests it sent (the server received and may have billed them).
+        """
         self.progress[shard] = progress
+        self.attempts[(shard, attempt)] = progress
+        if final:
+            self.finished.add((shard, attempt))
         return self.stop_requested
 
     def all_progress(self) -> dict[int, dict[str, Any]]:
         return self.progress
+
+    def lost_attempts(self) -> list[dict[str, Any]]:
+        """The last heartbeat of every shard attempt that never finished (its node or worker was lost)."""
+        return [fields for key, fields in self.attempts.items() if key not in self.finished]
 
 
 class RayQuota(ReservingQuota):
@@ -241,9 +254,11 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
     quota = RayQuota(limits) if (spec.limits.rpm or spec.limits.tpm) else None
     dispatch = Dispatch(p, ledger, options, summary, quota=quota, budget=budget)
 
+    attempt = os.urandom(4).hex()
+
     async def heartbeats() -> None:
         while True:
-            if await limits.heartbeat.remote(task.index, _progress_fields(summary, dispatch.in_flight)):
+            if await limits.heartbeat.remote(task.index, _progress_fields(summary, dispatch.in_flight), attempt):
                 dispatch.stop.set()
             await asyncio.sleep(HEARTBEAT_S)
 
@@ -265,10 +280,16 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
         if isinstance(budget, LeasedBudget):
             limits.give_back.remote(budget.unused())
     summary.ended_at = time.time()
+    limits.heartbeat.remote(task.index, _progress_fields(summary, 0), attempt, True)
     return summary
 
 
 # ---------------------------------------------------------------------------------------- the driver
+
+
+#: The counters of what an attempt sent and paid; a lost attempt's rows are counted by the attempt that
+#: redid them, its sends and spend only by its own heartbeats.
+_SPENT = ("requests_sent", "retries", "http_429", "prompt_tokens", "completion_tokens", "usd_spent")
 
 
 def _add_into(total: RunSummary, part: dict[str, Any]) -> None:
@@ -405,6 +426,9 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary
         unlisten()
         for part in results.values():
             _add_into(summary, part.as_dict())
+        with contextlib.suppress(Exception):  # what lost attempts sent, as far as their heartbeats told
+            for lost in ray.get(limits.lost_attempts.remote(), timeout=10):
+                _add_into(summary, {key: lost.get(key) for key in _SPENT})
         summary.rows_by_status = {}  # counted again from the output by run_job
         for k in range(shards):
             path = shard_path(shards_dir, k)
