@@ -69,7 +69,8 @@ def revoke(result: BenchResult, quick: bool) -> None:
             name = f"failures-revoke-{n}"
             clean_job(name)
             job = _job(name, rows)
-            with Server(extra=["--revoke-key-after", str(n)]) as server:
+            port = free_port()  # the rerun's server on the same address: the ledger keys answers by endpoint
+            with Server(extra=["--revoke-key-after", str(n)], port=port) as server:
                 first = _run(name, job, server)
                 stats = server.stats()
             kept = _ledger_ok(name)
@@ -77,7 +78,7 @@ def revoke(result: BenchResult, quick: bool) -> None:
             sent.append(stats["received"])
             stopped_s.append(first.wall_s)
             codes.add(first.returncode)
-            with Server() as fixed:
+            with Server(port=port) as fixed:
                 again = _run(name, job, fixed)
                 paid_twice += fixed.stats()["received"] - (600 - kept) if again.returncode == 0 else 600
         result.add(
