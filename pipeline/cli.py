@@ -413,6 +413,12 @@ def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, deb
     "--invalid-arguments", type=float, default=0.0, help="Fraction of function calls with malformed arguments."
 )
 @click.option("--require-key-env", default=None, help="Demand the key held by this environment variable.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Also serve this model id (repeatable); any model not served is a 404 model_not_found.",
+)
 @debug_opt
 @guarded
 def serve(
@@ -429,12 +435,13 @@ def serve(
     invalid_json: float,
     invalid_arguments: float,
     require_key_env: str | None,
+    models: tuple[str, ...],
     debug: bool,
 ) -> None:
     """Run the built-in local API (OpenAI/AIML-compatible) for dry runs, tests and benchmarks."""
 
     from pipeline.errors import SpecError
-    from pipeline.localapi import ServerConfig, run_server
+    from pipeline.localapi import KNOWN_MODELS, ServerConfig, run_server
 
     if require_key_env and not os.environ.get(require_key_env):
         raise SpecError(f"--require-key-env {require_key_env}: that environment variable is not set")
@@ -450,6 +457,7 @@ def serve(
         invalid_json_rate=invalid_json,
         invalid_arguments_rate=invalid_arguments,
         require_key=os.environ.get(require_key_env) if require_key_env else None,
+        models=tuple(dict.fromkeys((*KNOWN_MODELS, *models))),
     )
     run_server(config, host, port, ready=lambda url: click.echo(f"seedbatch local API on {url}", err=True))
 

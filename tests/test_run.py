@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.client import FEW_REQUESTS
-from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.localapi import KNOWN_MODELS, LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
 from pipeline.writer import OUTPUT_COLUMNS
 from tests.helpers import ROOT, example_job, make_spec, reviews, run, write_job
@@ -103,6 +103,17 @@ def test_bad_key_stops_at_once_and_never_prints_it(tmp_path: Path, api: LocalAPI
     assert api.stats()["received"] <= 16  # at most the requests already in flight (concurrency 16), not 400
 
 
+def test_a_misspelled_model_stops_at_once_with_one_line_naming_it(tmp_path: Path, api: LocalAPI) -> None:
+    job = write_job(tmp_path, api, reviews(400), model={"name": "bytedance/dola-seed-2-0-litee"})
+    result = CliRunner().invoke(main, ["run", str(job), "--no-progress"])
+    assert result.exit_code == ExitCode.FATAL_API, result.output
+    named = [line for line in result.output.splitlines() if "bytedance/dola-seed-2-0-litee" in line]
+    assert len(named) == 1, result.output
+    assert "model.name" in named[0] and "404" in named[0]
+    assert api.stats()["by_status"] == {404: api.stats()["received"]}
+    assert api.stats()["received"] <= 16, api.stats()  # at most the opening burst (concurrency 16), not 400
+
+
 def test_a_400_marks_only_its_row(tmp_path: Path, api: LocalAPI) -> None:
     frame = reviews(12).with_columns(
         pl.when(pl.col("review_id") == "r-00005")
@@ -188,6 +199,7 @@ def test_missing_key_fails_before_sending(tmp_path: Path, api: LocalAPI, monkeyp
 
 
 def test_cli_overrides_reach_the_request(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(models=(*KNOWN_MODELS, "m-x"))  # the model --model names
     job = write_job(tmp_path, None, reviews(7))  # no base_url: --base-url must supply it
     other = tmp_path / "other.parquet"
     code, output = _cli(
