@@ -205,6 +205,8 @@ class Attempts:
                     attempts=attempts,
                     unconfirmed_attempts=unconfirmed,
                     latency_ms=latency,
+                    request_id=exc.request_id,
+                    server_error=exc.server_error,
                 )
             latency = reply.latency_ms
             last = self.judge(reply)
@@ -292,6 +294,9 @@ class Attempts:
             unconfirmed,
             latency,
             j.tool_calls,
+            created=j.created,
+            refusal=j.refusal,
+            request_id=j.request_id,
         )
 
     def _count_paid(self, paid: Usage) -> None:

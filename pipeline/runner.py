@@ -114,7 +114,7 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
     _upload(spec.job.output, spec.objects.get("output"))
     if spec.job.batch_output is not None:
         rows = selected_indices(p.table.rows, p.selection)
-        write_batch_output(spec.job.batch_output, spec.job.output, spec.job.id_column, rows)
+        write_batch_output(spec.job.batch_output, spec.job.output, spec.job.id_column, rows, ledger.details)
     if spec.job.run_output:
         fresh = ledger.run_answers(summary.run_id)
         date = dt.date.today().isoformat()
