@@ -16,6 +16,7 @@ from typing import Any
 import openai
 import orjson
 import polars as pl
+import pytest
 from click.testing import CliRunner, Result
 from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
@@ -107,8 +108,15 @@ def bodies(job: Path) -> dict[str, dict[str, Any]]:
     return {r.row_key: orjson.loads(r.body) for chunk in iter_requests(p) for r in chunk}
 
 
-def test_example_batch_job_round_trip(tmp_path: Path, api: LocalAPI) -> None:
-    spec = example_job("openai_batch.toml", tmp_path, api, job={"batch_output": str(tmp_path / "out" / "b.jsonl")})
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_example_batch_job_round_trip(tmp_path: Path, api: LocalAPI, stream: bool) -> None:
+    spec = example_job(
+        "openai_batch.toml",
+        tmp_path,
+        api,
+        job={"batch_output": str(tmp_path / "out" / "b.jsonl")},
+        endpoint={"stream": stream},
+    )
     summary = run(spec)
     source = read_lines(ROOT / "data" / "batch_requests.jsonl")
     out = pl.read_parquet(spec.job.output)
@@ -137,6 +145,11 @@ def test_example_batch_job_round_trip(tmp_path: Path, api: LocalAPI) -> None:
         request_ids.add(line["response"]["request_id"])
     # request_id is the server's x-request-id header, one per response (not the completion's id).
     assert len(request_ids) == len(lines) and all(r.startswith("req_") for r in request_ids)
+    # A rerun answers every row from the ledger and writes the same lines: what they carry was kept.
+    written = (tmp_path / "out" / "b.jsonl").read_bytes()
+    again = run(spec)
+    assert again.requests_sent == 0
+    assert (tmp_path / "out" / "b.jsonl").read_bytes() == written
 
 
 def test_body_fields_fill_what_the_job_does_not_set(tmp_path: Path, api: LocalAPI) -> None:
