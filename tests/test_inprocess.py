@@ -70,6 +70,12 @@ def test_stalled_stream_in_process_is_dropped_and_sent_again(tmp_path: Path) -> 
     assert summary.errors_by_kind.get("stall", 0) >= hung
 
 
+def test_the_built_in_api_serves_the_jobs_model(tmp_path: Path) -> None:
+    """It stands in for the job's own server: ``--endpoint local`` on a job written for OpenAI runs."""
+    summary = run_job(_spec(tmp_path, "openai_job", 3, model={"name": "gpt-4o-mini"}), RunOptions())
+    assert summary.rows_by_status == {"ok": 3}
+
+
 def test_transport_routes_models_and_refuses_unknown_paths() -> None:
     async def calls() -> tuple[httpx.Response, ...]:
         transport = InProcessTransport(ServerConfig(require_key="k"))
