@@ -74,9 +74,9 @@ def batch_line(custom_id: str, row: dict[str, Any], details: Details = _NO_DETAI
     elif kind.startswith("http_") and kind[5:].isdigit():
         if server_error is not None:
             said = orjson.loads(server_error)
-        else:  # an answer kept before the server's error object was: its message, without seedbatch's prefix
+        else:  # a ledger entry without the server's error object (an older seedbatch's): its message, unprefixed
             text = str(row.get("error") or "").removeprefix(f"HTTP {kind[5:]}: ")
-            said = {"message": text, "type": None, "param": None, "code": None}
+            said = {"message": text, "type": kind, "param": None, "code": None}
         response = {"status_code": int(kind[5:]), "request_id": request_id, "body": {"error": said}}
     else:
         message = row.get("error")

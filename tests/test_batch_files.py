@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.batch_output import batch_line
 from pipeline.cli import main
 from pipeline.localapi import REFUSE_MARKER, LocalAPI, ServerConfig
 from pipeline.prepare import iter_requests, prepare
@@ -298,3 +299,12 @@ def test_a_batch_lines_forced_call_is_checked_against_its_own_parameters(tmp_pat
     assert "record_label" in row["error"]
     assert api.stats()["received"] == 3  # the answer and the job's two re-asks (output.invalid_retries)
     assert isinstance(checked(read_lines(tmp_path / "out" / "results.jsonl")[0]), ChatCompletion)
+
+
+def test_an_error_kept_without_the_servers_object_still_makes_an_openai_error_line() -> None:
+    """A ledger entry from before the server's error object was kept: its message, without seedbatch's prefix."""
+    row = {"status": "error", "error_kind": "http_400", "error": "HTTP 400: temperature must be <= 2"}
+    line = batch_line("a", row)
+    said = checked(line)
+    assert isinstance(said, ErrorObject)
+    assert (said.message, said.type, line["response"]["status_code"]) == ("temperature must be <= 2", "http_400", 400)
