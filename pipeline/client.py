@@ -207,6 +207,10 @@ async def wait_until(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, RetryableError, httpx.HTTPError):
                 await task
+        elif not task.cancelled():
+            # Done while this wait was being cancelled (the run stopped on a fatal answer): its outcome is
+            # no one's any more; read, so asyncio does not print it as "Task exception was never retrieved".
+            task.exception()
 
 
 async def _next_piece(chunks: AsyncIterator[bytes], stall: Callable[[], float]) -> bytes | None:
