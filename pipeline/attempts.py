@@ -350,6 +350,8 @@ class Attempts:
                     attempts=attempts,
                     unconfirmed_attempts=unconfirmed,
                     latency_ms=latency,
+                    request_id=exc.request_id,
+                    server_error=exc.server_error,
                 )
             self._on_answered()
             latency = reply.latency_ms
@@ -438,6 +440,9 @@ class Attempts:
             unconfirmed,
             latency,
             j.tool_calls,
+            created=j.created,
+            refusal=j.refusal,
+            request_id=j.request_id,
         )
 
     def _count_paid(self, paid: Usage) -> None:

@@ -426,6 +426,12 @@ def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, deb
 @click.option("--no-retry-after", is_flag=True, help="429s carry no Retry-After.")
 @click.option("--advertised-rpm", type=float, default=None, help="Headers claim this RPM, not the one enforced.")
 @click.option("--burst-s", type=float, default=1.0, show_default=True, help="Window over which --rpm/--tpm hold.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Also serve this model id (repeatable); any model not served is a 404 model_not_found.",
+)
 @debug_opt
 @guarded
 def serve(
@@ -450,12 +456,13 @@ def serve(
     no_retry_after: bool,
     advertised_rpm: float | None,
     burst_s: float,
+    models: tuple[str, ...],
     debug: bool,
 ) -> None:
     """Run the built-in local API (OpenAI/AIML-compatible) for dry runs, tests and benchmarks."""
 
     from pipeline.errors import SpecError
-    from pipeline.localapi import ServerConfig, run_server
+    from pipeline.localapi import KNOWN_MODELS, ServerConfig, run_server
 
     if require_key_env and not os.environ.get(require_key_env):
         raise SpecError(f"--require-key-env {require_key_env}: that environment variable is not set")
@@ -479,6 +486,7 @@ def serve(
         retry_after=not no_retry_after,
         advertised_rpm=advertised_rpm,
         burst_s=burst_s,
+        models=tuple(dict.fromkeys((*KNOWN_MODELS, *models))),
     )
     run_server(config, host, port, ready=lambda url: click.echo(f"seedbatch local API on {url}", err=True))
 

@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 
-from pipeline.errors import FatalAPIError, RetryableError, RowError
+from pipeline.errors import FatalAPIError, RequestError, RetryableError, RowError
 from pipeline.records import RateLimits, Reply
 
 T = TypeVar("T")
+E = TypeVar("E", bound=RequestError)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = {
@@ -143,6 +144,20 @@ def _glimpse(response: httpx.Response) -> str:
     kind = response.headers.get("content-type", "no content type").split(";")[0]
     text = " ".join(response.content[:2000].decode("utf-8", "replace").split())
     return f"{kind}: {text[:120]!r}"
+
+
+def _answered(exc: E, response: httpx.Response, secret: str | None) -> E:
+    """``exc`` with what the server said: its ``x-request-id`` and its ``error`` object, as JSON text
+    (the key masked if the server quoted it), so the row's error line can carry them unchanged."""
+    exc.request_id = response.headers.get("x-request-id")
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return exc
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        text = orjson.dumps(data["error"]).decode()
+        exc.server_error = text.replace(secret, "***") if secret else text
+    return exc
 
 
 def _was_sent(exc: BaseException) -> bool:
@@ -433,6 +448,7 @@ class Client:
         applies to streams already open) is a ``RetryableError(kind="stall")``.
         """
         started = time.perf_counter()
+        asked = body
         if stream:
             body = _streaming(body)
         streamed: dict[str, Any] | None = None
@@ -461,8 +477,9 @@ class Client:
             raise self._transport_error(exc, stream) from None
         latency_ms = (time.perf_counter() - started) * 1000.0
         status = response.status_code
+        request_id = response.headers.get("x-request-id")
         if status == 200 and streamed is not None:
-            return Reply(data=streamed, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
+            return Reply(streamed, latency_ms, parse_rate_limits(response.headers), request_id, asked)
         if status == 200:
             try:
                 data: Any = orjson.loads(response.content)
@@ -479,7 +496,7 @@ class Client:
                     kind="bad_response",
                     status_code=200,
                 )
-            return Reply(data=data, latency_ms=latency_ms, ratelimit=parse_rate_limits(response.headers))
+            return Reply(data, latency_ms, parse_rate_limits(response.headers), request_id, asked)
         message = _server_message(response)
         if self._secret and self._secret in message:
             # Some servers quote the rejected key back; it must not reach logs or the ledger.
@@ -493,16 +510,25 @@ class Client:
         if status == 500 and _REQUEST_VALIDATION.search(message):
             # llama-cpp-python answers a request its schema rejects (e.g. response_format json_schema)
             # with 500 "N validation error(s): ... 'loc': ('body', ...)": the same bytes fail again.
-            raise RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request")
-        if status in RETRYABLE_STATUS or status >= 500:
-            raise ServerRetryableError(
-                f"HTTP {status}: {message}",
-                status_code=status,
-                kind=f"http_{status}",
-                retry_after=parse_retry_after(response.headers),
-                ratelimit=parse_rate_limits(response.headers),
+            raise _answered(
+                RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request"),
+                response,
+                self._secret,
             )
-        raise RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise _answered(
+                ServerRetryableError(
+                    f"HTTP {status}: {message}",
+                    status_code=status,
+                    kind=f"http_{status}",
+                    retry_after=parse_retry_after(response.headers),
+                    ratelimit=parse_rate_limits(response.headers),
+                ),
+                response,
+                self._secret,
+            )
+        error = RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
+        raise _answered(error, response, self._secret)
 
     def _transport_error(self, exc: httpx.TransportError, stream: bool) -> Exception:
         """A transport failure on the error tree, with its cause in a user's words where it is known."""

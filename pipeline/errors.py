@@ -64,6 +64,11 @@ class FatalAPIError(SeedbatchError):
 class RequestError(SeedbatchError):
     """One HTTP request failed; ``sent`` says whether the server may have received (and billed) it."""
 
+    #: The response's ``x-request-id`` header and its ``error`` object as JSON text (set by the client
+    #: when the failure is an HTTP answer), so the row's error keeps what the server said, unchanged.
+    request_id: str | None = None
+    server_error: str | None = None
+
     def __init__(
         self,
         message: str,

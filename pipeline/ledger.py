@@ -45,6 +45,10 @@ ANSWER_COLUMNS = (
     "latency_ms",
     "tool_calls",
 )
+#: What the server said beyond the output's columns, kept so an OpenAI Batch output line can carry it as
+#: sent: the answer's ``created`` and ``message.refusal``, the response's ``x-request-id``, and an HTTP
+#: error's ``error`` object (JSON text). Not output columns: only ``job.batch_output`` reads them.
+DETAIL_COLUMNS = ("created", "refusal", "request_id", "server_error")
 
 #: In ``answers_for_rows``' rows: row number, request hash, the answer columns, then the "repeated" flag here.
 _END = 2 + len(ANSWER_COLUMNS)
@@ -54,12 +58,13 @@ CREATE TABLE IF NOT EXISTS answers (
     endpoint TEXT NOT NULL,
     request_hash TEXT NOT NULL,
     {", ".join(ANSWER_COLUMNS)},
+    {", ".join(DETAIL_COLUMNS)},
     run_id TEXT,
     answered_at REAL,
     PRIMARY KEY (endpoint, request_hash)
 ) WITHOUT ROWID;"""
 #: Every column of ``answers`` in table order (a merge copies them all).
-ALL_COLUMNS = ("endpoint", "request_hash", *ANSWER_COLUMNS, "run_id", "answered_at")
+ALL_COLUMNS = ("endpoint", "request_hash", *ANSWER_COLUMNS, *DETAIL_COLUMNS, "run_id", "answered_at")
 _SCHEMA = f"""{_ANSWERS}
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -102,6 +107,7 @@ def calls_of(text: str | None) -> tuple[ToolCall, ...] | None:
 
 
 def outcome_row(o: Outcome) -> tuple[Any, ...]:
+    """An outcome's ``ANSWER_COLUMNS`` then ``DETAIL_COLUMNS`` values."""
     u = o.usage
     return (
         o.status,
@@ -117,6 +123,10 @@ def outcome_row(o: Outcome) -> tuple[Any, ...]:
         o.unconfirmed_attempts,
         o.latency_ms,
         calls_text(o.tool_calls),
+        o.created,
+        o.refusal,
+        o.request_id,
+        o.server_error,
     )
 
 
@@ -170,9 +180,10 @@ def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
 
 
 def _add_missing_columns(db: sqlite3.Connection, schema: str) -> None:
-    """A ledger from before a column existed (``tool_calls``) gets it, empty: its old answers had none."""
+    """A ledger from before a column existed (``tool_calls``, ``created``, …) gets it, empty: its old
+    answers had none (``details`` stands in ``answered_at`` for a missing ``created``)."""
     have = {r[1] for r in db.execute(f"PRAGMA {schema}.table_info(answers)")}
-    for column in ANSWER_COLUMNS:
+    for column in (*ANSWER_COLUMNS, *DETAIL_COLUMNS):
         if have and column not in have:
             db.execute(f"ALTER TABLE {schema}.answers ADD COLUMN {column}")
 
@@ -268,6 +279,12 @@ class Ledger:
             (self.endpoint,),
         ).fetchone()
         return int(row[0]), int(row[1]), float(row[2])
+
+    def details(self, hashes: Sequence[str]) -> dict[str, tuple[int | None, str | None, str | None, str | None]]:
+        """``DETAIL_COLUMNS`` of each answered hash; an answer from before ``created`` was kept has the
+        second it was answered in its place (the server's own ``created`` is within its latency of it)."""
+        columns = "coalesce(created, CAST(answered_at AS INTEGER)), refusal, request_id, server_error"
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in self._lookup(hashes, columns)}
 
     def get(self, request_hash: str) -> Outcome | None:
         row = self.db.execute(

@@ -178,6 +178,10 @@ class Reply:
     latency_ms: float
     #: The server's ``x-ratelimit-*`` headers on this answer, when it sent any.
     ratelimit: RateLimits | None = None
+    #: The server's ``x-request-id`` header on this answer (Batch output lines quote it).
+    request_id: str | None = None
+    #: The request body this answers, as the caller gave it: a Batch line's own ``tools`` judge its answer.
+    sent: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,14 @@ class Outcome:
     latency_ms: float | None = None
     tool_calls: tuple[ToolCall, ...] | None = None
     """The last answer's function calls (``None``: it called none)."""
+    created: int | None = None
+    """The last answer's ``created`` (Unix seconds), as the server sent it."""
+    refusal: str | None = None
+    """The last answer's ``message.refusal``, whole, as the server sent it."""
+    request_id: str | None = None
+    """The server's ``x-request-id`` header on the last response, answer or error."""
+    server_error: str | None = None
+    """An HTTP error's ``error`` object as the server sent it (JSON text, API key masked)."""
 
 
 @dataclass(slots=True)

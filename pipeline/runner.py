@@ -114,7 +114,7 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
     _upload(spec.job.output, spec.objects.get("output"))
     if spec.job.batch_output is not None:
         rows = selected_indices(p.table.rows, p.selection)
-        write_batch_output(spec.job.batch_output, spec.job.output, spec.job.id_column, rows)
+        write_batch_output(spec.job.batch_output, spec.job.output, spec.job.id_column, rows, ledger.details)
     if spec.job.run_output:
         fresh = ledger.run_answers(summary.run_id)
         date = dt.date.today().isoformat()
@@ -177,9 +177,12 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
         try:
             url = spec.base_url
             if url is None:  # preset "local" without a base_url: the built-in API, on this machine only
-                from pipeline.localapi import ServerConfig
+                from pipeline.localapi import KNOWN_MODELS, ServerConfig
 
-                config = ServerConfig(latency_ms=spec.endpoint.local_latency_ms)
+                # It stands in for the job's own server (``--endpoint local`` dry-runs an OpenAI job), so it
+                # serves the job's model too; a LocalAPI on a base_url serves only the models it was given.
+                models = tuple(dict.fromkeys((*KNOWN_MODELS, spec.model.name)))
+                config = ServerConfig(latency_ms=spec.endpoint.local_latency_ms, models=models)
                 if spec.executor.kind == "ray":  # Ray's workers reach it over 127.0.0.1
                     from pipeline.localapi import LocalAPI
 

@@ -4,10 +4,14 @@ A function call's ``arguments`` are judged like a JSON answer: parsed (fence tol
 against that function's ``parameters``. When the job forces one function, its arguments *are* the
 answer's document: an accepted call puts them in ``content``, exactly where a ``json_schema`` answer's
 document goes, so typed columns and re-asks work the same for both.
+
+A request may also carry its own functions (an OpenAI Batch line's ``tools`` and ``tool_choice``): its
+answer is judged against those (``request_rules``), and a call is the answer, kept as the server sent it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -36,6 +40,9 @@ class Judgement:
     usage: Usage
     error: str | None = None
     tool_calls: tuple[ToolCall, ...] | None = None
+    created: int | None = None
+    refusal: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,53 @@ class CallRules:
     """The function whose arguments are the answer's document (``tool_choice`` names it)."""
     required: bool = False
     """``tool_choice = "required"``: an answer that calls no function is invalid."""
+
+
+#: The key whose presence in a sent body means the request offered its own functions (a JSON key in
+#: bytes: a message text holding the word is escaped, ``\"tools\"``, and never matches).
+_TOOLS_KEY = b'"tools"'
+
+
+def request_rules(sent: bytes | None) -> CallRules | None:
+    """The rules for an answer to a request that offered its own functions (a Batch line's body), or None.
+
+    ``tool_choice`` naming a function or ``"required"`` makes a call required; a forced function is the only
+    one accepted. Arguments are checked against each function's ``parameters`` (a schema that cannot be
+    compiled checks nothing: the server, not seedbatch, judged the request).
+    """
+    if sent is None or _TOOLS_KEY not in sent:
+        return None
+    try:
+        body = orjson.loads(sent)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("tools"), list) or not body["tools"]:
+        return None
+    return _rules_for(orjson.dumps([body["tools"], body.get("tool_choice")]))
+
+
+@functools.lru_cache(maxsize=64)
+def _rules_for(key: bytes) -> CallRules | None:
+    """Rules for one ``[tools, tool_choice]`` pair: a Batch file repeats a few, so each compiles once."""
+    from pipeline.schema_types import compile_validator
+
+    tools, choice = orjson.loads(key)
+    if choice == "none":
+        return None
+    checks: dict[str, SchemaCheck | None] = {}
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            continue
+        params = fn.get("parameters")
+        try:
+            checks[fn["name"]] = compile_validator(params) if isinstance(params, dict) else None
+        except Exception:  # a broken schema: arguments are still parsed as a JSON object
+            checks[fn["name"]] = None
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        return CallRules(checks={name: checks.get(name)}, required=True)
+    return CallRules(checks=checks, required=choice == "required")
 
 
 def tool_calls_of(message: Mapping[str, Any]) -> tuple[ToolCall, ...] | None:
@@ -165,6 +219,7 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None, calls:
     reasoning = message.get("reasoning_content")
     finish = choice.get("finish_reason")
     text = content if isinstance(content, str) else None
+    refusal = message.get("refusal")
     base = Judgement(
         status="ok",
         content=text,
@@ -174,16 +229,20 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None, calls:
         response_id=data.get("id") if isinstance(data.get("id"), str) else None,
         usage=parse_usage(data),
         tool_calls=tool_calls_of(message),
+        created=_int(data.get("created")),
+        refusal=refusal if isinstance(refusal, str) else None,
+        request_id=reply.request_id,
     )
 
     def verdict(status: str, error: str | None = None) -> Judgement:
         return replace(base, status=status, error=error)
 
-    refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal.strip():
         return verdict("refused", f"model refused: {refusal.strip()[:300]}")
     if finish == "content_filter":
         return verdict("refused", "answer stopped by the provider's content filter")
+    if calls is None:
+        calls = request_rules(reply.sent)
     if calls is not None:
         judged = _judge_calls(base, calls, check)
         if judged is not None:
@@ -241,9 +300,8 @@ def _judge_calls(base: Judgement, rules: CallRules, check: SchemaCheck | None) -
     for call in calls:
         if call.name not in rules.checks:
             known = ", ".join(rules.checks)
-            return replace(
-                base, status="invalid_output", error=f"the answer called {call.name!r}, not one of the job's ({known})"
-            )
+            error = f"the answer called {call.name!r}, not one of the functions sent ({known})"
+            return replace(base, status="invalid_output", error=error)
         problem, _ = _call_problem(call, rules.checks[call.name])
         if problem is not None:
             return replace(base, status="invalid_output", error=problem)

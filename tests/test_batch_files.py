@@ -1,5 +1,11 @@
 """OpenAI Batch files in and out: a Batch input file run as a job (``job.input_format = "openai_batch"``) and
-an OpenAI Batch-style output file (``job.batch_output``), through the CLI over real HTTP to the local API."""
+an OpenAI Batch-style output file (``job.batch_output``), through the CLI over real HTTP to the local API.
+
+Output lines are checked against OpenAI's own types: every answered body is an
+``openai.types.chat.ChatCompletion``, every error body's ``error`` an ``openai.types.shared.ErrorObject``.
+The ``openai`` package has no type for the line around them, so ``BatchRequestOutput`` below transcribes
+the ``BatchRequestOutput`` schema of OpenAI's API reference (OpenAPI), closed to extra keys.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,61 @@ import json
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import polars as pl
+import pytest
 from click.testing import CliRunner, Result
+from openai.types.chat import ChatCompletion
+from openai.types.shared import ErrorObject
+from pydantic import BaseModel, ConfigDict
 
+from pipeline.batch_output import batch_line
 from pipeline.cli import main
-from pipeline.localapi import LocalAPI
+from pipeline.localapi import REFUSE_MARKER, LocalAPI, ServerConfig
 from pipeline.prepare import iter_requests, prepare
 from pipeline.spec import load_spec
 from tests.helpers import ROOT, example_job, reviews, run, to_toml, write_job
 
 LINE_KEYS = {"id", "custom_id", "response", "error"}
 RESPONSE_KEYS = {"status_code", "request_id", "body"}
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class BatchResponse(_Closed):
+    status_code: int
+    request_id: str | None
+    body: dict[str, Any]
+
+
+class BatchError(_Closed):
+    code: str | None
+    message: str | None
+
+
+class BatchRequestOutput(_Closed):
+    """OpenAI's API reference, ``BatchRequestOutput``: the per-line object of the batch output file."""
+
+    id: str
+    custom_id: str
+    response: BatchResponse | None
+    error: BatchError | None
+
+
+def checked(line: dict[str, Any]) -> ChatCompletion | ErrorObject | None:
+    """The line validated as OpenAI's: its body as a ``ChatCompletion`` (200) or an ``ErrorObject``."""
+    out = BatchRequestOutput.model_validate(line)
+    if out.response is None:
+        assert out.error is not None
+        return None
+    assert out.error is None
+    if out.response.status_code == 200:
+        return ChatCompletion.model_validate(out.response.body)
+    assert set(out.response.body) == {"error"}
+    return ErrorObject.model_validate(out.response.body["error"])
 
 
 def cli(*args: str) -> Result:
@@ -60,8 +109,15 @@ def bodies(job: Path) -> dict[str, dict[str, Any]]:
     return {r.row_key: orjson.loads(r.body) for chunk in iter_requests(p) for r in chunk}
 
 
-def test_example_batch_job_round_trip(tmp_path: Path, api: LocalAPI) -> None:
-    spec = example_job("openai_batch.toml", tmp_path, api, job={"batch_output": str(tmp_path / "out" / "b.jsonl")})
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_example_batch_job_round_trip(tmp_path: Path, api: LocalAPI, stream: bool) -> None:
+    spec = example_job(
+        "openai_batch.toml",
+        tmp_path,
+        api,
+        job={"batch_output": str(tmp_path / "out" / "b.jsonl")},
+        endpoint={"stream": stream},
+    )
     summary = run(spec)
     source = read_lines(ROOT / "data" / "batch_requests.jsonl")
     out = pl.read_parquet(spec.job.output)
@@ -72,18 +128,29 @@ def test_example_batch_job_round_trip(tmp_path: Path, api: LocalAPI) -> None:
     assert out.get_column("custom_id").to_list() == [x["custom_id"] for x in source]  # custom_id is the row id
     assert [x["custom_id"] for x in lines] == [x["custom_id"] for x in source]
     assert len({x["id"] for x in lines}) == len(lines)
+    request_ids = set()
     for line, row in zip(lines, out.iter_rows(named=True), strict=True):
         assert set(line) == LINE_KEYS
-        assert line["error"] is None
         assert set(line["response"]) == RESPONSE_KEYS
         assert line["response"]["status_code"] == 200
-        body = line["response"]["body"]
-        assert body["object"] == "chat.completion"
-        assert body["id"] == row["response_id"] == line["response"]["request_id"]
-        assert body["choices"][0]["message"] == {"role": "assistant", "content": row["content"]}
-        assert body["choices"][0]["finish_reason"] == row["finish_reason"]
-        assert body["usage"]["prompt_tokens"] == row["prompt_tokens"]
-        assert body["usage"]["total_tokens"] == row["total_tokens"]
+        answer = checked(line)
+        assert isinstance(answer, ChatCompletion)
+        assert answer.id == row["response_id"]
+        assert answer.model == row["model"]
+        assert abs(answer.created - summary.started_at) < 60  # the server's clock, in Unix seconds
+        assert answer.choices[0].message.content == row["content"]
+        assert answer.choices[0].message.refusal is None and answer.choices[0].message.tool_calls is None
+        assert answer.choices[0].finish_reason == row["finish_reason"]
+        assert answer.usage is not None
+        assert (answer.usage.prompt_tokens, answer.usage.total_tokens) == (row["prompt_tokens"], row["total_tokens"])
+        request_ids.add(line["response"]["request_id"])
+    # request_id is the server's x-request-id header, one per response (not the completion's id).
+    assert len(request_ids) == len(lines) and all(r.startswith("req_") for r in request_ids)
+    # A rerun answers every row from the ledger and writes the same lines: what they carry was kept.
+    written = (tmp_path / "out" / "b.jsonl").read_bytes()
+    again = run(spec)
+    assert again.requests_sent == 0
+    assert (tmp_path / "out" / "b.jsonl").read_bytes() == written
 
 
 def test_body_fields_fill_what_the_job_does_not_set(tmp_path: Path, api: LocalAPI) -> None:
@@ -136,7 +203,20 @@ def test_bad_lines_and_refused_requests_in_the_output_file(tmp_path: Path, api: 
     hot = out["hot"]
     assert hot["error"] is None
     assert hot["response"]["status_code"] == 400
-    assert "temperature" in hot["response"]["body"]["error"]["message"]
+    assert isinstance(checked(hot), ErrorObject)
+    assert hot["response"]["request_id"].startswith("req_")
+    # The error object is the server's, unchanged: the same request through OpenAI's SDK gets the same one.
+    sent = bodies(job)["hot"]
+    with openai.OpenAI(base_url=api.base_url, api_key="unused", max_retries=0) as sdk:
+        try:
+            sdk.chat.completions.create(**sent)
+        except openai.BadRequestError as exc:
+            assert hot["response"]["body"]["error"] == exc.body
+            assert exc.body["param"] == "temperature" and exc.body["type"] == "invalid_request_error"
+        else:
+            raise AssertionError("the local API accepted temperature 5")
+    for line in out.values():
+        checked(line)
 
 
 def test_batch_output_for_a_table_job_uses_the_id_column(tmp_path: Path, api: LocalAPI) -> None:
@@ -152,3 +232,79 @@ def test_batch_output_for_a_table_job_uses_the_id_column(tmp_path: Path, api: Lo
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     numbers = [int(reviews(4).get_column("review_id").to_list().index(r)) for r in out.get_column("review_id")]
     assert picked == [str(n) for n in numbers]
+
+
+#: A function for Batch lines to offer; the local API answers calls valid against its parameters.
+LABEL_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "record_label",
+        "description": "Record the review's label.",
+        "parameters": {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": ["positive", "negative", "neutral"]}},
+            "required": ["label"],
+            "additionalProperties": False,
+        },
+    },
+}
+FORCED = {"type": "function", "function": {"name": "record_label"}}
+
+
+def test_batch_lines_with_tools_are_judged_as_tool_call_answers(tmp_path: Path, api: LocalAPI) -> None:
+    lines = [
+        *(request(f"auto-{i}", f"Review {i}: fine kettle.", tools=[LABEL_TOOL], tool_choice="auto") for i in range(4)),
+        request("forced", "Review: the lamp broke.", tools=[LABEL_TOOL], tool_choice=FORCED),
+        request("required", "Review: noisy but works.", tools=[LABEL_TOOL], tool_choice="required"),
+        request("refused", f"{REFUSE_MARKER} Review: ok.", tools=[LABEL_TOOL]),
+    ]
+    job = write_batch_job(tmp_path, api, lines)
+
+    result = cli("run", str(job), "--no-progress")
+
+    assert result.exit_code == 1, result.output  # the refused line
+    assert api.stats()["received"] == len(lines)  # no re-ask: a call is an answer, not "no content"
+    out = {x["custom_id"]: x for x in read_lines(tmp_path / "out" / "results.jsonl")}
+    rows = {r["custom_id"]: r for r in pl.read_parquet(tmp_path / "out" / "result.parquet").iter_rows(named=True)}
+    called = 0
+    for custom_id in [x["custom_id"] for x in lines if x["custom_id"] != "refused"]:
+        answer = checked(out[custom_id])
+        assert isinstance(answer, ChatCompletion)
+        assert rows[custom_id]["status"] == "ok", rows[custom_id]
+        message = answer.choices[0].message
+        if message.tool_calls is None:  # "auto" may answer in text
+            assert custom_id.startswith("auto") and message.content
+            continue
+        called += 1
+        assert answer.choices[0].finish_reason == "tool_calls"
+        assert message.content is None  # as the server sent it
+        call = message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "record_label"
+        assert json.loads(call.function.arguments)["label"] in ("positive", "negative", "neutral")
+        assert [c["arguments"] for c in rows[custom_id]["tool_calls"]] == [call.function.arguments]
+    assert called >= 3  # forced, required and at least one auto
+    refused = checked(out["refused"])
+    assert isinstance(refused, ChatCompletion)
+    assert refused.choices[0].message.refusal == "I'm sorry, but I can't help with that request."
+    assert rows["refused"]["status"] == "refused"
+
+
+def test_a_batch_lines_forced_call_is_checked_against_its_own_parameters(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(invalid_arguments_rate=1.0, seed=11)  # every call's arguments come back broken
+    job = write_batch_job(tmp_path, api, [request("forced", "Review: fine.", tools=[LABEL_TOOL], tool_choice=FORCED)])
+
+    assert cli("run", str(job), "--no-progress").exit_code == 1
+    row = pl.read_parquet(tmp_path / "out" / "result.parquet").row(0, named=True)
+    assert row["status"] == "invalid_output"
+    assert "record_label" in row["error"]
+    assert api.stats()["received"] == 3  # the answer and the job's two re-asks (output.invalid_retries)
+    assert isinstance(checked(read_lines(tmp_path / "out" / "results.jsonl")[0]), ChatCompletion)
+
+
+def test_an_error_kept_without_the_servers_object_still_makes_an_openai_error_line() -> None:
+    """A ledger entry from before the server's error object was kept: its message, without seedbatch's prefix."""
+    row = {"status": "error", "error_kind": "http_400", "error": "HTTP 400: temperature must be <= 2"}
+    line = batch_line("a", row)
+    said = checked(line)
+    assert isinstance(said, ErrorObject)
+    assert (said.message, said.type, line["response"]["status_code"]) == ("temperature must be <= 2", "http_400", 400)

@@ -67,6 +67,26 @@ def test_row_errors(status: int) -> None:
         run(send_once(status))
 
 
+@pytest.mark.parametrize("status", [400, 503])
+def test_http_errors_keep_the_servers_error_object_and_request_id(status: int) -> None:
+    said = {"message": f"Invalid value for temperature (key {KEY})", "type": "invalid_request_error",
+            "param": "temperature", "code": "invalid_value", "extra": [1]}  # fmt: skip
+    with pytest.raises((RowError, RetryableError)) as info:
+        run(send_once(status, {"error": said}, headers={"x-request-id": "req_abc"}))
+    assert info.value.request_id == "req_abc"
+    assert info.value.server_error is not None and KEY not in info.value.server_error
+    assert json.loads(info.value.server_error) == {**said, "message": "Invalid value for temperature (key ***)"}
+    with pytest.raises(RowError) as plain:  # a body that is not an error object: nothing to keep
+        run(send_once(400, ["not", "an", "object"]))
+    assert plain.value.server_error is None and plain.value.request_id is None
+
+
+def test_replies_carry_the_request_id_and_the_body_they_answer() -> None:
+    reply = run(send_once(200, OK_BODY, headers={"x-request-id": "req_1"}))
+    assert reply.request_id == "req_1"  # type: ignore[attr-defined]
+    assert reply.sent == b"{}"  # type: ignore[attr-defined]
+
+
 def test_non_json_200_is_retryable() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b"<html>gateway</html>")

@@ -70,17 +70,27 @@ def test_stalled_stream_in_process_is_dropped_and_sent_again(tmp_path: Path) -> 
     assert summary.errors_by_kind.get("stall", 0) >= hung
 
 
+def test_the_built_in_api_serves_the_jobs_model(tmp_path: Path) -> None:
+    """It stands in for the job's own server: ``--endpoint local`` on a job written for OpenAI runs."""
+    summary = run_job(_spec(tmp_path, "openai_job", 3, model={"name": "gpt-4o-mini"}), RunOptions())
+    assert summary.rows_by_status == {"ok": 3}
+
+
 def test_transport_routes_models_and_refuses_unknown_paths() -> None:
-    async def calls() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+    async def calls() -> tuple[httpx.Response, ...]:
         transport = InProcessTransport(ServerConfig(require_key="k"))
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as c:
             return (
                 await c.get("/models"),
                 await c.get("/models", headers={"Authorization": "Bearer k"}),
                 await c.get("/nowhere"),
+                await c.get("/models/bytedance/dola-seed-2-0-lite", headers={"Authorization": "Bearer k"}),
+                await c.get("/models/gpt-4o-mimi", headers={"Authorization": "Bearer k"}),
             )
 
-    denied, models, missing = asyncio.run(calls())
+    denied, models, missing, model, unknown = asyncio.run(calls())
+    assert model.json()["id"] == "bytedance/dola-seed-2-0-lite"
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "model_not_found")
     assert denied.status_code == 401
     assert denied.json()["error"]["code"] == "invalid_api_key"
     assert models.status_code == 200

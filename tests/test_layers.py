@@ -52,6 +52,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("grammar", "schema_types"): "the grammar rewrite walks schemas with schema_types' $ref resolution",
     ("tools", "schema_types"): "a function's parameters are JSON Schemas, checked and compiled like output.schema",
     ("tools", "validator"): "the job's functions become the validator's rules for judging calls",
+    ("validator", "schema_types"): "a request's own functions (a Batch line's tools) are compiled like output.schema",
 }
 #: The built-in server imitates the API: it may use the constants of the code it imitates (and its own modules).
 LOCALAPI_MAY_IMPORT = {"errors", "records", "spec", "prompts", "costs", "schema_types"}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pipeline import writer
 from pipeline.errors import LockedError, SpecError
-from pipeline.ledger import ANSWER_COLUMNS, JobLock, Ledger, row_outcome
+from pipeline.ledger import ANSWER_COLUMNS, DETAIL_COLUMNS, JobLock, Ledger, row_outcome
 from pipeline.records import STATUSES, Outcome, ToolCall, Usage
 
 FULL = Outcome(
@@ -294,7 +294,7 @@ def test_ledger_stores_answers_not_requests_or_keys(tmp_path: Path) -> None:
     ledger.add(FULL, "r")
     ledger.flush()
     cols = [r[1] for r in ledger.db.execute("PRAGMA table_info(answers)")]
-    assert cols == ["endpoint", "request_hash", *ANSWER_COLUMNS, "run_id", "answered_at"]
+    assert cols == ["endpoint", "request_hash", *ANSWER_COLUMNS, *DETAIL_COLUMNS, "run_id", "answered_at"]
     ledger.close()
     blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("l.sqlite"))
     assert FULL.content is not None
@@ -400,6 +400,31 @@ def test_a_ledger_from_before_tool_calls_gets_the_column_and_keeps_its_answers(t
         led.flush()
         new = led.get("n" * 32)
         assert new is not None and new.tool_calls == calls and new.latency_ms == 3.0 and new.attempts == 1
+    finally:
+        led.close()
+
+
+def test_a_ledger_from_before_the_detail_columns_opens_and_keeps_what_the_server_said(tmp_path: Path) -> None:
+    """``created``, ``refusal``, ``request_id`` and ``server_error`` are added to an older ledger; its old
+    answers stand in their answer time for ``created``, new answers keep every detail as sent."""
+    path = tmp_path / "old.sqlite"
+    _old_ledger(path)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE answers SET answered_at = 1767225600.75")
+    db.commit()
+    db.close()
+    led = Ledger(path, "local")
+    try:
+        error = '{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}'
+        led.add(_outcome("n" * 32, created=1767225700, refusal="I can't.", request_id="req_1"), "r1")
+        led.add(_outcome("e" * 32, "error", error_kind="http_400", request_id="req_2", server_error=error), "r1")
+        led.flush()
+        found = led.details(["o" * 32, "n" * 32, "e" * 32, "x" * 32])
+        assert found == {
+            "o" * 32: (1767225600, None, None, None),
+            "n" * 32: (1767225700, "I can't.", "req_1", None),
+            "e" * 32: (found["e" * 32][0], None, "req_2", error),
+        }
     finally:
         led.close()
 

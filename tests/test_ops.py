@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.localapi import KNOWN_MODELS, LocalAPI, ServerConfig
 from pipeline.planning import plan_job
 from pipeline.runner import ExitCode
 from pipeline.spec import load_spec
@@ -231,6 +231,16 @@ def test_limit_and_sample_try_a_few_rows(tmp_path: Path, api: LocalAPI) -> None:
     ids = out.get_column("review_id").to_list()
     assert ids != [f"r-{i:05d}" for i in range(7)]  # random rows, not the first seven
     assert api.stats()["answered_ok"] == 7
+
+
+def test_serve_model_adds_models_to_the_default_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.localapi
+
+    served: list[ServerConfig] = []
+    monkeypatch.setattr(pipeline.localapi, "run_server", lambda config, *a, **k: served.append(config), raising=False)
+    result = CliRunner().invoke(main, ["serve", "--model", "gpt-4o-mini", "--model", "my/model"])
+    assert result.exit_code == 0, result.output
+    assert served[0].models == (*KNOWN_MODELS, "gpt-4o-mini", "my/model")
 
 
 def test_serve_refuses_a_key_variable_that_is_not_set(monkeypatch: pytest.MonkeyPatch) -> None:

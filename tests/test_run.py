@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.client import FEW_REQUESTS
-from pipeline.localapi import LocalAPI, ServerConfig
+from pipeline.localapi import KNOWN_MODELS, LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
 from pipeline.writer import OUTPUT_COLUMNS
 from tests.helpers import ROOT, example_job, make_spec, reviews, run, write_job
@@ -103,6 +105,26 @@ def test_bad_key_stops_at_once_and_never_prints_it(tmp_path: Path, api: LocalAPI
     assert api.stats()["received"] <= 16  # at most the requests already in flight (concurrency 16), not 400
 
 
+@pytest.mark.parametrize("concurrency", [4, None], ids=["4-wide", "default"])
+def test_a_misspelled_model_stops_at_once_with_one_line_naming_it(
+    tmp_path: Path, api: LocalAPI, concurrency: int | None
+) -> None:
+    limits = {"concurrency": concurrency} if concurrency else {}
+    job = write_job(tmp_path, api, reviews(400), model={"name": "bytedance/dola-seed-2-0-litee"}, limits=limits)
+    if concurrency is None:  # the job's default, not job_dict's 16
+        job.write_text(job.read_text().replace("concurrency = 16\n", ""))
+    command = [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == ExitCode.FATAL_API, done.stderr
+    named = [line for line in (done.stdout + done.stderr).splitlines() if "bytedance/dola-seed-2-0-litee" in line]
+    assert len(named) == 1, done.stderr  # one line, no traceback per request in flight
+    assert "model.name" in named[0] and "404" in named[0]
+    assert api.stats()["by_status"] == {404: api.stats()["received"]}
+    # The first 404 stops the run: the requests already in flight and nothing after, not 400. The opening
+    # burst is the pacer's first in-flight cap: limits.concurrency, at most 32 before any answer.
+    assert api.stats()["received"] <= (concurrency + 1 if concurrency else 33), api.stats()
+
+
 def test_a_400_marks_only_its_row(tmp_path: Path, api: LocalAPI) -> None:
     frame = reviews(12).with_columns(
         pl.when(pl.col("review_id") == "r-00005")
@@ -188,6 +210,7 @@ def test_missing_key_fails_before_sending(tmp_path: Path, api: LocalAPI, monkeyp
 
 
 def test_cli_overrides_reach_the_request(tmp_path: Path, api: LocalAPI) -> None:
+    api.config = ServerConfig(models=(*KNOWN_MODELS, "m-x"))  # the model --model names
     job = write_job(tmp_path, None, reviews(7))  # no base_url: --base-url must supply it
     other = tmp_path / "other.parquet"
     code, output = _cli(

@@ -70,7 +70,7 @@ def test_a_stalled_stream_is_abandoned_and_sent_again(tmp_path: Path, api: Local
 
 def test_the_local_api_stream_reassembles_to_its_plain_answer(api: LocalAPI) -> None:
     body = {
-        "model": "m",
+        "model": "bytedance/dola-seed-2-0-lite",
         "messages": [{"role": "user", "content": "Label: a fine kettle"}],
         "reasoning_effort": "medium",
         "max_tokens": 300,
@@ -100,7 +100,11 @@ def test_the_local_api_stream_reassembles_to_its_plain_answer(api: LocalAPI) -> 
 
 
 def test_stream_options_without_stream_is_a_400(api: LocalAPI) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bytedance/dola-seed-2-0-lite",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream_options": {"include_usage": True},
+    }
     answer = httpx.post(f"{api.base_url}/chat/completions", json=body)
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == "stream_options"

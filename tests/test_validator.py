@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.records import Reply, ToolCall, Usage
 from pipeline.schema_types import compile_validator
-from pipeline.validator import CallRules, judge, parse_document, parse_usage, strip_fence
+from pipeline.validator import CallRules, judge, parse_document, parse_usage, request_rules, strip_fence
 
 #: The reference's example response (shared/api/dola-seed-2.0-lite.md), content shortened.
 REFERENCE: dict[str, Any] = {
@@ -322,3 +322,66 @@ def test_unforced_calls_are_each_checked_against_their_own_parameters() -> None:
     assert judge_calls(reply("plain text"), rules).status == "ok", "auto: a text answer is fine"
     required = judge_calls(reply("plain text"), CallRules(checks=rules.checks, required=True))
     assert required.status == "invalid_output" and "required" in (required.error or "")
+
+
+# ----------------------------------------------------------------- a request's own functions (Batch lines)
+
+LABEL_FN = {"name": "label", "parameters": {"type": "object", "properties": {"label": {"type": "string"}},
+                                             "required": ["label"], "additionalProperties": False}}  # fmt: skip
+OTHER_FN = {"name": "other", "parameters": {"type": "object"}}
+
+
+def sent(tool_choice: Any = None, tools: Any = None) -> bytes:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": 'say "tools"'}]}
+    body["tools"] = tools if tools is not None else [{"type": "function", "function": f} for f in (LABEL_FN, OTHER_FN)]
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    return json.dumps(body).encode()
+
+
+def calling(body: bytes, *calls: tuple[str, str], content: Any = None) -> Reply:
+    made = [
+        {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(calls)
+    ]
+    r = reply(content, "tool_calls" if calls else "stop", tool_calls=made, refusal=None)
+    return Reply(r.data, r.latency_ms, request_id="req_9", sent=body)
+
+
+def text_judge(r: Reply) -> Any:
+    return judge(r, expects_json=False, check=None)
+
+
+def test_request_rules_come_from_the_body_sent() -> None:
+    assert request_rules(None) is None
+    assert request_rules(b'{"messages": [{"role": "user", "content": "the \\"tools\\" word"}]}') is None
+    auto = request_rules(sent())
+    assert auto is not None and set(auto.checks) == {"label", "other"} and not auto.required
+    forced = request_rules(sent({"type": "function", "function": {"name": "label"}}))
+    assert forced is not None and set(forced.checks) == {"label"} and forced.required
+    required = request_rules(sent("required"))
+    assert required is not None and required.required
+    assert request_rules(sent("none")) is None
+
+
+def test_a_call_answers_a_request_that_offered_functions() -> None:
+    j = text_judge(calling(sent(), ("label", '{"label": "pos"}')))
+    assert (j.status, j.content, j.error) == ("ok", None, None)  # a call is an answer: no "no content"
+    assert j.tool_calls == (ToolCall("c0", "label", '{"label": "pos"}'),)
+    assert (j.created, j.request_id) == (REFERENCE["created"], "req_9")
+
+
+def test_a_forced_call_is_checked_against_the_lines_own_functions() -> None:
+    forced = sent({"type": "function", "function": {"name": "label"}})
+    assert text_judge(calling(forced, ("label", '{"label": "pos"}'))).status == "ok"
+    bad = text_judge(calling(forced, ("label", '{"score": 1}')))
+    assert bad.status == "invalid_output" and "arguments of label did not match its parameters" in (bad.error or "")
+    other = text_judge(calling(forced, ("other", "{}")))
+    assert other.status == "invalid_output" and "'other'" in (other.error or "")
+    no_call = text_judge(calling(forced, content="a text answer"))
+    assert no_call.status == "invalid_output" and "called no function" in (no_call.error or "")
+    assert text_judge(calling(sent("auto"), content="a text answer")).status == "ok"  # auto may answer in text
+
+
+def test_refusal_and_created_are_kept_as_sent() -> None:
+    j = text_judge(reply(None, refusal="I can't help with that."))
+    assert (j.status, j.refusal, j.created) == ("refused", "I can't help with that.", REFERENCE["created"])

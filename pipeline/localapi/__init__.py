@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pipeline.localapi.faults import REFUSE_MARKER, STATUS_MARKER
-from pipeline.localapi.handler import API_MODEL_ID, MAX_BODY_BYTES, MISSING_MODEL, ServerConfig
+from pipeline.localapi.handler import API_MODEL_ID, KNOWN_MODELS, MAX_BODY_BYTES, MISSING_MODEL, ServerConfig
 from pipeline.localapi.limits import RateLimits
 from pipeline.localapi.validation import PRIMING_TOKENS, TOKEN_RE
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_MODEL_ID",
+    "KNOWN_MODELS",
     "MAX_BODY_BYTES",
     "MISSING_MODEL",
     "PRIMING_TOKENS",

@@ -24,7 +24,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -39,11 +39,16 @@ from pipeline.spec import DEFAULT_MODEL, LOCAL_MODEL
 #: Request headers as either front end has them (both look names up case-insensitively).
 Headers = Mapping[str, str]
 
-#: The model id the AIML API documents (the jobs' default model); listed by ``/v1/models``. Any other
-#: name is accepted too.
+#: The model id the AIML API documents (the jobs' default model); listed by ``/v1/models``.
 API_MODEL_ID = DEFAULT_MODEL
-#: Requests naming this model get 404, so tests can reach the "every row would fail" path.
+#: The models the local API serves unless told otherwise: the jobs' default and the name it answers with.
+#: A request naming any other model gets OpenAI's 404 ``model_not_found``, so a misspelled
+#: ``model.name`` meets the same fatal stop against the local API as against a provider.
+KNOWN_MODELS = (API_MODEL_ID, LOCAL_MODEL)
+#: A name the local API never serves: tests use it to reach the "every row would fail" path.
 MISSING_MODEL = "missing-model"
+#: When the local API's models were published (``created`` of each ``/v1/models`` entry).
+_MODELS_CREATED = 1_767_225_600
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -89,6 +94,8 @@ class ServerConfig:
     """429s carry ``Retry-After``; False: a gateway that says nothing of when to retry."""
     advertised_rpm: float | None = None
     """Headers claim this request limit instead of the enforced one (a gateway passing its upstream's headers)."""
+    models: tuple[str, ...] = KNOWN_MODELS
+    """The model ids requests may name (``/v1/models`` lists them); any other is a 404 ``model_not_found``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,15 @@ def _error(
     return Reply(status, body, headers)
 
 
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": _MODELS_CREATED, "owned_by": "seedbatch-local"}
+
+
+def _model_not_found(name: str) -> Reply:
+    message = f"The model '{name}' does not exist or you do not have access to it."
+    return _error(404, message, "invalid_request_error", "model", "model_not_found")
+
+
 class Handler:
     """Counters, limiters and answers of one local API; lives on one event loop, so no locks."""
 
@@ -137,6 +153,7 @@ class Handler:
         self.config = config
         self.clock = clock
         self._ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self.answerer = Answerer()
         self.hangs = Hangs()
@@ -185,11 +202,17 @@ class Handler:
         denied = self._auth(headers)
         if denied is not None:
             return denied
-        data = {
-            "object": "list",
-            "data": [{"id": API_MODEL_ID, "object": "model", "created": 1_767_225_600, "owned_by": "seedbatch-local"}],
-        }
+        data = {"object": "list", "data": [_model(name) for name in self.config.models]}
         return Reply(200, orjson.dumps(data))
+
+    def model(self, headers: Headers, name: str) -> Reply:
+        """``GET /v1/models/{name}``: the model object, or the 404 OpenAI answers for a model it does not serve."""
+        denied = self._auth(headers)
+        if denied is not None:
+            return denied
+        if name not in self.config.models:
+            return _model_not_found(name)
+        return Reply(200, orjson.dumps(_model(name)))
 
     def _auth(self, headers: Headers) -> Reply | None:
         key = self.config.require_key
@@ -217,7 +240,17 @@ class Handler:
         self.by_status[status] = self.by_status.get(status, 0) + 1
 
     async def chat(self, headers_in: Headers, raw: bytes) -> Outcome:
-        """One ``POST /v1/chat/completions``: ``raw`` is the request body as sent."""
+        """One ``POST /v1/chat/completions``: ``raw`` is the request body as sent.
+
+        Every answer, error or not, carries ``x-request-id`` as OpenAI's do: Batch output lines quote it.
+        """
+        outcome = await self._chat(headers_in, raw)
+        if isinstance(outcome, Dropped):
+            return outcome
+        headers = {**(outcome.headers or {}), "x-request-id": f"req_{self._id_prefix}{next(self._request_ids):016x}"}
+        return replace(outcome, headers=headers)
+
+    async def _chat(self, headers_in: Headers, raw: bytes) -> Outcome:
         self.received += 1
         cfg = self.config
         denied = self._auth(headers_in) or self._revoked(cfg)
@@ -232,15 +265,10 @@ class Handler:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
-        if isinstance(body, dict) and body.get("model") == MISSING_MODEL:
+        model = body.get("model") if isinstance(body, dict) else None
+        if isinstance(model, str) and model and model not in cfg.models:
             self._count(404)
-            return _error(
-                404,
-                f"The model '{MISSING_MODEL}' does not exist or you do not have access to it.",
-                "invalid_request_error",
-                "model",
-                "model_not_found",
-            )
+            return _model_not_found(model)
         parsed: Parsed | None = None
         bad: BadRequest | None = None
         try:

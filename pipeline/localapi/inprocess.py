@@ -31,7 +31,7 @@ class _Events(httpx.AsyncByteStream):
 
 
 class InProcessTransport(httpx.AsyncBaseTransport):
-    """Routes ``/v1/chat/completions`` and ``/v1/models`` to a ``Handler`` on the caller's event loop."""
+    """Routes ``/v1/chat/completions``, ``/v1/models`` and ``/v1/models/{id}`` to a ``Handler`` on the caller's loop."""
 
     def __init__(self, config: ServerConfig | None = None) -> None:
         self.handler = Handler(config or ServerConfig())
@@ -42,6 +42,8 @@ class InProcessTransport(httpx.AsyncBaseTransport):
             outcome = await self.handler.chat(request.headers, await request.aread())
         elif request.method == "GET" and path.endswith("/models"):
             outcome = self.handler.models(request.headers)
+        elif request.method == "GET" and "/models/" in path:
+            outcome = self.handler.model(request.headers, path.split("/models/", 1)[1])
         else:
             outcome = Reply(404, b'{"error":{"message":"Not Found","type":"invalid_request_error"}}')
         if isinstance(outcome, Dropped):

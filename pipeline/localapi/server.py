@@ -50,6 +50,7 @@ class _Server:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{name:.+}", self.model)  # ids hold slashes: bytedance/dola-seed-2-0-lite
         app.router.add_get("/_stats", self.stats_view)
         app.router.add_post("/_reset", self.reset_view)
         app.router.add_get("/health", self.health)
@@ -82,6 +83,9 @@ class _Server:
 
     async def models(self, request: web.Request) -> web.Response:
         return _response(self.handler.models(request.headers))
+
+    async def model(self, request: web.Request) -> web.Response:
+        return _response(self.handler.model(request.headers, request.match_info["name"]))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         outcome = await self.handler.chat(request.headers, await request.read())
