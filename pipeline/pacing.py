@@ -88,7 +88,8 @@ class InFlightLimit:
     With a rate: ``ceil(rate × latency quantile × headroom)`` clamped to [floor, ceiling], so a 20 s
     reasoning model at 100 req/s gets ~3,000 in flight and a 0.2 s one ~30. Before any answer, and
     with no rate, the cap starts at ``start`` and grows by one per answer while latency stays within
-    ``slow_ratio`` × the best recent median; when it does not, it shrinks ×``decrease`` once per median latency.
+    ``slow_ratio`` × the best recent median and the growth buys throughput (``_pays``); when latency
+    rises, it shrinks ×``decrease`` once per median latency.
     """
 
     def __init__(
@@ -104,6 +105,8 @@ class InFlightLimit:
         slow_ratio: float = 2.0,
         decrease: float = 0.75,
         queueing_s: float = 0.25,
+        period_s: float = 0.1,
+        gain: float = 1.1,
         clock: Clock = time.monotonic,
     ) -> None:
         self.ceiling = max(1, ceiling)
@@ -121,10 +124,40 @@ class InFlightLimit:
         self._first_send: float | None = None
         self.queueing_s = queueing_s
         self.grown = min(max(start, self.floor), self.ceiling)
+        self.period_s = period_s
+        self.gain = gain
+        self._period_start = clock()
+        self._period_answers = 0
+        self._period_cap = self.grown
+        self._best_rate = 0.0
+        self._improving = True
+
+    def _pays(self, now: float) -> bool:
+        """Whether growing the cap has been buying throughput (with no rate known, the cap is all there is).
+
+        Answers are counted over periods of at least ``period_s`` (and two median latencies); while a period's
+        answer rate beats the best one by ``gain``, the cap may grow to 1.5 × the cap the next period starts
+        with. When it does not, more requests in flight only queue (a fast server, a client at its CPU's
+        limit): the cap holds, and what it holds in flight is all a refusal can catch at once.
+        ``period_s = inf`` turns the rule off.
+        """
+        if not math.isfinite(self.period_s):  # the rule is off: the cap follows latency alone
+            return True
+        self._period_answers += 1
+        elapsed = now - self._period_start
+        median = self._recent.quantile(0.5) or 0.0
+        if elapsed >= max(self.period_s, 2.0 * median):
+            rate = self._period_answers / elapsed
+            self._improving = rate > self._best_rate * self.gain
+            self._best_rate = max(self._best_rate, rate)
+            self._period_start, self._period_answers, self._period_cap = now, 0, self.grown
+        return self._improving and self.grown < 1.5 * self._period_cap
 
     def on_answer(self, latency_s: float) -> None:
         self.latency.add(latency_s)
         self._recent.add(latency_s)
+        if not self._pays(self.clock()):
+            return
         if len(self._recent) < self._recent_size:
             self.grown = min(self.ceiling, self.grown + 1)
             return
@@ -213,7 +246,7 @@ class RateControl:
         self.headers_bind = True
         """False once a 429 came while the headers said requests remained: their limit is not the one
         enforced (a gateway passing on its upstream's headers), so the rate is learned from admissions."""
-        self.probe_up_every_s = 5.0
+        self.probe_up_every_s = 2.0
         self._last_probe_up = -math.inf
         self._admits: collections.deque[float] = collections.deque(maxlen=8192)
         self._episode_start = -math.inf
@@ -244,7 +277,7 @@ class RateControl:
             and now - self._last_probe_up >= self.probe_up_every_s
         ):
             # A limit learned from refusals alone may be below what the server admits: probe above it, 5%
-            # at first and more with each quiet step, so a refusal finds the limit without bursts of them.
+            # at first and more with each quiet step (2 s), so a refusal finds the limit without bursts of them.
             self._last_probe_up = now
             self.learned_rpm *= self._probe_step
             self._probe_step = min(1.5, 1.0 + (self._probe_step - 1.0) * 2.0)

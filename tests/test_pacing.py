@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -65,7 +67,7 @@ def test_before_any_answer_the_cap_grows_with_the_age_of_the_first_request() -> 
 
 def test_in_flight_cap_grows_while_latency_is_flat_and_shrinks_when_it_rises() -> None:
     clock = Clock()
-    limit = InFlightLimit(ceiling=100, start=8, recent=16, clock=clock)
+    limit = InFlightLimit(ceiling=100, start=8, recent=16, clock=clock, period_s=math.inf)  # latency alone
     for _ in range(30):
         limit.on_answer(1.0)
     assert limit.limit(None) == 38  # +1 per answer, no rate known
@@ -183,14 +185,38 @@ def test_a_429_lowers_the_pace_by_the_share_of_sends_refused() -> None:
     assert rates.factor == pytest.approx((1 - 1 / 200) * 0.8 * 0.7, rel=0.02)
 
 
-def test_429_with_no_limit_known_starts_from_the_rate_that_got_through() -> None:
+def test_a_limit_no_header_tells_of_is_learned_from_what_the_server_admitted() -> None:
     clock = Clock()
-    rates = RateControl(None, None, clock=clock, decrease=0.5)
-    for i in range(100):
-        clock.now = i * 0.05  # 20 sends/s for 5 s
+    rates = RateControl(None, None, clock=clock)
+    for i in range(600):  # a per-minute window of 600: all admitted in the first 0.6 s
+        clock.now = i * 0.001
         rates.on_send()
-    rates.on_rate_limited(None)
-    assert rates.rpm() == pytest.approx(20 * 60 * 0.5, rel=0.02)
+        rates.on_admitted()
+    rates.on_rate_limited(None)  # no Retry-After, no headers
+    assert rates.rpm() == 600  # the first guess: what got through in the last minute
+    for i in range(1, 41):  # from the first refusal on, sends at 20/s: the server admits 10 a second
+        clock.now = 0.599 + i * 0.05
+        rates.on_send()
+        rates.on_admitted() if i % 2 == 0 else rates.on_rate_limited(None)
+    assert rates.rpm() == pytest.approx(600, rel=0.1)  # measured since the refusals began
+
+
+def test_headers_that_claim_room_while_the_server_refuses_are_not_followed() -> None:
+    clock = Clock()
+    rates = RateControl(None, None, clock=clock)
+    gateway = RateLimits(limit_requests=100_000, remaining_requests=99_999)
+    rates.on_headers(gateway)
+    assert rates.rpm() == 100_000
+    for i in range(600):
+        clock.now = i * 0.001
+        rates.on_send()
+        rates.on_admitted()
+    rates.on_rate_limited(None, gateway)
+    assert rates.rpm() == 600
+    rates.on_headers(gateway)  # later answers carry the same claim: it no longer sets the pace
+    assert rates.rpm() == 600
+    clock.now += 2.5  # quiet: probe above the learned limit, 5% a step
+    assert rates.rpm() == pytest.approx(630)
 
 
 def test_deadline_uses_the_cap_until_answers_then_follows_latency_with_floor_and_cap() -> None:
@@ -295,3 +321,18 @@ def test_a_failure_before_the_first_answer_keeps_the_cap_narrow(failure: str) ->
     assert pacing.in_flight_limit() == 4
     pacing.on_reply(0.05)
     assert pacing.in_flight_limit() > 4
+
+
+def test_with_no_rate_known_the_cap_grows_only_while_it_buys_throughput() -> None:
+    def drive(answers_per_s: Callable[[int], float], seconds: float) -> int:
+        clock = Clock()
+        limit = InFlightLimit(ceiling=4096, start=32, clock=clock)
+        while clock.now < seconds:
+            clock.now += 1.0 / answers_per_s(limit.limit(None))
+            limit.on_answer(0.001)
+        return limit.limit(None)
+
+    # A server (or a client at its CPU's limit) answering 2,000/s however many are in flight: the cap holds.
+    assert drive(lambda cap: 2000.0, 5.0) <= 72  # 32 × 1.5 for the first period, × 1.5 once more, then held
+    # A server whose answers scale with what is in flight (a slow model): the cap keeps growing.
+    assert drive(lambda cap: 20.0 * cap, 5.0) >= 1000
