@@ -303,13 +303,14 @@ def plan(
             if spec.context_tokens
             else f"not sent       {p.skipped:,} with every placeholder empty (prompt.send_empty = true sends them)"
         )
-    click.echo(f"input tokens   ~{p.est_prompt_tokens:,} (estimate: characters/4 + message overhead)")
-    click.echo(f"output tokens  at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)")
+    click.echo(f"basis          {p.basis}")
+    click.echo(f"input tokens   ~{p.est_prompt_tokens:,}")
+    click.echo(
+        f"output tokens  ~{p.est_completion_tokens:,} expected; "
+        f"at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)"
+    )
     if p.est_cost_usd is not None:
-        click.echo(
-            f"cost           ~${p.est_cost_usd:.4f} expected (output at a quarter of max_tokens); "
-            f"at most ${p.max_cost_usd:.4f}"
-        )
+        click.echo(f"cost           ~${p.est_cost_usd:.4f} expected; at most ${p.max_cost_usd:.4f}")
     else:
         click.echo(f"cost           unknown: no price for {spec.model.name!r} (add [pricing] to the job)")
     if p.est_minutes is not None:
