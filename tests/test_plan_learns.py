@@ -15,8 +15,10 @@ import polars as pl
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
+from pipeline.costs import Price
 from pipeline.localapi import LocalAPI
-from pipeline.planning import GUESSED, plan_job
+from pipeline.planning import GUESSED, Measured, plan_job
+from pipeline.records import Request
 from pipeline.spec import load_spec
 from tests.helpers import write_job
 
@@ -115,3 +117,29 @@ def test_plan_states_its_basis_then_learns_from_a_first_look(tmp_path: Path, api
         f"expected ${guessed.est_cost_usd:.6f} for all 300"
     )
     assert abs(error) <= 0.20
+
+
+def _measured(bills: list[tuple[int, int, float]]) -> Measured:
+    m = Measured()
+    for i, (prompt, completion, usd) in enumerate(bills):
+        req = Request(i, str(i), b"", f"h{i}", est_prompt_tokens=prompt, max_tokens=64)
+        m.add(req, prompt, completion, usd)
+    return m
+
+
+def test_the_billed_price_is_what_the_answers_cost() -> None:
+    table = Price(0.30, 2.60)
+    billed = Price(0.25, 2.00)
+    varied = _measured([(p, c, billed.usd(p, c)) for p, c in ((40, 12), (300, 9), (120, 30), (75, 11))])
+    price, source = varied.billed_price(table)
+    assert price is not None and source == "as billed on those answers"
+    assert abs(price.input_per_million - 0.25) < 1e-6 and abs(price.output_per_million - 2.0) < 1e-6
+    # Costs the ledger filled in from the table (the server said nothing) are the table's prices, and say so.
+    filled = _measured([(p, c, table.usd(p, c)) for p, c in ((40, 12), (300, 9), (120, 30))])
+    assert filled.billed_price(table) == (table, "the price table, which those answers' cost matches")
+    # Every answer in the same input/output mix: two prices cannot be told apart, the table is scaled.
+    same_mix = _measured([(100, 10, billed.usd(100, 10)), (200, 20, billed.usd(200, 20))])
+    price, source = same_mix.billed_price(table)
+    assert price is not None and source == "the price table scaled to the bill"
+    assert abs(price.usd(300, 30) - billed.usd(300, 30)) < 1e-12
+    assert _measured([(100, 10, 0.0)]).billed_price(table) == (table, "the price table")
