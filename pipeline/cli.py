@@ -19,7 +19,7 @@ import click
 from pipeline import __version__
 from pipeline.errors import SeedbatchError
 from pipeline.options import StopToken
-from pipeline.records import ExitCode, Selection
+from pipeline.records import ExitCode, RunSummary, Selection
 
 EXIT_USAGE = ExitCode.BAD_INPUT
 EXIT_INTERNAL = ExitCode.INTERNAL
@@ -154,6 +154,19 @@ class _OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _up_to_date_fields(summary: RunSummary) -> dict[str, Any]:
+    """The one line of a run that had nothing to do: every row reused, nothing sent, nothing rewritten."""
+    return {
+        "output_action": summary.output_action,
+        "rows": summary.rows_total,
+        "from_ledger": summary.rows_from_ledger,
+        "requests_sent": summary.requests_sent,
+        "output": summary.output_path,
+        "built_by_run": summary.run_id,
+        "exit_code": summary.exit_code,
+    }
+
+
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="seedbatch")
 def main() -> None:
@@ -218,9 +231,7 @@ def run(
     selection = _selection(limit, sample, sample_seed)
     done = skip(spec, selection, fresh=fresh, retry_errors=retry_errors)  # before the runner (polars) loads
     if done is not None:
-        Reporter(live=False, log_format=log_format).log(
-            "up_to_date", {"output": done.output_path, "built_by_run": done.run_id, "exit_code": done.exit_code}
-        )
+        Reporter(live=False, log_format=log_format).log("up_to_date", _up_to_date_fields(done))
         sys.exit(done.exit_code)
     from pipeline.runner import RunOptions, run_job
 
@@ -237,14 +248,12 @@ def run(
         with stop_on_signals(options.stop):
             summary = run_job(spec, options)
     if summary.up_to_date:  # became up to date between the two checks (another run finished)
-        reporter.log(
-            "up_to_date",
-            {"output": summary.output_path, "built_by_run": summary.run_id, "exit_code": summary.exit_code},
-        )
+        reporter.log("up_to_date", _up_to_date_fields(summary))
         sys.exit(summary.exit_code)
     fields = {
         "job": summary.job,
         "run_id": summary.run_id,
+        "output_action": summary.output_action,
         "rows": summary.rows_total,
         **{f"rows_{k}": v for k, v in sorted(summary.rows_by_status.items())},
         "from_ledger": summary.rows_from_ledger,
@@ -294,13 +303,14 @@ def plan(
             if spec.context_tokens
             else f"not sent       {p.skipped:,} with every placeholder empty (prompt.send_empty = true sends them)"
         )
-    click.echo(f"input tokens   ~{p.est_prompt_tokens:,} (estimate: characters/4 + message overhead)")
-    click.echo(f"output tokens  at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)")
+    click.echo(f"basis          {p.basis}")
+    click.echo(f"input tokens   ~{p.est_prompt_tokens:,}")
+    click.echo(
+        f"output tokens  ~{p.est_completion_tokens:,} expected; "
+        f"at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)"
+    )
     if p.est_cost_usd is not None:
-        click.echo(
-            f"cost           ~${p.est_cost_usd:.4f} expected (output at a quarter of max_tokens); "
-            f"at most ${p.max_cost_usd:.4f}"
-        )
+        click.echo(f"cost           ~${p.est_cost_usd:.4f} expected; at most ${p.max_cost_usd:.4f}")
     else:
         click.echo(f"cost           unknown: no price for {spec.model.name!r} (add [pricing] to the job)")
     if p.est_minutes is not None:

@@ -1,4 +1,12 @@
-"""``plan`` and ``status``: what a job would send and what it has done, without sending anything."""
+"""``plan`` and ``status``: what a job would send and what it has done, without sending anything.
+
+Before any answer, ``plan`` can only guess: input tokens are characters/4 plus each message's overhead,
+output tokens a quarter of ``max_tokens``, prices the price table's. Tokenizers differ (a text of long
+words is far fewer tokens than characters/4) and so do answers, so once the ledger holds answers to this
+job's own requests (a ``seedbatch run --limit 20`` first look), the plan measures them (``Measured``): the
+input tokens billed per estimated one (applied to each remaining row's estimate, so longer rows still
+cost more), the output tokens per answer, and the price per input and output token the server billed.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,23 @@ import datetime as dt
 from dataclasses import dataclass
 
 from pipeline import uptodate
+from pipeline.costs import Price
 from pipeline.grammar import enforceable, fit_warnings
 from pipeline.ledger import Ledger, SeenHashes
 from pipeline.prepare import Prepared, iter_requests, prepare
-from pipeline.records import Selection, needs_sending
+from pipeline.records import Request, Selection, needs_sending
 from pipeline.spec import JobSpec
 from pipeline.writer import output_totals
+
+#: Answers measured at most: enough for stable means, and a plan of a 10M-row job that is mostly
+#: answered stops looking up usage (and remembering hashes) after them.
+MEASURE_ANSWERS = 10_000
+NOTHING = "nothing to send"
+#: The estimate's basis before any answer of this job is in the ledger.
+GUESSED = (
+    "no answers of this job yet: input tokens are characters/4 + message overhead, output a quarter of "
+    "max_tokens, prices the price table's (a first look, `seedbatch run --limit 20`, lets plan measure them)"
+)
 
 
 @dataclass
@@ -30,6 +49,70 @@ class Plan:
     binding_limit: str | None
     warnings: list[str]
     """Things that will go wrong for every row (e.g. the schema's answer cannot fit in max_tokens)."""
+    est_completion_tokens: int = 0
+    """Expected output tokens of the rows to send (``basis`` says from what)."""
+    basis: str = GUESSED
+    """What the estimates rest on, for people: a guess, or what was measured on this job's answers."""
+    measured: int = 0
+    """Answers of this job the estimates were measured on (0: guessed)."""
+
+
+@dataclass
+class Measured:
+    """Usage of answers already in the ledger for this job's requests, against the plan's own estimates."""
+
+    answers: int = 0
+    est_prompt: int = 0
+    prompt: int = 0
+    completion: int = 0
+    usd: float = 0.0
+    # Sums for the least-squares fit of usd = a·prompt + b·completion (the price the server billed).
+    pp: float = 0.0
+    pc: float = 0.0
+    cc: float = 0.0
+    pu: float = 0.0
+    cu: float = 0.0
+
+    def add(self, req: Request, prompt: int, completion: int, usd: float) -> None:
+        self.answers += 1
+        self.est_prompt += req.est_prompt_tokens
+        self.prompt, self.completion, self.usd = self.prompt + prompt, self.completion + completion, self.usd + usd
+        self.pp += prompt * prompt
+        self.pc += prompt * completion
+        self.cc += completion * completion
+        self.pu += prompt * usd
+        self.cu += completion * usd
+
+    def billed_price(self, table: Price | None) -> tuple[Price | None, str]:
+        """USD per million input and output tokens as billed on these answers, and where it came from.
+
+        Billing is linear in the two counts, so two unknowns fit exactly once answers differ in their mix of
+        input and output; when they do not, the table's prices scaled to what was billed.
+        """
+        if self.usd <= 0:
+            return table, "the price table"
+        det = self.pp * self.cc - self.pc * self.pc
+        if det > 1e-6 * self.pp * self.cc:
+            a = (self.pu * self.cc - self.cu * self.pc) / det
+            b = (self.cu * self.pp - self.pu * self.pc) / det
+            if a >= 0 and b >= 0:
+                fitted = Price(a * 1e6, b * 1e6)
+                if table is not None and _close(fitted, table):  # also what a ledger filled from the table holds
+                    return table, "the price table, which those answers' cost matches"
+                return fitted, "as billed on those answers"
+        if table is not None and (listed := table.usd(self.prompt, self.completion)) > 0:
+            k = self.usd / listed
+            scaled = Price(table.input_per_million * k, table.output_per_million * k)
+            return scaled, "the price table scaled to the bill"
+        per_token = self.usd / max(self.prompt + self.completion, 1) * 1e6
+        return Price(per_token, per_token), "as billed on those answers, per token"
+
+
+def _close(a: Price, b: Price) -> bool:
+    return all(
+        abs(x - y) <= 0.005 * max(abs(y), 1e-12)
+        for x, y in ((a.input_per_million, b.input_per_million), (a.output_per_million, b.output_per_million))
+    )
 
 
 @dataclass
@@ -73,26 +156,33 @@ def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors:
             skipped,
             0,
             0,
-            *_estimates(spec, p, 0, 0),
+            *_estimates(spec, p, 0, 0, Measured()),
             [*(p.warnings or ()), *schema_warnings(p)],
+            *_learned(spec, p, 0, Measured()),
         )
     p = prepare(spec, selection, need_key=False)
     ledger = _ledger(p)
     answered = duplicates = to_send = prompt = too_long = skipped = 0
+    measured = Measured()
+    measured_hashes: set[str] = set()
     # The hashes already counted to send live on disk, not in a Python set: 10M rows plan in bounded memory.
     seen = SeenHashes()
     try:
         for chunk in iter_requests(p):
             known = ledger.known([r.request_hash for r in chunk]) if ledger else {}
             sendable = []
+            done: list[Request] = []
             for r in chunk:
                 if r.not_sent is not None:
                     too_long += r.not_sent.status == "too_long"
                     skipped += r.not_sent.status == "skipped"
                 elif not needs_sending(known.get(r.request_hash), retry_errors=retry_errors):
                     answered += 1
+                    done.append(r)
                 else:
                     sendable.append(r)
+            if ledger is not None and done and measured.answers < MEASURE_ANSWERS:
+                _measure(ledger, done, measured, measured_hashes)
             if not spec.job.dedupe:
                 to_send += len(sendable)
                 prompt += sum(r.est_prompt_tokens for r in sendable)
@@ -116,21 +206,75 @@ def plan_job(spec: JobSpec, selection: Selection | None = None, *, retry_errors:
         to_send,
         too_long,
         skipped,
-        prompt,
+        _learned_prompt(prompt, measured),
         to_send * spec.model.max_tokens,
-        *_estimates(spec, p, to_send, prompt),
+        *_estimates(spec, p, to_send, prompt, measured),
         [*(p.warnings or ()), *schema_warnings(p)],
+        *_learned(spec, p, to_send, measured),
     )
 
 
+def _measure(ledger: Ledger, done: list[Request], measured: Measured, hashes: set[str]) -> None:
+    """Add the billed usage of answered requests not measured yet (each distinct request once)."""
+    usage = ledger.known_usage([r.request_hash for r in done])
+    for r in done:
+        found = usage.get(r.request_hash)
+        if found is None or r.request_hash in hashes or measured.answers >= MEASURE_ANSWERS:
+            continue
+        _, prompt, completion, usd = found
+        if prompt > 0:  # billed: an error that never reached the model has no usage to learn from
+            hashes.add(r.request_hash)
+            measured.add(r, prompt, completion, usd)
+
+
+def _learned_prompt(est_prompt: int, measured: Measured) -> int:
+    """The rows' estimated input tokens, scaled by what the server billed per estimated token so far."""
+    if not measured.answers or measured.est_prompt <= 0:
+        return est_prompt
+    return round(est_prompt * measured.prompt / measured.est_prompt)
+
+
+def _completion(spec: JobSpec, to_send: int, measured: Measured) -> int:
+    """Expected output tokens: the mean of this job's answers, else a quarter of ``max_tokens``."""
+    if measured.answers:
+        return round(to_send * measured.completion / measured.answers)
+    return to_send * spec.model.max_tokens // 4
+
+
+def _price(p: Prepared, measured: Measured) -> tuple[Price | None, str]:
+    return measured.billed_price(p.price) if measured.answers else (p.price, "the price table")
+
+
+def _learned(spec: JobSpec, p: Prepared, to_send: int, measured: Measured) -> tuple[int, str, int]:
+    """Expected output tokens, the basis of every estimate in words, and the answers measured."""
+    if not to_send:
+        return 0, NOTHING, 0
+    completion = _completion(spec, to_send, measured)
+    if not measured.answers:
+        return completion, GUESSED, 0
+    n = measured.answers
+    price, source = _price(p, measured)
+    basis = (
+        f"measured on {n:,} answered request{'s' if n != 1 else ''} of this job: "
+        f"{measured.prompt / max(measured.est_prompt, 1):.2f} input tokens billed per characters/4 estimate, "
+        f"{measured.completion / n:.1f} output tokens per answer"
+    )
+    if price is not None:
+        per_million = f"${price.input_per_million:.4g}/${price.output_per_million:.4g}"
+        basis += f", {per_million} per 1M input/output tokens ({source})"
+    return completion, basis, n
+
+
 def _estimates(
-    spec: JobSpec, p: Prepared, to_send: int, prompt: int
+    spec: JobSpec, p: Prepared, to_send: int, est_prompt: int, measured: Measured
 ) -> tuple[float | None, float | None, float | None, str | None]:
     """Expected cost, maximum cost, minutes and the binding limit of sending ``to_send`` requests."""
-    completion = to_send * spec.model.max_tokens
-    cost = p.price.usd(prompt, completion) if p.price else None
-    # Typical answers use far fewer than max_tokens; the expected cost assumes a quarter of it.
-    expected = p.price.usd(prompt, completion // 4) if p.price else None
+    price, _ = _price(p, measured)
+    prompt = _learned_prompt(est_prompt, measured)
+    most = to_send * spec.model.max_tokens
+    completion = _completion(spec, to_send, measured)
+    cost = price.usd(max(prompt, est_prompt), most) if price else None
+    expected = price.usd(prompt, completion) if price else None
     minutes: float | None = None
     binding = None
     lim = spec.limits
@@ -138,7 +282,7 @@ def _estimates(
     if lim.rpm:
         candidates.append((to_send / lim.rpm, "rpm"))
     if lim.tpm:
-        candidates.append(((prompt + completion // 4) / lim.tpm, "tpm"))
+        candidates.append(((prompt + completion) / lim.tpm, "tpm"))
     if candidates:
         minutes, binding = max(candidates)
     return expected, cost, minutes, binding

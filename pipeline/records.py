@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, Literal
 
 
 class ExitCode(IntEnum):
@@ -222,6 +222,11 @@ class Outcome:
     """An HTTP error's ``error`` object as the server sent it (JSON text, API key masked)."""
 
 
+#: What a run did to its output: nothing (it was ``up_to_date``), ``patched`` (the rows to redo rewritten,
+#: every other row copied from the old output) or ``rebuilt`` (written whole from the input and the ledger).
+OutputAction = Literal["up_to_date", "patched", "rebuilt"]
+
+
 @dataclass(slots=True)
 class RunSummary:
     """What a run did, for the terminal, the manifest and the exit code."""
@@ -253,6 +258,8 @@ class RunSummary:
     exit_code: int = 0
     up_to_date: bool = False
     """Nothing was done: the output was already built from this input, job and ledger (``uptodate``)."""
+    output_action: OutputAction | None = None
+    """None while the run has not written its output (or could not)."""
 
     @property
     def wall_s(self) -> float:

@@ -31,7 +31,7 @@ from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
 from pipeline.prepare import Prepared, prepare, read_all
 from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
-from pipeline.records import ExitCode, RunSummary, Selection, exit_code_for
+from pipeline.records import NOT_SENT, ExitCode, RunSummary, Selection, exit_code_for
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
 from pipeline.writer import patch_output, write_atomic, write_output
@@ -87,6 +87,7 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
     spec = p.spec
     typed = _typed_columns(p)
     if p.only_rows is not None:  # an incremental run (never with run_output: see uptodate.eligible)
+        kept: dict[str, int] = {}
         summary.rows_by_status = patch_output(
             spec.job.output,
             read_frames(p.table, p.selection, incremental.PATCH_CHUNK_ROWS),
@@ -95,8 +96,12 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
             set(p.only_rows),
             incremental.PATCH_CHUNK_ROWS,
             typed=typed,
+            kept=kept,
         )
         summary.output_path = str(spec.job.output)
+        summary.output_action = "patched"
+        # A copied row's answer came from the ledger as surely as a looked-up one's (rows never sent are not).
+        summary.rows_from_ledger += sum(n for status, n in kept.items() if status not in {*NOT_SENT, "pending"})
         return
     try:
         summary.rows_by_status = write_output(
@@ -111,6 +116,7 @@ def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
         _upload(spec.job.output, spec.objects.get("output"))
         raise
     summary.output_path = spec.output_location
+    summary.output_action = "rebuilt"
     _upload(spec.job.output, spec.objects.get("output"))
     if spec.job.batch_output is not None:
         rows = selected_indices(p.table.rows, p.selection)
@@ -145,13 +151,15 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     answer mid-run does not raise: the summary says so, and output and manifest are written.
     """
     options = options or RunOptions()
-    skipped = uptodate.skip(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
-    if skipped is not None:
-        return skipped
     try:  # taken before the input is read: a change while the run reads it makes the next run look again
-        input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input, uptodate.previous_input(spec))
+        input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input)
     except OSError:
         input_fp = None  # prepare says what is wrong with the input
+    skipped = uptodate.skip(
+        spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors, input_fp=input_fp
+    )
+    if skipped is not None:
+        return skipped
     # Only the input changed since the output was built: redo the changed rows, patch the output.
     base = uptodate.patchable(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
     p = prepare(spec, options.selection, read_everything=base is None)

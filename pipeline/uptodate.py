@@ -1,8 +1,8 @@
 """Whether a job's output is up to date: built from this input, this job and this ledger.
 
 Every finished run records in its manifest what its output was built from (``built_from``): the
-input's size, mtime and blake2b digest, a digest of the job as it affects the output, the selection,
-the ledger's id and generation (``Ledger.state``: bumped by every change to its answers), the
+input's size, mtime and xxh3-128 digest of its bytes, a digest of the job as it affects the output, the
+selection, the ledger's id and generation (``Ledger.state``: bumped by every change to its answers), the
 output's size and mtime, and the seedbatch version. A rerun whose every part is unchanged has
 nothing to send and would write the same file: ``run`` says so and exits, ``status`` and ``plan`` count
 from the output instead of rendering every row.
@@ -12,21 +12,24 @@ Only a complete output is a base: no pending row, no error the next run would se
 request hashes cover image files the input only names), jobs with ``job.run_output`` or ``job.batch_output`` (each
 run writes its own file; the batch file is rebuilt from the output), jobs whose input or output is an object
 (``s3://…``: the local copy says nothing of the object, and an upload may be owed) and CSV/JSONL outputs (the
-fast paths read Parquet). An input whose size and mtime are unchanged is taken as unchanged (as make and
-rsync do); a touched input of the same size is hashed and compared.
+fast paths read Parquet). The input's bytes are hashed on every check: ``cp -p``, ``rsync -a`` and ``tar``
+replace a file keeping its size and mtime, so those two say nothing about its content. The hash is
+xxh3-128 (``xxhash``), streamed: it costs about what reading the file costs (a 1.27 GB CSV: 0.26-0.29 s,
+reading alone 0.24 s), where sha256 took 1.0 s and blake2b 2.2 s; nothing here needs a cryptographic
+hash (the user owns the input), and it keeps an up-to-date rerun of a 10M-row CSV job under a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
 from pipeline import __version__
 from pipeline.ledger import JobLock, Ledger
@@ -35,6 +38,9 @@ from pipeline.spec import JobSpec
 
 #: Job sections that change how fast rows are sent, never what an answer or the output is.
 _PACE_ONLY = {"limits", "executor"}
+#: The key of the input's content digest in ``built_from.input`` (a manifest with another key is not a base).
+DIGEST = "xxh3_128"
+_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -75,19 +81,24 @@ def job_digest(spec: JobSpec, selection: Selection) -> str:
 
 
 def _digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "blake2b").hexdigest()
+    h = xxhash.xxh3_128()
+    buf = bytearray(_READ_BYTES)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
-def input_fingerprint(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Size, mtime and content digest of the input; the digest is reused from ``previous`` when size and
-    mtime are the ones it was taken at (hashing is the only cost that grows with the file)."""
+def _stat(path: Path) -> dict[str, Any]:
     st = path.stat()
-    fp: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if previous and all(previous.get(k) == fp[k] for k in ("path", "size", "mtime_ns")) and previous.get("blake2b"):
-        fp["blake2b"] = previous["blake2b"]
-    else:
-        fp["blake2b"] = _digest(path)
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_fingerprint(path: Path) -> dict[str, Any]:
+    """Path, size, mtime and the digest of the input's bytes (always hashed: see the module docstring)."""
+    fp = _stat(path)
+    fp[DIGEST] = _digest(path)
     return fp
 
 
@@ -148,18 +159,14 @@ def read_manifest(spec: JobSpec) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def previous_input(spec: JobSpec) -> dict[str, Any] | None:
-    """The input fingerprint the last manifest recorded (its digest saves hashing an unchanged file)."""
-    data = read_manifest(spec)
-    base = data.get("built_from") if data else None
-    return base.get("input") if isinstance(base, dict) else None
-
-
-def check(spec: JobSpec, selection: Selection, *, refresh: bool = False) -> Verdict:
+def check(
+    spec: JobSpec, selection: Selection, *, content: bool = True, input_fp: dict[str, Any] | None = None
+) -> Verdict:
     """Whether the output on disk is what a rerun with this input, job and ledger would write.
 
-    ``refresh`` (a run, holding the job's lock): a touched input with the same bytes has its new mtime
-    written to the manifest. ``status`` and ``plan`` hold no lock and never write.
+    The input's bytes are hashed last, once every other part holds; ``content=False`` checks everything
+    else (a cheap first look). ``input_fp`` is a fingerprint the caller just took: its digest is used when
+    the input's path, size and mtime are still the ones it was taken at, so a run hashes its input once.
     """
     data = read_manifest(spec)
     if data is None:
@@ -175,19 +182,22 @@ def check(spec: JobSpec, selection: Selection, *, refresh: bool = False) -> Verd
         return Verdict(False, "the job (or the selection) changed")
     old = base.get("input") or {}
     try:
-        st = spec.job.input.stat()
+        now = _stat(spec.job.input)
     except OSError:
         return Verdict(False, "the input is missing")
-    if old.get("path") != str(spec.job.input.resolve()) or old.get("size") != st.st_size:
+    if old.get("path") != now["path"] or old.get("size") != now["size"]:
         return Verdict(False, "the input changed")
-    if old.get("mtime_ns") != st.st_mtime_ns:
-        if _digest(spec.job.input) != old.get("blake2b"):
-            return Verdict(False, "the input changed")
-        if refresh:  # touched, same bytes: remember the new mtime so the next check need not hash again
-            base["input"] = {**old, "mtime_ns": st.st_mtime_ns}
-            _write_atomic(spec.manifest_path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     if base.get("ledger") != ledger_state(spec):
         return Verdict(False, "the ledger changed")
+    if content:
+        if input_fp is None or any(input_fp.get(k) != now[k] for k in now):
+            try:
+                input_fp = {**now, DIGEST: _digest(spec.job.input)}
+            except OSError:
+                return Verdict(False, "the input is missing")
+        if input_fp.get(DIGEST) != old.get(DIGEST):
+            same = " (same size and mtime)" if old.get("mtime_ns") == now["mtime_ns"] else ""
+            return Verdict(False, f"the input's bytes changed{same}")
     return Verdict(True, "input, job and ledger unchanged since the output was written", data)
 
 
@@ -221,20 +231,28 @@ def patchable(
     return str(ledger["ledger_id"]), int(ledger["generation"])
 
 
-def skip(spec: JobSpec, selection: Selection, *, fresh: bool = False, retry_errors: bool = False) -> RunSummary | None:
+def skip(
+    spec: JobSpec,
+    selection: Selection,
+    *,
+    fresh: bool = False,
+    retry_errors: bool = False,
+    input_fp: dict[str, Any] | None = None,
+) -> RunSummary | None:
     """A run's shortcut: the summary of a run with nothing to do when the output is up to date, else None.
 
     Imports neither polars nor pyarrow (the CLI calls it before loading the runner), so an up-to-date
-    rerun costs an interpreter start, a manifest, two ``stat`` calls and one ledger query.
+    rerun costs an interpreter start, a manifest, two ``stat`` calls, one ledger query and one read of the
+    input (hashed). ``input_fp``: the fingerprint the run just took, if it did (see ``check``).
     """
     if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
         return None
-    # First without the lock: a job that is not up to date (a bad one among them) must reach prepare's
-    # one-line errors before anything is created, the lock file included.
-    if not check(spec, selection).up_to_date:
+    # First without the lock and without hashing: a job that is not up to date (a bad one among them) must
+    # reach prepare's one-line errors before anything is created, the lock file included.
+    if not check(spec, selection, content=False).up_to_date:
         return None
     with JobLock(spec.lock_path):
-        verdict = check(spec, selection, refresh=True)
+        verdict = check(spec, selection, input_fp=input_fp)
     if not verdict.up_to_date or verdict.manifest is None:
         return None
     return _summary(spec, verdict.manifest)
@@ -253,14 +271,9 @@ def _summary(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
         output_path=str(spec.job.output),
         manifest_path=str(spec.manifest_path),
         up_to_date=True,
+        output_action="up_to_date",
     )
     by_status = summary.rows_by_status
     summary.rows_from_ledger = summary.rows_total - by_status.get("too_long", 0) - by_status.get("skipped", 0)
     summary.exit_code = exit_code_for(summary)
     return summary
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -500,9 +500,11 @@ def patch_output(
     chunk_rows: int,
     *,
     typed: TypedColumns | None = None,
+    kept: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Rewrite the output at ``path`` with only the ``changed`` rows (row numbers = positions) rebuilt from
-    their input and answers; every other row is copied from the old file as it is. Returns rows by status.
+    their input and answers; every other row is copied from the old file as it is. Returns rows by status;
+    ``kept``, when given, receives the copied rows by status (the run reused their answers).
 
     Exact when ``changed`` holds every row asking any request one of its rows asks or asked (the caller,
     ``incremental.changed_rows``, makes it so): which row of a request's askers carries its usage then
@@ -523,6 +525,8 @@ def patch_output(
             old_height = old_table.num_rows if old_table is not None else 0
             if old_table is not None and old_height == frame.height and not mask.any():
                 table = old_table
+                if kept is not None:
+                    _count_statuses(kept, table.column("status"))
             else:
                 pieces: list[pa.Table] = []
                 positions: list[pl.Series] = []
@@ -530,6 +534,8 @@ def patch_output(
                     keep = ~mask.head(old_height)
                     pieces.append(old_table.filter(keep.to_arrow()).cast(schema))
                     positions.append(numbers.head(old_height).filter(keep))
+                    if kept is not None:
+                        _count_statuses(kept, pieces[-1].column("status"))
                 if mask.any():
                     fresh = _answered(frame.filter(mask), row_number_column, answers_for, typed)
                     pieces.append(fresh.to_arrow().cast(schema))
@@ -537,7 +543,11 @@ def patch_output(
                 table = pa.concat_tables(pieces).take(pl.concat(positions).arg_sort().to_arrow())
                 if table.num_rows != frame.height:
                     raise RuntimeError(f"{path}: patched chunk has {table.num_rows} rows, expected {frame.height}")
-            for item in pc.value_counts(table.column("status")).to_pylist():
-                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+            _count_statuses(counts, table.column("status"))
             writer.write_table(table.cast(schema) if table.schema != schema else table)
     return counts
+
+
+def _count_statuses(counts: dict[str, int], statuses: pa.ChunkedArray) -> None:
+    for item in pc.value_counts(statuses).to_pylist():
+        counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]

@@ -75,7 +75,67 @@ def test_input_touched_with_the_same_bytes_is_still_up_to_date(tmp_path: Path, a
     result = cli("run", str(job))
     assert "up_to_date" in result.output and result.exit_code == 0
     assert received(api) == 0 and mtime(output) == before
-    assert manifest(tmp_path)["built_from"]["input"]["mtime_ns"] == mtime(data)  # next time: no hashing
+
+
+def fields(result: Result, event: str) -> dict[str, str]:
+    """The ``key=value`` fields of the CLI's ``seedbatch EVENT:`` line."""
+    line = next(line for line in result.output.splitlines() if line.startswith(f"seedbatch {event}:"))
+    return dict(item.split("=", 1) for item in line.split(": ", 1)[1].split())
+
+
+def test_an_input_replaced_keeping_size_and_mtime_is_not_up_to_date(tmp_path: Path, api: LocalAPI) -> None:
+    """``cp -p``, ``rsync -a`` and ``tar`` keep a file's size and mtime: only its bytes say it changed."""
+    job = first_run(tmp_path, api)
+    data = tmp_path / "input.csv"
+    old_size, old_mtime = data.stat().st_size, mtime(data)
+    replacement = tmp_path / "elsewhere" / "input.csv"
+    replacement.parent.mkdir()
+    frame = reviews(30)
+    edited = frame.with_columns(text=pl.col("text").str.replace("described", "DESCRIBED", literal=True))
+    edited.head(1).vstack(frame.tail(29)).write_csv(replacement)  # row 0 changed, same length
+    os.utime(replacement, ns=(old_mtime, old_mtime))
+    shutil.copy2(replacement, data)  # what cp -p does: the bytes, then the mtime
+    assert (data.stat().st_size, mtime(data)) == (old_size, old_mtime)
+    spec = load_spec(job)
+    assert plan_job(spec).to_send == 1 and job_status(spec).pending == 1, "plan and status see the change too"
+    result = cli("run", str(job))
+    assert result.exit_code == 0, result.output
+    assert "up_to_date" not in result.output
+    assert received(api) == 1
+    out = pl.read_parquet(tmp_path.joinpath(*OUTPUT))
+    assert out.get_column("text")[0] == edited.get_column("text")[0]
+    assert "up_to_date" in cli("run", str(job)).output
+
+
+def test_the_summary_and_manifest_say_what_the_run_did_to_the_output(tmp_path: Path, api: LocalAPI) -> None:
+    frame = reviews(300)
+    job = write_job(tmp_path, api, frame)
+    first = cli("run", str(job))
+    assert first.exit_code == 0, first.output
+    said = fields(first, "summary")
+    assert (said["output_action"], said["from_ledger"], said["requests_sent"]) == ("rebuilt", "0", "300")
+    api.reset()
+
+    _edit(frame, 150, "one edited review").write_csv(tmp_path / "input.csv")
+    patched = cli("run", str(job))
+    assert patched.exit_code == 0, patched.output
+    said = fields(patched, "summary")
+    # 299 rows' answers were reused from the output (their cells copied), one row was sent.
+    assert (said["output_action"], said["from_ledger"], said["requests_sent"]) == ("patched", "299", "1")
+    assert received(api) == 1
+    recorded = manifest(tmp_path)
+    assert (recorded["output_action"], recorded["rows_from_ledger"], recorded["requests_sent"]) == ("patched", 299, 1)
+
+    again = cli("run", str(job))
+    said = fields(again, "up_to_date")
+    assert (said["output_action"], said["from_ledger"], said["requests_sent"]) == ("up_to_date", "300", "0")
+    assert manifest(tmp_path) == recorded, "an up-to-date run writes nothing, its manifest included"
+
+    frame.head(250).write_csv(tmp_path / "input.csv")  # rows removed: the output is rebuilt
+    rebuilt = cli("run", str(job))
+    said = fields(rebuilt, "summary")
+    assert (said["output_action"], said["from_ledger"], said["requests_sent"]) == ("rebuilt", "250", "0")
+    assert manifest(tmp_path)["output_action"] == "rebuilt"
 
 
 def test_one_changed_row_is_the_only_request_sent(tmp_path: Path, api: LocalAPI) -> None:
