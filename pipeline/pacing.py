@@ -97,7 +97,7 @@ class InFlightLimit:
         ceiling: int = 2048,
         *,
         floor: int = 4,
-        start: int = 32,
+        start: int = 16,
         headroom: float = 1.5,
         quantile: float = 0.9,
         window: int = 256,
@@ -136,8 +136,8 @@ class InFlightLimit:
         """Whether growing the cap has been buying throughput (with no rate known, the cap is all there is).
 
         Answers are counted over periods of at least ``period_s`` (and two median latencies); while a period's
-        answer rate beats the best one by ``gain``, the cap may grow to 1.5 × the cap the next period starts
-        with. When it does not, more requests in flight only queue (a fast server, a client at its CPU's
+        answer rate beats the best one by ``gain`` and what was in flight (rate × median latency) filled at
+        least half the cap, the cap may grow to 1.5 × the cap the next period starts with. When it does not, more requests in flight only queue (a fast server, a client at its CPU's
         limit): the cap holds, and what it holds in flight is all a refusal can catch at once.
         ``period_s = inf`` turns the rule off.
         """
@@ -148,7 +148,10 @@ class InFlightLimit:
         median = self._recent.quantile(0.5) or 0.0
         if elapsed >= max(self.period_s, 2.0 * median):
             rate = self._period_answers / elapsed
-            self._improving = rate > self._best_rate * self.gain
+            # Little's law: answers/s × latency is what was in flight; far below the cap, the cap is not
+            # what holds the rate back (a fast server: 2,000/s × 3 ms is 6), so growing it buys nothing.
+            binding = rate * median >= 0.5 * self.grown
+            self._improving = binding and rate > self._best_rate * self.gain
             self._best_rate = max(self._best_rate, rate)
             self._period_start, self._period_answers, self._period_cap = now, 0, self.grown
         return self._improving and self.grown < 1.5 * self._period_cap
@@ -246,7 +249,7 @@ class RateControl:
         self.headers_bind = True
         """False once a 429 came while the headers said requests remained: their limit is not the one
         enforced (a gateway passing on its upstream's headers), so the rate is learned from admissions."""
-        self.probe_up_every_s = 2.0
+        self.probe_up_every_s = 4.0
         self._last_probe_up = -math.inf
         self._admits: collections.deque[float] = collections.deque(maxlen=8192)
         self._episode_start = -math.inf
@@ -277,7 +280,7 @@ class RateControl:
             and now - self._last_probe_up >= self.probe_up_every_s
         ):
             # A limit learned from refusals alone may be below what the server admits: probe above it, 5%
-            # at first and more with each quiet step (2 s), so a refusal finds the limit without bursts of them.
+            # at first and more with each quiet step (4 s), so a refusal finds the limit without bursts of them.
             self._last_probe_up = now
             self.learned_rpm *= self._probe_step
             self._probe_step = min(1.5, 1.0 + (self._probe_step - 1.0) * 2.0)

@@ -215,7 +215,7 @@ def test_headers_that_claim_room_while_the_server_refuses_are_not_followed() -> 
     assert rates.rpm() == 600
     rates.on_headers(gateway)  # later answers carry the same claim: it no longer sets the pace
     assert rates.rpm() == 600
-    clock.now += 2.5  # quiet: probe above the learned limit, 5% a step
+    clock.now += 4.5  # quiet: probe above the learned limit, 5% a step
     assert rates.rpm() == pytest.approx(630)
 
 
@@ -324,15 +324,15 @@ def test_a_failure_before_the_first_answer_keeps_the_cap_narrow(failure: str) ->
 
 
 def test_with_no_rate_known_the_cap_grows_only_while_it_buys_throughput() -> None:
-    def drive(answers_per_s: Callable[[int], float], seconds: float) -> int:
+    def drive(answers_per_s: Callable[[int], float], latency_s: float, seconds: float) -> int:
         clock = Clock()
         limit = InFlightLimit(ceiling=4096, start=32, clock=clock)
         while clock.now < seconds:
             clock.now += 1.0 / answers_per_s(limit.limit(None))
-            limit.on_answer(0.001)
+            limit.on_answer(latency_s)
         return limit.limit(None)
 
-    # A server (or a client at its CPU's limit) answering 2,000/s however many are in flight: the cap holds.
-    assert drive(lambda cap: 2000.0, 5.0) <= 72  # 32 × 1.5 for the first period, × 1.5 once more, then held
-    # A server whose answers scale with what is in flight (a slow model): the cap keeps growing.
-    assert drive(lambda cap: 20.0 * cap, 5.0) >= 1000
+    # A server answering in 3 ms at 2,000/s however many are in flight: 6 in flight do it, the cap holds.
+    assert drive(lambda cap: 2000.0, 0.003, 5.0) <= 48  # what the first period may grow, then held
+    # A server that gets faster with what is in flight, each answer 50 ms (cap ÷ 0.05 s): the cap grows.
+    assert drive(lambda cap: cap / 0.05, 0.05, 5.0) >= 1000
