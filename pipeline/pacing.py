@@ -137,8 +137,9 @@ class InFlightLimit:
 
         Answers are counted over periods of at least ``period_s`` (and two median latencies); while a period's
         answer rate beats the best one by ``gain`` and what was in flight (rate × median latency) filled at
-        least half the cap, the cap may grow to 1.5 × the cap the next period starts with. When it does not, more requests in flight only queue (a fast server, a client at its CPU's
-        limit): the cap holds, and what it holds in flight is all a refusal can catch at once.
+        least half the cap, the cap may grow to 1.5 × the cap the next period starts with. When it does not,
+        more requests in flight only queue (a fast server, a client at its CPU's limit): the cap holds, and
+        what it holds in flight is all a refusal can catch at once.
         ``period_s = inf`` turns the rule off.
         """
         if not math.isfinite(self.period_s):  # the rule is off: the cap follows latency alone
