@@ -3,7 +3,8 @@
 A job is a TOML file. Relative paths written in it are resolved against the job file's own folder, so
 a cron entry that runs from ``/`` reads the same files as a run from the project root
 (``jobs/x.toml`` says ``input = "../data/x.csv"``). Paths given as CLI flags are relative to the
-current directory, as any command-line path is.
+current directory, as any command-line path is. ``~`` is the home folder in both, as in a shell: a quoted
+flag or a TOML string never reaches the shell that would expand it.
 """
 
 from __future__ import annotations
@@ -528,11 +529,25 @@ PATH_KEYS = (
 )
 
 
+def expand_home(value: str) -> str:
+    """``~/data.csv`` → ``/home/me/data.csv``, as a shell would; object URIs and other text unchanged."""
+    return os.path.expanduser(value) if value.startswith("~") and not is_object_uri(value) else value
+
+
+def _expand_paths(data: dict[str, Any]) -> None:
+    """``~`` in a path setting means the home folder, whether written in the job file or given as a flag."""
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = expand_home(values[key])
+
+
 def _anchor_paths(data: dict[str, Any], base_dir: Path) -> None:
     """Relative paths written in a job file mean "beside the job file", wherever the command runs.
 
     Object URIs are not paths: ``s3://bucket/key`` means the same object from any folder.
     """
+    _expand_paths(data)
     for section, key in PATH_KEYS:
         values = data.get(section)
         if not isinstance(values, dict):
@@ -622,6 +637,7 @@ def spec_from_dict(
     for flag, value in overrides.items():
         section, key = OVERRIDES[flag]
         data.setdefault(section, {})[key] = value
+    _expand_paths(data)
     objects = _localize_objects(data)
     try:
         spec = JobSpec.model_validate(data, context={"objects": objects})
@@ -638,7 +654,7 @@ def spec_from_dict(
 
 def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read and validate a job file; every problem is a one-line ``SpecError`` naming file and key."""
-    p = Path(path)
+    p = Path(expand_home(os.fspath(path)))
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
