@@ -21,8 +21,8 @@ from pipeline.spec import DEFAULT_MODEL
 
 #: Columns put in the user template at most; the rest are listed in a comment.
 TEMPLATE_COLUMNS = 8
-#: Characters that cannot appear in a ``{column}`` placeholder (see ``prompts.template_fields``).
-_NOT_PLACEABLE = set("\"' :,.[]{}!")
+#: Characters that cannot appear in a ``{column}`` placeholder (see ``prompts.parse_template``).
+_NOT_PLACEABLE = set("{}")
 _MESSAGE_NAMES = ("messages", "conversation", "conversations", "chat", "dialog", "dialogue")
 
 
@@ -128,11 +128,11 @@ def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force
             chosen = usable[:TEMPLATE_COLUMNS] or [c for c in columns if not (set(c) & _NOT_PLACEABLE)][:1]
             if not chosen:
                 raise SpecError(
-                    f"{input_path}: no column can be a {{column}} placeholder (names with spaces or punctuation); "
+                    f"{input_path}: no column can be a {{column}} placeholder (every name holds a brace); "
                     "rename a column or write the job by hand"
                 )
-            template = "\\n".join(f"{c}: {{{c}}}" for c in chosen) if len(chosen) > 1 else f"{{{chosen[0]}}}"
-            lines.append(f'user = "{template}"')
+            template = "\n".join(f"{c}: {{{c}}}" for c in chosen) if len(chosen) > 1 else f"{{{chosen[0]}}}"
+            lines.append(f"user = {_q(template)}")
             left = [c for c in columns if c not in chosen and c != id_column]
             if left:
                 lines.append(f"# Not in the template: {', '.join(left)}")

@@ -336,13 +336,13 @@ CASES: list[Case] = [
         "template uses a column not in the input",
         '`user = "Review: {txet}"`',
         job(prompt={"user": "Review: {txet}"}),
-        "'txet'",
+        "'txet' (closest: 'text')",
     ),
     Case(
         "system template uses a column not in the input",
         '`system = "About {prodcut}"`',
         job(prompt={"system": "About {prodcut}"}),
-        "'prodcut'",
+        "prompt.system uses column(s) 'prodcut' (closest: 'product')",
     ),
     Case(
         "JSON literal in a template",
@@ -350,12 +350,24 @@ CASES: list[Case] = [
         job(prompt={"user": 'Answer like {"a": 1}: {text}'}),
         "{{",
     ),
-    Case("positional placeholder", '`user = "Review: {}"`', job(prompt={"user": "Review: {}"}), "positional"),
+    Case("empty placeholder", '`user = "Review: {}"`', job(prompt={"user": "Review: {}"}), "empty placeholder"),
     Case(
         "format spec in a placeholder",
         '`user = "{text:>20}"`',
         job(prompt={"user": "{text:>20}"}),
-        "must be a plain column name",
+        "'text:>20' (closest: 'text')",
+    ),
+    Case(
+        "placeholder for a column with a space, spelled with an underscore",
+        '`user = "{review_text}"`, the column is `review text`',
+        with_input("in.csv", "review_id,review text\nr-1,Boils fast.\n", prompt={"user": "{review_text}"}),
+        "'review_text' (closest: 'review text'",
+    ),
+    Case(
+        "JSON object literal in a template",
+        '`user = "Answer like {\\"a\\": {\\"b\\": 1}}: {text}"`',
+        job(prompt={"user": 'Answer like {"a": {"b": 1}}: {text}'}),
+        "double them: {{ and }}",
     ),
     Case(
         "unbalanced brace in a template",
