@@ -116,7 +116,8 @@ class JobSection(_Strict):
     """The output file; its format follows the extension (``OUTPUT_FORMATS``). The manifest and (by default) the
     ledger sit beside it. For an object URI this is the local file written, then uploaded."""
     id_column: str | None = None
-    """Column whose values name rows in errors and logs; row numbers are used when unset."""
+    """Column whose values name rows in the output, errors and logs; row numbers are used when unset. Every
+    value must be present and unique: an empty or repeated id stops the run before sending (``reader.check_ids``)."""
     ledger: Path | None = None
     """SQLite ledger of paid answers; default ``<output>.ledger.sqlite``."""
     run_output: str | None = None

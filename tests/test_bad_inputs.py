@@ -170,6 +170,13 @@ def parquet_input(tmp: Path) -> None:
     pl.read_csv(tmp / "data" / "in.csv").write_parquet(tmp / "data" / "in.parquet")
 
 
+def write_parquet(path: Path, columns: dict[str, list[Any]]) -> None:
+    import polars as pl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(columns).write_parquet(path)
+
+
 GOOD_SCHEMA = {
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["positive", "negative", "neutral"]}},
@@ -382,16 +389,31 @@ CASES: list[Case] = [
         "job.id_column 'rid' is not an input column",
     ),
     Case(
-        "dedupe off with repeated ids",
-        "`dedupe = false`, `r-1` twice",
-        with_input("in.csv", CSV + "r-1,kettle,Again.\n", job={"dedupe": False}),
-        "repeats values",
+        "repeated ids",
+        '`id_column = "review_id"`, `r-1` on lines 2 and 5',
+        with_input("in.csv", CSV + "r-1,kettle,Again.\n"),
+        "job.id_column 'review_id' repeats 'r-1' on lines 2 and 5",
     ),
     Case(
-        "dedupe off with an empty id",
-        "`dedupe = false`, one id empty",
-        with_input("in.csv", CSV + ",kettle,No id.\n", job={"dedupe": False}),
-        "is empty on 1 row",
+        "an empty id",
+        "one `review_id` empty, one blank",
+        with_input("in.csv", CSV + ',kettle,No id.\n" ",lamp,Blank id.\n'),
+        "job.id_column 'review_id' is empty on lines 5 and 6",
+    ),
+    Case(
+        "repeated ids in a Parquet input",
+        "`review_id` 7 on rows 1 and 3",
+        then(
+            job(job={"input": "../data/in.parquet"}),
+            lambda tmp: write_parquet(tmp / "data" / "in.parquet", {"review_id": [7, 8, 7], "text": ["a", "b", "c"]}),
+        ),
+        "job.id_column 'review_id' repeats '7' on rows 1 and 3",
+    ),
+    Case(
+        "empty header name",
+        "`review_id,,text` (a column without a name)",
+        with_input("in.csv", "review_id,,text\nr-1,kettle,Boils fast.\n"),
+        "line 1: column 2 of the header has no name (between 'review_id' and 'text')",
     ),
     Case(
         "image column not in the input", '`image_columns = ["photo"]`', job(media={"image_columns": ["photo"]}), "photo"
