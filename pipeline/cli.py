@@ -387,12 +387,13 @@ def show(output: str, n: int, only_status: str | None, width: int, debug: bool) 
 @debug_opt
 @guarded
 def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, debug: bool) -> None:
-    """Write a commented starter job for INPUT (.parquet, .csv, .jsonl or an OpenAI Batch input file)."""
+    """Write a commented starter job for INPUT (.parquet, .csv, .tsv, .jsonl, compressed .gz/.zst text, or an
+    OpenAI Batch input file)."""
     from pipeline.spec import expand_home
-    from pipeline.starter import starter_job
+    from pipeline.starter import starter_job, table_stem
 
     input_path = Path(expand_home(str(input_path)))
-    job_path = Path(expand_home(str(job_path))) if job_path else Path("jobs") / f"{input_path.stem}.toml"
+    job_path = Path(expand_home(str(job_path))) if job_path else Path("jobs") / f"{table_stem(input_path)}.toml"
     made = starter_job(input_path, job_path, schema=schema, force=force)
     click.echo(f"wrote {made.job} ({made.kind}: {len(made.columns)} input column(s))")
     if made.schema is not None:

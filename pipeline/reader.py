@@ -3,7 +3,8 @@
 Rows are read twice per run, once to build requests and once to write the output, instead of being
 held in memory: a 10M-row input then costs one chunk of memory, not ten million dicts.
 
-Every format is streamed, so memory stays at one read block plus one chunk whatever the file size:
+Every format is streamed, so memory stays at one read block plus one chunk whatever the file size (a .gz
+or .zst text file too: it is decompressed as it is read, see ``_open_bytes``):
 Parquet through pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read
 as text, then cast to the type inferred over the *whole* file by ``open_input``'s pass, so a float on
 row 900,000 of an int column widens the column instead of failing mid-run), JSONL line by line with
@@ -17,6 +18,7 @@ N being the 1-based physical line of the file (the CSV header is line 1).
 from __future__ import annotations
 
 import codecs
+import io
 import random
 import re
 from bisect import bisect_left
@@ -40,10 +42,32 @@ else:  # a small Parquet input is read by polars alone; pyarrow loads for stream
     pa, pc, pcsv, pq = lazy("pyarrow"), lazy("pyarrow.compute"), lazy("pyarrow.csv"), lazy("pyarrow.parquet")
 from pipeline.records import Row, RowRange, Selection
 
-__all__ = ["FORMATS", "ROW_NUMBER", "InputTable", "RowRange", "Selection", "open_input", "read_frames", "read_rows"]
+__all__ = [
+    "COMPRESSED",
+    "FORMATS",
+    "ROW_NUMBER",
+    "InputTable",
+    "RowRange",
+    "Selection",
+    "open_input",
+    "read_frames",
+    "read_rows",
+]
 
 ROW_NUMBER = "__seedbatch_row"
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "ndjson",
+    ".ndjson": "ndjson",
+}
+#: Compressed text inputs (``reviews.csv.gz``, ``events.jsonl.zst``) by their last suffix: read as they
+#: stream, through pyarrow's decompressing input stream.
+COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
+#: Separators a one-column CSV header is checked for, with the word for them (see ``_open_csv``).
+_SEPARATORS = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "vertical bar"}
 
 #: Bytes pyarrow's CSV reader parses at a time; doubled (up to the cap) when one row is longer.
 CSV_BLOCK = 1 << 20
@@ -77,29 +101,65 @@ class InputTable:
     #: JSONL: fields kept as JSON text whatever they hold (a message list, a Batch line's body), so a field
     #: whose nesting differs from line to line (content as text here, as parts there) still reads.
     json_columns: tuple[str, ...] = ()
+    #: CSV: the field separator (``job.delimiter``; a tab for .tsv, else a comma).
+    delimiter: str = ","
 
 
-def open_input(path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = ()) -> InputTable:
+class DelimiterGuess(InputError):
+    """A CSV file whose one-column header holds another separator: it was likely written with that one."""
+
+    def __init__(self, message: str, delimiter: str) -> None:
+        super().__init__(message)
+        self.delimiter = delimiter
+
+
+def input_format(path: Path) -> tuple[str | None, str | None, str]:
+    """(format, compression, the format's suffix) from a file name: ``x.tsv.gz`` → ("csv", "gzip", ".tsv")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if not suffixes:
+        return None, None, ""
+    compression = COMPRESSED.get(suffixes[-1])
+    if compression is None:
+        return FORMATS.get(suffixes[-1]), None, suffixes[-1]
+    inner = suffixes[-2] if len(suffixes) > 1 else ""
+    return FORMATS.get(inner), compression, inner
+
+
+def open_input(
+    path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = (), delimiter: str | None = None
+) -> InputTable:
     """Check the input exists, has a known format, parses, and has rows; return its shape.
 
     CSV and JSONL are read once, whole and streamed, to count rows, infer types and find any bad
     line before anything is sent; Parquet's shape comes from its footer. ``json_columns`` of a JSONL
-    file are read as JSON text (see ``InputTable.json_columns``).
+    file are read as JSON text (see ``InputTable.json_columns``). ``delimiter`` is ``job.delimiter``: unset,
+    a .tsv file is tab-separated and any other CSV comma-separated, and a header that reads as one column
+    holding another separator is refused with the setting to use (``DelimiterGuess``).
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
     if path.is_dir():
-        raise InputError(f"{path}: input is a directory; give one .parquet, .csv or .jsonl file")
-    fmt = FORMATS.get(path.suffix.lower())
+        raise InputError(f"{path}: input is a directory; give one .parquet, .csv, .tsv or .jsonl file")
+    fmt, compression, inner = input_format(path)
     if fmt is None:
-        raise InputError(f"{path}: unknown input format {path.suffix!r}; use .parquet, .csv or .jsonl")
+        shown = "".join(path.suffixes[-2:]) if compression else path.suffix
+        raise InputError(
+            f"{path}: unknown input format {shown!r}; use .parquet, .csv, .tsv or .jsonl "
+            "(the text ones may be compressed: .gz, .zst)"
+        )
+    if fmt == "parquet" and compression:
+        raise InputError(f"{path}: a compressed Parquet file; decompress it (Parquet compresses its own columns)")
+    if delimiter is not None and fmt != "csv":
+        kind = "JSONL" if fmt == "ndjson" else "Parquet"
+        raise InputError(f"{path}: job.delimiter is for CSV and TSV input; remove it for a {kind} file")
     codec = _codec(path, encoding)
     if fmt == "parquet":
         table = _open_parquet(path)
     elif path.stat().st_size == 0:
         raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
     elif fmt == "csv":
-        table = _open_csv(path, codec)
+        sep = delimiter if delimiter is not None else ("\t" if inner == ".tsv" else ",")
+        table = _open_csv(path, codec, sep, sniff=delimiter is None)
     else:
         table = _open_jsonl(path, codec, tuple(json_columns))
     if table.rows == 0 and fmt == "ndjson":
@@ -109,7 +169,16 @@ def open_input(path: Path, encoding: str = "utf-8", json_columns: Sequence[str] 
     if ROW_NUMBER in table.columns:
         raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
     return InputTable(
-        path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size, table.json_columns
+        path,
+        fmt,
+        table.columns,
+        table.dtypes,
+        table.rows,
+        encoding,
+        table.schema,
+        table.block_size,
+        table.json_columns,
+        table.delimiter,
     )
 
 
@@ -442,8 +511,44 @@ def read_rows(
 
 
 def _open_bytes(path: Path) -> BinaryIO:
-    """The one place input files are opened for streaming (tests wrap it to watch what is read)."""
-    return open(path, "rb")
+    """The one place input files are opened for streaming (tests wrap it to watch what is read): a .gz or
+    .zst file decompressed as it is read, so every reader and every line number sees the text."""
+    compression = input_format(path)[1]
+    if compression is None:
+        return open(path, "rb")
+    try:
+        stream = pa.input_stream(str(path), compression=compression)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot open the {compression} file: {str(exc).splitlines()[0]}") from None
+    return io.BufferedReader(_Decompressed(stream, path, compression), buffer_size=1 << 16)
+
+
+class _Decompressed(io.RawIOBase):
+    """pyarrow's decompressing stream as a Python binary file; a corrupt or cut-off file is an InputError."""
+
+    def __init__(self, stream: pa.NativeFile, path: Path, compression: str) -> None:
+        self._stream = stream
+        self._path = path
+        self._compression = compression
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._stream.read(len(buffer))
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(
+                f"{self._path}: cannot decompress this {self._compression} file ({str(exc).splitlines()[0]}); "
+                "check that it is complete"
+            ) from None
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
 
 
 class _Tracked:
@@ -498,7 +603,7 @@ def _text_lines(path: Path, codec: str) -> Iterator[tuple[int, str]]:
     decoder = codecs.getincrementaldecoder(codec)("strict")
     line = 1
     pending = ""
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for raw in f:
             try:
                 pending += decoder.decode(raw)
@@ -524,15 +629,22 @@ class _BlockTooSmall(Exception):
     """One row is longer than the read block: read again with a larger one."""
 
 
-def _open_csv(path: Path, codec: str) -> InputTable:
-    """One streamed pass over the whole file: header, row count, bad lines, and each column's type."""
+def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
+    """One streamed pass over the whole file: header, row count, bad lines, and each column's type.
+
+    With ``sniff`` (no ``job.delimiter``), a header that reads as one column holding a tab, a semicolon, a
+    comma or a bar is refused before any row is parsed: its rows would fail with a misleading field count,
+    or every placeholder would miss, when the fix is one setting.
+    """
     block = CSV_BLOCK
     while True:
         try:
-            names = _csv_names(path, codec, block)
+            names = _csv_names(path, codec, block, sep)
+            if sniff and len(names) == 1:
+                _check_separator(path, names[0], sep)
             seen: dict[str, set[str] | None] = dict.fromkeys(names)
             rows = 0
-            for batch in _csv_batches(path, codec, block, names, None):
+            for batch in _csv_batches(path, codec, block, names, None, sep):
                 rows += batch.num_rows
                 for name, column in zip(names, batch.columns, strict=True):
                     seen[name] = _narrow(seen[name], column)
@@ -547,7 +659,19 @@ def _open_csv(path: Path, codec: str) -> InputTable:
     for name, kinds in seen.items():
         kind = next((k for k in _CSV_TYPES if kinds and k in kinds), None)
         schema[name] = _CSV_TYPES[kind] if kind else pl.String()
-    return InputTable(path, "csv", tuple(names), {k: str(v) for k, v in schema.items()}, rows, codec, schema, block)
+    dtypes = {k: str(v) for k, v in schema.items()}
+    return InputTable(path, "csv", tuple(names), dtypes, rows, codec, schema, block, delimiter=sep)
+
+
+def _check_separator(path: Path, header: str, sep: str) -> None:
+    for other, word in _SEPARATORS.items():
+        if other != sep and other in header:
+            setting = "\\t" if other == "\t" else other
+            raise DelimiterGuess(
+                f"{path}: line 1: the header reads as one column {header!r}, and it holds {word}s: the file looks "
+                f'{word}-separated; set job.delimiter = "{setting}"',
+                other,
+            )
 
 
 def _narrow(kinds: set[str] | None, column: pa.Array) -> set[str] | None:
@@ -576,21 +700,23 @@ def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
     return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
 
 
-def _csv_names(path: Path, codec: str, block: int) -> list[str]:
+def _csv_names(path: Path, codec: str, block: int, sep: str) -> list[str]:
     """The header's column names (pyarrow parses the first block to find them)."""
     with _open_bytes(path) as raw:
         try:
             reader = pcsv.open_csv(
                 raw,
                 read_options=_csv_read_options(codec, block),
-                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda _: "skip"),
+                parse_options=pcsv.ParseOptions(
+                    delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
+                ),
             )
             names = list(reader.schema.names)
             reader.close()
         except (pa.ArrowException, UnicodeError) as exc:
             if "Empty CSV file" in str(exc):
                 raise InputError(f"{path}: input is empty (no header, no rows)") from None
-            raise _csv_error(path, codec, None, exc) from None
+            raise _csv_error(path, codec, sep, None, exc) from None
     for i, name in enumerate(names):
         if not name.strip():
             raise InputError(
@@ -604,7 +730,7 @@ def _csv_names(path: Path, codec: str, block: int) -> list[str]:
 
 
 def _csv_batches(
-    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None
+    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None, sep: str
 ) -> Iterator[pa.RecordBatch]:
     """The file as record batches of text columns, one block at a time; bad lines are InputErrors."""
     bad: list[pcsv.InvalidRow] = []
@@ -619,7 +745,7 @@ def _csv_batches(
         reader = pcsv.open_csv(
             raw,
             read_options=_csv_read_options(codec, block),
-            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            parse_options=pcsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
                 column_types=dict.fromkeys(names, pa.string()),
                 include_columns=list(columns) if columns is not None else None,
@@ -630,13 +756,13 @@ def _csv_batches(
         )
         yield from reader
     except (pa.ArrowException, UnicodeError) as exc:
-        raise _csv_error(path, codec, bad[0] if bad else None, exc) from None
+        raise _csv_error(path, codec, sep, bad[0] if bad else None, exc) from None
     finally:
         if reader is not None:
             reader.close()
         raw.close()
     if raw.quotes % 2:
-        problem = _locate_csv_problem(path, codec)
+        problem = _locate_csv_problem(path, codec, sep)
         if problem is not None:
             raise InputError(problem)
 
@@ -645,7 +771,7 @@ def _csv_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl
     """The CSV as polars frames, one per read block, with the types ``open_input`` inferred."""
     schema = table.schema or {}
     codec = _codec(table.path, table.encoding)
-    for batch in _csv_batches(table.path, codec, table.block_size, table.columns, columns):
+    for batch in _csv_batches(table.path, codec, table.block_size, table.columns, columns, table.delimiter):
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
         casts = []
@@ -658,11 +784,13 @@ def _csv_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl
         yield frame.with_columns(casts) if casts else frame
 
 
-def _csv_error(path: Path, codec: str, row: pcsv.InvalidRow | None, exc: Exception) -> Exception:
+def _csv_error(path: Path, codec: str, sep: str, row: pcsv.InvalidRow | None, exc: Exception) -> Exception:
     """The one-line InputError for a failed CSV read (or ``_BlockTooSmall`` when that is all it was)."""
+    if isinstance(exc, InputError):  # a compressed file that does not decompress
+        return exc
     if row is not None and row.number is not None and row.number > 0 and "\n" not in (row.text or "\n"):
-        return InputError(_fields_message(path, row.number, row.number, row.expected_columns, row.actual_columns))
-    problem = _locate_csv_problem(path, codec)
+        return InputError(_fields_message(path, row.number, row.number, row.expected_columns, row.actual_columns, sep))
+    problem = _locate_csv_problem(path, codec, sep)
     if problem is not None:
         return InputError(problem)
     if "straddl" in str(exc):
@@ -671,7 +799,8 @@ def _csv_error(path: Path, codec: str, row: pcsv.InvalidRow | None, exc: Excepti
     return InputError(f"{path}: cannot read csv input: {first}; check that it is a CSV file with a header line")
 
 
-def _fields_message(path: Path, start: int, end: int, expected: int, got: int) -> str:
+def _fields_message(path: Path, start: int, end: int, expected: int, got: int, sep: str) -> str:
+    word = _SEPARATORS.get(sep, repr(sep))
     if end > start:
         return (
             f"{path}: line {start}: a quoted field opened on this line runs to line {end}, making a row of {got} "
@@ -680,15 +809,15 @@ def _fields_message(path: Path, start: int, end: int, expected: int, got: int) -
     if got > expected:
         return (
             f"{path}: line {start}: {got} fields but the header has {expected}; "
-            "quote the field or remove the extra comma"
+            f"quote the field or remove the extra {word}"
         )
     return (
         f"{path}: line {start}: {got} fields but the header has {expected}; "
-        "add the missing fields (an empty one is just a comma) or fix the header"
+        f"add the missing fields (an empty one is just a {word}) or fix the header"
     )
 
 
-def _csv_records(path: Path, codec: str) -> Generator[tuple[int, int, int | None, int], None, None]:
+def _csv_records(path: Path, codec: str, sep: str) -> Generator[tuple[int, int, int | None, int], None, None]:
     """Each record of a CSV file, header first: (first line, line its last quote opened on, last line or None
     when a quoted field is never closed, fields). A plain (slow, exact) pass that decodes line by line and
     follows quoting as pyarrow does, skipping blank lines as it does; ``_Undecodable`` on bad bytes."""
@@ -714,7 +843,7 @@ def _csv_records(path: Path, codec: str) -> Generator[tuple[int, int, int | None
             elif text.startswith('"', pos):
                 in_quote, quote_line, pos = True, line, pos + 1
                 continue
-            comma = text.find(",", pos)
+            comma = text.find(sep, pos)
             if comma < 0:
                 break
             fields, pos = fields + 1, comma + 1
@@ -724,7 +853,7 @@ def _csv_records(path: Path, codec: str) -> Generator[tuple[int, int, int | None
         yield start, quote_line, None, fields
 
 
-def _locate_csv_problem(path: Path, codec: str) -> str | None:
+def _locate_csv_problem(path: Path, codec: str, sep: str) -> str | None:
     """The first bad line of a CSV file (``_csv_records``); None if it is fine.
 
     Run only after pyarrow failed or the quotes did not pair up: it can name the line a record or a
@@ -732,7 +861,7 @@ def _locate_csv_problem(path: Path, codec: str) -> str | None:
     """
     expected: int | None = None
     try:
-        for start, quote_line, end, fields in _csv_records(path, codec):
+        for start, quote_line, end, fields in _csv_records(path, codec, sep):
             if end is None:
                 return (
                     f"{path}: line {quote_line}: a quoted field starts here and is never closed; "
@@ -741,7 +870,7 @@ def _locate_csv_problem(path: Path, codec: str) -> str | None:
             if expected is None:
                 expected = fields
             elif fields != expected:
-                return _fields_message(path, quote_line if end > start else start, end, expected, fields)
+                return _fields_message(path, quote_line if end > start else start, end, expected, fields, sep)
     except _Undecodable as exc:
         return _decode_message(path, codec, exc.line, exc.byte)
     return None
@@ -753,7 +882,7 @@ def _row_lines(table: InputTable, numbers: Collection[int]) -> dict[int, int]:
     found: dict[int, int] = {}
     row = 0
     if table.format == "csv":
-        records = _csv_records(table.path, _codec(table.path, table.encoding))
+        records = _csv_records(table.path, _codec(table.path, table.encoding), table.delimiter)
         next(records, None)  # the header
         for start, _, _, _ in records:
             if row in wanted:

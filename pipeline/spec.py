@@ -106,8 +106,9 @@ class JobSection(_Strict):
     name: str | None = None
     """Name used in logs and the manifest; defaults to the job file's stem."""
     input: Path
-    """The prompt table: .parquet, .csv or .jsonl/.ndjson. An object URI (``s3://bucket/key``) is read through a
-    local copy, and this is that copy's path (``JobSpec.objects`` keeps the URI)."""
+    """The prompt table: .parquet, .csv, .tsv or .jsonl/.ndjson (the text ones also .gz or .zst compressed). An
+    object URI (``s3://bucket/key``) is read through a local copy, and this is that copy's path (``JobSpec.objects``
+    keeps the URI)."""
     input_format: Literal["table", "openai_batch"] = "table"
     """``openai_batch``: the input is an OpenAI Batch input file (``custom_id``, ``method``, ``url``, ``body`` per
     line); each line's ``body`` is the request and ``custom_id`` the row id. Said, not guessed: "body" is also a
@@ -126,11 +127,21 @@ class JobSection(_Strict):
     """Send identical requests once. Turn off to sample several answers at temperature > 0 without a seed."""
     encoding: str = "utf-8"
     """Text encoding of a CSV or JSONL input, e.g. "latin-1", "cp1252", "utf-8-sig"."""
+    delimiter: str | None = None
+    """Field separator of a CSV input, one character (``"\t"``, ``";"``, ``"|"``). Unset: a tab for .tsv, else a comma,
+    and a header that reads as one column holding another separator is an error naming this setting."""
     batch_output: Path | None = None
     """Also write an OpenAI Batch-style output file (.jsonl): one line per row, as OpenAI's Batch API returns."""
     chunk_rows: int = Field(default=2_000, ge=100, le=1_000_000)
     """Rows read from the input at a time; bounds memory on huge inputs (2,000: 271 MB peak RSS on the 100k-row
     benchmark where 10,000 gave 420 MB, at the same speed)."""
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 1 or value in '"\r\n'):
+            raise ValueError('one character other than a quote or a line break, e.g. "\\t", ";" or "|"')
+        return value
 
     @model_validator(mode="before")
     @classmethod

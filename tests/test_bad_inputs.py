@@ -12,6 +12,7 @@ so fixing one turns the run red until its mark is removed.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -287,6 +288,50 @@ CASES: list[Case] = [
     Case("input is a directory", '`input = "../data"`', job(job={"input": "../data"}), "input is a directory"),
     Case("unknown input extension", "`data/in.txt`", with_input("in.txt", CSV), "unknown input format '.txt'"),
     Case("empty CSV", "a 0-byte `data/in.csv`", with_input("in.csv", ""), "data/in.csv: input is empty"),
+    Case(
+        "tab-separated file named .csv",
+        "`review_id⇥product⇥text` in `data/in.csv`",
+        with_input("in.csv", CSV.replace(",", "\t").replace("Boils fast.", "Boils fast, really.")),
+        'the file looks tab-separated; set job.delimiter = "\\t"',
+    ),
+    Case(
+        "semicolon-separated file named .csv",
+        "`review_id;product;text` in `data/in.csv`",
+        with_input("in.csv", CSV.replace(",", ";")),
+        'the file looks semicolon-separated; set job.delimiter = ";"',
+    ),
+    Case(
+        "delimiter of more than one character",
+        '`delimiter = "tab"`',
+        job(job={"delimiter": "tab"}),
+        "job.delimiter: Value error, one character",
+    ),
+    Case(
+        "delimiter for a JSONL input",
+        '`delimiter = ";"` with `data/in.jsonl`',
+        with_input(
+            "in.jsonl", '{"review_id": "r-1", "text": "ok"}\n', job={"input": "../data/in.jsonl", "delimiter": ";"}
+        ),
+        "job.delimiter is for CSV and TSV input",
+    ),
+    Case(
+        "bad line in a gzip-compressed CSV",
+        "line 5 of `data/in.csv.gz` has 4 fields",
+        with_input("in.csv.gz", gzip.compress((CSV + "r-4,lamp,too,many\n").encode())),
+        "data/in.csv.gz: line 5: 4 fields but the header has 3",
+    ),
+    Case(
+        "cut-off gzip file",
+        "`data/in.csv.gz` cut off mid-stream",
+        with_input("in.csv.gz", gzip.compress("".join(f"r-{i},lamp,text {i}\n" for i in range(3000)).encode())[:5000]),
+        "cannot decompress this gzip file",
+    ),
+    Case(
+        "compressed Parquet file",
+        "`data/in.parquet.gz`",
+        with_input("in.parquet.gz", gzip.compress(b"PAR1")),
+        "a compressed Parquet file",
+    ),
     Case(
         "CSV with a header only",
         "`review_id,product,text` and nothing else",

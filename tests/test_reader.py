@@ -112,7 +112,7 @@ def test_unsupported_extension(tmp_path: Path, name: str) -> None:
     p.write_text("text\nx\n")
     msg = _input_error(p)
     assert "unknown input format" in msg
-    assert ".parquet, .csv or .jsonl" in msg
+    assert ".parquet, .csv, .tsv or .jsonl" in msg
 
 
 def test_reserved_column_name(tmp_path: Path) -> None:
