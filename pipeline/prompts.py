@@ -437,20 +437,43 @@ def _cell(value: Any) -> str:
     """A cell as prompt text: null renders empty (and is counted by the caller); see ``as_text``."""
     if value is None:
         return ""
-    return value if type(value) is str else as_text(value)
+    if type(value) is str:
+        return value
+    render = _RENDER.get(type(value))
+    return render(value) if render is not None else as_text(value)
 
 
 def as_text(value: Any) -> str:
     """A non-text value as it goes into a prompt: lists and structs as compact JSON (never Python's repr),
     dates, times and timestamps as ISO 8601, binary as base64, numbers and booleans as ``str`` gives them."""
     if isinstance(value, list | dict | tuple):
-        return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS).decode()
+        return _json(value)
     if isinstance(value, dt.date | dt.time):  # datetime is a date
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode()
     return str(value)
 
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS).decode()
+
+
+def _isoformat(value: dt.date | dt.time) -> str:
+    return value.isoformat()
+
+
+#: ``as_text`` by exact type, for the types cells come as (one dict lookup per cell in the render loop).
+_RENDER: dict[type, Callable[[Any], str]] = {
+    int: str,
+    float: str,
+    bool: str,
+    list: _json,
+    dict: _json,
+    dt.date: _isoformat,
+    dt.datetime: _isoformat,
+    dt.time: _isoformat,
+}
 
 #: Keys of a map column may be numbers. Timestamps are written as ``isoformat`` writes them (orjson's RFC 3339
 #: is that form): naive ones stay naive, with no invented time zone.
