@@ -328,6 +328,18 @@ def test_ids_named_in_a_parquet_input_by_row(tmp_path: Path) -> None:
         check_ids(open_input(p), "id")
 
 
+def test_ids_whose_hashes_collide_are_compared_by_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every hash equal: every row is a suspect, and the values, all distinct, clear them."""
+    p = tmp_path / "ids.csv"
+    p.write_text("id,text\n" + "".join(f"x{i},t\n" for i in range(500)))
+    table = open_input(p)
+    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: pl.Series([0] * len(self), dtype=pl.UInt64))
+    check_ids(table, "id")
+    p.write_text("id,text\n" + "".join(f"x{i},t\n" for i in range(500)) + "x7,t\n")
+    with pytest.raises(InputError, match=r"repeats 'x7' on lines 9 and 502;"):
+        check_ids(open_input(p), "id")
+
+
 @pytest.mark.parametrize("ids", [["1", "1"], ["", ""], ["None", ""]], ids=["duplicate", "null", "null-vs-None"])
 def test_dedupe_off_gives_every_row_its_own_request_even_with_bad_ids(tmp_path: Path, ids: list[str]) -> None:
     p = tmp_path / "rows.csv"
