@@ -666,10 +666,10 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
 def _check_separator(path: Path, header: str, sep: str) -> None:
     for other, word in _SEPARATORS.items():
         if other != sep and other in header:
-            setting = "\\t" if other == "\t" else other
+            setting, current = ("\\t" if c == "\t" else c for c in (other, sep))
             raise DelimiterGuess(
                 f"{path}: line 1: the header reads as one column {header!r}, and it holds {word}s: the file looks "
-                f'{word}-separated; set job.delimiter = "{setting}"',
+                f'{word}-separated; set job.delimiter = "{setting}" (or "{current}" if it is one column)',
                 other,
             )
 

@@ -70,7 +70,7 @@ def test_a_header_that_looks_otherwise_separated_names_the_setting(
         open_input(path)
     assert str(info.value) == (
         f"{path}: line 1: the header reads as one column {f'review_id{sep}text'!r}, and it holds {word}s: "
-        f"the file looks {word}-separated; set job.delimiter = {setting}"
+        f'the file looks {word}-separated; set job.delimiter = {setting} (or "," if it is one column)'
     )
     assert info.value.delimiter == sep
 
