@@ -209,6 +209,9 @@ def _open_parquet(path: Path) -> InputTable:
 
 #: Rows named in an id error, at most.
 SHOWN_ROWS = 3
+#: Repeated id hashes whose rows are read again to compare their values, and rows read per hash, at most.
+SUSPECT_HASHES = 64
+ROWS_PER_HASH = 16
 
 
 def check_ids(table: InputTable, column: str, why: str = " (each id names one row of the output)") -> None:
@@ -252,22 +255,31 @@ def check_ids(table: InputTable, column: str, why: str = " (each id names one ro
         return
     repeated_hashes = ordered.slice(1).filter(twins).unique()
     del ordered, twins
-    rows = set(both.is_in(repeated_hashes.implode()).arg_true().to_list())
-    del both
+    # A few repeated hashes, the earliest in row order, and a few rows of each are read again: an input whose
+    # every id repeats must not build a set of every row. A value on two of them is the error.
+    first_rows = both.is_in(repeated_hashes.implode()).arg_true().head(SUSPECT_HASHES)
+    chosen = both.gather(first_rows).unique(maintain_order=True)
+    mask = both.is_in(chosen.implode())
+    rows_of = pl.DataFrame({"h": both.filter(mask), "row": mask.arg_true().cast(pl.Int64)})
+    wanted = rows_of.group_by("h", maintain_order=True).head(ROWS_PER_HASH).get_column("row").sort()
     seen: dict[str, list[int]] = {}
     for frame in _id_frames(table, column):
-        picked = frame.filter(pl.col(ROW_NUMBER).is_in(rows)) if rows else frame.clear()
+        picked = frame.filter(pl.col(ROW_NUMBER).cast(pl.Int64).is_in(wanted))
         for number, value in zip(
             picked.get_column(ROW_NUMBER).to_list(), picked.get_column(column).to_list(), strict=True
         ):
             seen.setdefault(str(value), []).append(number)
+        if int(frame.get_column(ROW_NUMBER)[-1]) >= int(wanted[-1]):
+            break
     repeated = {value: numbers for value, numbers in seen.items() if len(numbers) > 1}
     if not repeated:
         return  # only hashes collided
     value, numbers = min(repeated.items(), key=lambda item: item[1][1])  # the first row that repeats an id
-    notes = [f"{len(numbers):,} rows"] if len(numbers) > SHOWN_ROWS else []
-    if len(repeated) > 1:
-        notes.append(f"{len(repeated) - 1:,} other id(s) repeat too")
+    same_hash = int((both == both[numbers[0]]).sum())
+    count = len(numbers) if same_hash <= ROWS_PER_HASH else same_hash  # (a collision aside)
+    notes = [f"{count:,} rows"] if count > SHOWN_ROWS else []
+    if len(repeated_hashes) > 1:
+        notes.append(f"{len(repeated_hashes) - 1:,} other id(s) repeat too")
     note = f" ({'; '.join(notes)})" if notes else ""
     raise InputError(
         f"{table.path}: job.id_column {column!r} repeats {value!r} on {_where(table, numbers[:SHOWN_ROWS])}"
