@@ -9,9 +9,11 @@ process start to exit, peak RSS the child's own (``benchmarks/measured.py``).
 - 1M tier (always): the memory benchmark's 1M-review generator, 1M distinct requests.
 - 10M tier (skipped with ``SEEDBATCH_BENCH_10M=0``, alone with ``=only``): the 1M input tiled ten
   times with the same review ids, so 10M rows ask 1M distinct requests, each ten times (90% of the rows
-  are duplicates the run answers from the first). Sending 10M distinct requests at ~2,000/s would take
-  ~80 min on this machine; the tiled input runs every per-row path (read, render, hash, row map, output)
-  at 10M rows in ~1/10 of that. Its rows/s are rows handled per second, not requests per second.
+  are duplicates the run answers from the first). Each row is named by its own ``row_id``
+  (``<review_id>-t<tile>``, the job's id_column): ids must be unique, while the prompt's review ids
+  repeat. Sending 10M distinct requests at ~2,000/s would take ~80 min on this machine; the tiled input
+  runs every per-row path (read, render, hash, row map, output) at 10M rows in ~1/10 of that. Its rows/s
+  are rows handled per second, not requests per second.
 """
 
 from __future__ import annotations
@@ -54,18 +56,29 @@ def base_input(quick: bool) -> Path:
     return make_reviews(OUT / f"big_reviews_{n}.parquet", n, seed=20261123)
 
 
+#: The id column of the tiled input: one per row, where ``review_id`` repeats once per tile.
+TILED_ID = "row_id"
+
+
 def tiled_input(base: Path, times: int) -> Path:
-    """``base`` repeated ``times`` times, written batch by batch (the harness stays small too)."""
+    """``base`` repeated ``times`` times with a ``row_id`` per row, written batch by batch (the harness stays
+    small too)."""
     rows = pq.ParquetFile(base).metadata.num_rows
-    path = OUT / f"big_reviews_{rows * times}_tiled.parquet"
+    path = OUT / f"big_reviews_{rows * times}_tiled_{TILED_ID}.parquet"
     if path.exists() and path.stat().st_mtime > base.stat().st_mtime:
         return path
     tmp = path.with_name(path.name + ".tmp")
     source = pq.ParquetFile(base)
-    with pq.ParquetWriter(tmp, source.schema_arrow, compression="zstd") as writer:
-        for _ in range(times):
+    kind = source.schema_arrow.field("review_id").type
+    schema = source.schema_arrow.append(pa.field(TILED_ID, kind))
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for tile in range(times):
             for batch in source.iter_batches(batch_size=100_000):
-                writer.write_batch(batch)
+                kind = batch.column("review_id").type
+                ids = pc.binary_join_element_wise(
+                    batch.column("review_id"), pa.scalar(f"-t{tile}", kind), pa.scalar("", kind)
+                )
+                writer.write_batch(batch.append_column(TILED_ID, ids))
     os.replace(tmp, path)
     return path
 
@@ -108,7 +121,8 @@ def run_tier(result: BenchResult, rows: int, data: Path, quick: bool) -> dict[st
     name = f"bench_scale_{tag}"
     work = OUT / f"{name}_input.parquet"
     work.write_bytes(data.read_bytes())  # a copy: the changed-row step edits it
-    job = write_job(name, work, rpm=HIGH_RPM, tpm=HIGH_TPM, concurrency=CONCURRENCY, max_tokens=64)
+    id_column = TILED_ID if TILED_ID in pq.ParquetFile(data).schema_arrow.names else "review_id"
+    job = write_job(name, work, rpm=HIGH_RPM, tpm=HIGH_TPM, concurrency=CONCURRENCY, max_tokens=64, id_column=id_column)
     clean_job(name)
     rates: dict[str, float] = {}
     peaks: list[float] = []

@@ -438,6 +438,7 @@ def write_job(
     concurrency: int = 64,
     max_tokens: int = 64,
     max_attempts: int = 6,
+    id_column: str = "review_id",
 ) -> Path:
     """A job TOML in benchmarks/out/ (preset vllm: an OpenAI-compatible server, no key, URL from --base-url)."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -446,7 +447,7 @@ def write_job(
         limits.append(f"rpm = {rpm}")
     if tpm is not None:
         limits.append(f"tpm = {tpm}")
-    return _job_file(name, input_path, max_tokens, limits, "vllm")
+    return _job_file(name, input_path, max_tokens, limits, "vllm", id_column=id_column)
 
 
 def write_default_job(
@@ -470,7 +471,13 @@ def write_default_job(
 
 
 def _job_file(
-    name: str, input_path: Path, max_tokens: int, limits: list[str], preset: str, endpoint: list[str] | None = None
+    name: str,
+    input_path: Path,
+    max_tokens: int,
+    limits: list[str],
+    preset: str,
+    endpoint: list[str] | None = None,
+    id_column: str = "review_id",
 ) -> Path:
     """The benchmarks' one job shape; absolute paths, since a job file's relative paths are beside it."""
     text = f"""# Written by benchmarks/common.py for the {name!r} benchmark.
@@ -478,7 +485,7 @@ def _job_file(
 name = "{name}"
 input = "{input_path.resolve()}"
 output = "{(OUT / name).resolve()}.parquet"
-id_column = "review_id"
+id_column = "{id_column}"
 
 [model]
 name = "{MODEL}"

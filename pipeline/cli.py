@@ -356,9 +356,10 @@ def show(output: str, n: int, only_status: str | None, width: int, debug: bool) 
     import tempfile
 
     from pipeline.errors import InputError
-    from pipeline.spec import is_object_uri
+    from pipeline.spec import expand_home, is_object_uri
     from pipeline.writer import read_output
 
+    output = expand_home(output)
     with tempfile.TemporaryDirectory(prefix="seedbatch-show-") as tmp:
         if is_object_uri(output):
             from pipeline import storage
@@ -396,10 +397,13 @@ def show(output: str, n: int, only_status: str | None, width: int, debug: bool) 
 @debug_opt
 @guarded
 def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, debug: bool) -> None:
-    """Write a commented starter job for INPUT (.parquet, .csv, .jsonl or an OpenAI Batch input file)."""
-    from pipeline.starter import starter_job
+    """Write a commented starter job for INPUT (.parquet, .csv, .tsv, .jsonl, compressed .gz/.zst text, or an
+    OpenAI Batch input file)."""
+    from pipeline.spec import expand_home
+    from pipeline.starter import starter_job, table_stem
 
-    job_path = job_path or Path("jobs") / f"{input_path.stem}.toml"
+    input_path = Path(expand_home(str(input_path)))
+    job_path = Path(expand_home(str(job_path))) if job_path else Path("jobs") / f"{table_stem(input_path)}.toml"
     made = starter_job(input_path, job_path, schema=schema, force=force)
     click.echo(f"wrote {made.job} ({made.kind}: {len(made.columns)} input column(s))")
     if made.schema is not None:

@@ -19,7 +19,7 @@ from pipeline import media, schema_types, storage
 from pipeline.costs import Price, price_for
 from pipeline.errors import InputError, SpecError
 from pipeline.prompts import Renderer
-from pipeline.reader import InputTable, check_id_column, open_input, read_frames, read_rows, selected_rows
+from pipeline.reader import InputTable, check_ids, open_input, read_frames, read_rows, selected_rows
 from pipeline.records import Request, Selection
 from pipeline.spec import JobSpec
 from pipeline.tools import Tools, answer_tool, job_tools
@@ -147,7 +147,9 @@ def _prepare(
         schema, schema_source = fn["parameters"], f"{tool_set.source}: function {tool_set.forced} parameters"
         schema_types.check_schema(schema, strict=bool(fn.get("strict")), source=schema_source)
     messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
-    table = open_input(spec.job.input, spec.job.encoding, [messages_column] if messages_column else [])
+    table = open_input(
+        spec.job.input, spec.job.encoding, [messages_column] if messages_column else [], spec.job.delimiter
+    )
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
     # Media inside message lists follow the [media] rules (size, formats), whatever columns are named.
     loader = media.MediaBuilder(spec.media).load if messages_column else None
@@ -157,12 +159,11 @@ def _prepare(
         check_messages_type(table, messages_column)
         if spec.media.strict_inputs:
             require_clean_messages(spec, table, selection, schema)
-    if spec.job.input_format == "openai_batch" and spec.job.id_column:
-        check_id_column(table, spec.job.id_column, "in an OpenAI Batch input file")
     if spec.job.id_column and spec.job.id_column not in table.columns:
         raise SpecError(f"{spec.source or 'job'}: job.id_column {spec.job.id_column!r} is not an input column")
-    if spec.job.id_column and not spec.job.dedupe:
-        check_id_column(table, spec.job.id_column)
+    if spec.job.id_column and read_everything:  # (a Ray shard: its driver checked them)
+        batch = spec.job.input_format == "openai_batch"
+        check_ids(table, spec.job.id_column, *([" in an OpenAI Batch input file"] if batch else []))
     if builder is not None:
         builder.check_columns(table.columns, str(spec.source or "job"))
         if spec.media.strict_inputs:  # stat + 16 bytes per file, so a bad file stops the run before any request

@@ -6,8 +6,10 @@ compact JSON), so changing the prompt, the model or a parameter re-sends exactly
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import difflib
 import hashlib
-import string
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,51 +38,99 @@ TOKENS_PER_VIDEO = 200
 MediaBuilder = Callable[[Row], tuple[dict[str, dict[str, Any] | None], str | None]]
 
 
-def template_fields(template: str, where: str) -> list[str]:
-    """Column names a template uses; rejects format specs and attribute access, which hide typos."""
-    names: list[str] = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise SpecError(f"{where}: bad template ({exc}); write {{{{ and }}}} for literal braces") from None
-    for _, field, spec, conv in parsed:
-        if field is None:
+#: A parsed template: literal text, and ``(column,)`` for each placeholder, in order.
+Pieces = list[str | tuple[str]]
+
+
+def parse_template(template: str, where: str) -> Pieces:
+    """Literal text and placeholders. ``{name}`` names the column ``name`` exactly as the input spells it,
+    spaces and punctuation included (``{review text}``, ``{a-b}``, ``{x.y}``); ``{{`` and ``}}`` are literal
+    braces. Nothing else is special, so a placeholder is never a format spec or an attribute lookup."""
+    pieces: Pieces = []
+    text: list[str] = []
+    i, n = 0, len(template)
+    while i < n:
+        brace = min((k for k in (template.find("{", i), template.find("}", i)) if k >= 0), default=n)
+        if brace > i:
+            text.append(template[i:brace])
+            i = brace
             continue
-        if any(c in field for c in "\"' :,"):
+        if template.startswith(("{{", "}}"), i):
+            text.append(template[i])
+            i += 2
+            continue
+        if template[i] == "}":
             raise SpecError(
-                f"{where}: '{{{field}' is not a column placeholder; to write literal braces (e.g. JSON) in a "
-                "template, double them: {{ and }}"
+                f"{where}: bad template (a single '}}' at character {i + 1}); write {{{{ and }}}} for literal braces"
             )
-        if field == "" or field.isdigit():
-            raise SpecError(f"{where}: empty or positional placeholder '{{{field}}}'; name a column like {{text}}")
-        if spec or conv or any(c in field for c in ".["):
-            raise SpecError(f"{where}: placeholder {{{field}}} must be a plain column name (no ':', '!', '.', '[')")
-        names.append(field)
-    return list(dict.fromkeys(names))
+        close = template.find("}", i + 1)
+        inner = template.find("{", i + 1)
+        if close < 0:
+            raise SpecError(
+                f"{where}: bad template (the '{{' at character {i + 1} is never closed); "
+                "write {{ and }} for literal braces"
+            )
+        if 0 <= inner < close:
+            raise SpecError(
+                f"{where}: bad template (a '{{' inside the placeholder at character {i + 1}); to write literal "
+                "braces (e.g. JSON) in a template, double them: {{ and }}"
+            )
+        name = template[i + 1 : close]
+        if not name:
+            raise SpecError(f"{where}: empty placeholder '{{}}' at character {i + 1}; name a column like {{text}}")
+        if text:
+            pieces.append("".join(text))
+            text = []
+        pieces.append((name,))
+        i = close + 1
+    if text:
+        pieces.append("".join(text))
+    return pieces
 
 
-def split_template(template: str, media_columns: Sequence[str]) -> list[str | tuple[str]]:
-    """The user template cut at media placeholders: text templates and ``(column,)`` slots, in order.
+def template_fields(template: str, where: str) -> list[str]:
+    """Column names a template uses, in order of first use."""
+    return list(dict.fromkeys(p[0] for p in parse_template(template, where) if isinstance(p, tuple)))
+
+
+def compile_pieces(pieces: Sequence[str | tuple[str]], slots: dict[str, int]) -> str:
+    """A ``str.format`` string with positional fields: ``{0}`` is the value of ``slots``' first column.
+
+    Positional fields make every column name usable (a name is never parsed by ``format``) and keep
+    rendering one C-level ``format`` call per message.
+    """
+    return "".join(
+        f"{{{slots[p[0]]}}}" if isinstance(p, tuple) else p.replace("{", "{{").replace("}", "}}") for p in pieces
+    )
+
+
+def split_template(pieces: Pieces, media_columns: Sequence[str]) -> list[Pieces | tuple[str]]:
+    """The user template cut at media placeholders: text pieces and ``(column,)`` media slots, in order.
 
     With ``media.position = "inline"`` a media column named in the template (``{photo}``) marks where its
     image goes, so one message can interleave several images with text.
     """
-    pieces: list[str | tuple[str]] = []
-    text = ""
-    for literal, field, _, _ in string.Formatter().parse(template):
-        text += literal.replace("{", "{{").replace("}", "}}")
-        if field is None:
-            continue
-        if field in media_columns:
+    out: list[Pieces | tuple[str]] = []
+    text: Pieces = []
+    for p in pieces:
+        if isinstance(p, tuple) and p[0] in media_columns:
             if text:
-                pieces.append(text)
-            pieces.append((field,))
-            text = ""
+                out.append(text)
+            out.append(p)
+            text = []
         else:
-            text += f"{{{field}}}"
+            text.append(p)
     if text:
-        pieces.append(text)
-    return pieces
+        out.append(text)
+    return out
+
+
+def closest(name: str, columns: Sequence[str]) -> list[str]:
+    """Up to three columns spelled most like ``name`` (case aside), best first."""
+    by_lower: dict[str, str] = {}
+    for c in columns:
+        by_lower.setdefault(c.lower(), c)
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)]
 
 
 def estimate_tokens(text: str) -> int:
@@ -128,7 +178,6 @@ class Renderer:
         load_media: conversations.MediaLoader | None = None,
         tools: Tools | None = None,
     ) -> None:
-        self.system = spec.prompt.system
         self.user = spec.prompt.user or ""
         self.media = media
         self.media_first = spec.media.position == "before"
@@ -138,28 +187,37 @@ class Renderer:
         self.batch = spec.job.input_format == "openai_batch"
         self.load_media = load_media
         source = f"{spec.source}: " if spec.source else ""
-        fields = template_fields(self.user, f"{source}prompt.user") if spec.prompt.user is not None else []
-        if self.messages_column is not None:
-            fields = [self.messages_column]
+        user = parse_template(self.user, f"{source}prompt.user") if spec.prompt.user is not None else []
+        system = parse_template(spec.prompt.system, f"{source}prompt.system") if spec.prompt.system else []
+        user_names = [p[0] for p in user if isinstance(p, tuple)]
+        system_names = [p[0] for p in system if isinstance(p, tuple)]
         media_columns = [*spec.media.image_columns, *spec.media.video_columns]
-        self.pieces: list[str | tuple[str]] | None = None
-        if spec.media.position == "inline" and media_columns:
-            unplaced = [c for c in media_columns if c not in fields]
+        inline = spec.media.position == "inline" and bool(media_columns)
+        if inline:
+            unplaced = [c for c in media_columns if c not in user_names]
             if unplaced:
                 raise SpecError(
                     f"prompt.user: media.position = 'inline' needs a placeholder for each media column; "
                     f"add {', '.join('{' + c + '}' for c in unplaced)} where the media should go"
                 )
-            self.pieces = split_template(self.user, media_columns)
-            fields = [f for f in fields if f not in media_columns]  # never format a path or bytes as text
-        if self.system:
-            fields += template_fields(self.system, f"{source}prompt.system")
-        self.fields = list(dict.fromkeys(fields))
+            user_names = [f for f in user_names if f not in media_columns]  # never format a path or bytes as text
+        #: The columns rendered as text, in the order of the positional fields of the compiled templates.
+        self.slots = list(dict.fromkeys([*user_names, *system_names]))
+        #: Which template names each placeholder column, for messages.
+        self.named_in = {**dict.fromkeys(system_names, "prompt.system"), **dict.fromkeys(user_names, "prompt.user")}
+        fields = [self.messages_column] if self.messages_column is not None else user_names
+        self.fields = list(dict.fromkeys([*fields, *system_names]))
+        index = {name: i for i, name in enumerate(self.slots)}
+        self.user_format = "" if inline else compile_pieces(user, index)
+        self.pieces: list[str | tuple[str]] | None = None
+        if inline:
+            self.pieces = [
+                p if isinstance(p, tuple) else compile_pieces(p, index) for p in split_template(user, media_columns)
+            ]
         response_format, instructions = structured_format(spec, schema)
         if instructions:
-            # The system text is a template: the schema's braces must stay literal.
-            literal = instructions.replace("{", "{{").replace("}", "}}")
-            self.system = f"{self.system}\n\n{literal}" if self.system else literal
+            system = [*system, f"\n\n{instructions}" if system else instructions]
+        self.system_format = compile_pieces(system, index) if system else None
         self.few_shot = [{"role": m.role, "content": m.content} for m in spec.prompt.few_shot]
         m = spec.model
         self.params: dict[str, Any] = {"model": m.name, "max_tokens": m.max_tokens}
@@ -185,17 +243,19 @@ class Renderer:
         self.send_empty = spec.prompt.send_empty
         self.media_columns = media_columns
         fixed_text = "".join(x["content"] for x in self.few_shot)
-        self.fixed_tokens = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * (len(self.few_shot) + 1 + bool(self.system))
+        self.fixed_tokens = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * (
+            len(self.few_shot) + 1 + bool(self.system_format)
+        )
         self.fixed_tokens += estimate_tokens(fixed_text)
         # Providers bill the function definitions as prompt text, whichever way the messages are made.
         self.tools_tokens = estimate_tokens(orjson.dumps(list(tools.definitions)).decode()) if tools else 0
         self.fixed_tokens += self.tools_tokens
 
-    def _empty(self, cells: dict[str, str], parts: list[dict[str, Any]]) -> bool:
+    def _empty(self, cells: list[str], parts: list[dict[str, Any]]) -> bool:
         """Every placeholder null or blank (and no media): the answer could only be invented."""
-        if self.send_empty or not (self.fields or self.media_columns) or parts:
+        if self.send_empty or not (self.slots or self.media_columns) or parts:
             return False
-        return not any(v.strip() for v in cells.values())
+        return not any(v.strip() for v in cells)
 
     def check_columns(self, columns: Sequence[str], where: str) -> None:
         job = where.removesuffix(": prompt")
@@ -215,10 +275,24 @@ class Renderer:
                 f"input has {', '.join(repr(c) for c in columns[:12])}"
             )
         missing = [f for f in self.fields if f not in columns]
-        if missing:
+        quoted = next((f for f in missing if '"' in f), None)
+        if quoted is not None:  # {"a": 1}: JSON meant literally, not a column
             raise SpecError(
-                f"{where}: template uses column(s) {', '.join(repr(c) for c in missing)} not in the input; "
-                f"input has {', '.join(repr(c) for c in columns[:12])}"
+                f"{job}: {self.named_in.get(quoted, 'prompt.user')}: '{{{quoted}}}' is not a column of the input; "
+                "to write literal braces (e.g. JSON) in a template, double them: {{ and }}"
+            )
+        if missing:
+            named = []
+            for name in missing:
+                near = closest(name, columns)
+                named.append(f"{name!r} (closest: {', '.join(map(repr, near))})" if near else repr(name))
+            templates = " and ".join(sorted({self.named_in.get(f, "prompt.user") for f in missing}, reverse=True))
+            verb = "use" if " and " in templates else "uses"
+            more = ", …" if len(columns) > 12 else ""
+            raise SpecError(
+                f"{job}: {templates} {verb} column(s) {', '.join(named)} not in the input; input has "
+                f"{', '.join(repr(c) for c in columns[:12])}{more}; a placeholder is a column's name exactly as "
+                "the input spells it (write {{ and }} for literal braces)"
             )
 
     def render(self, row: Row) -> Request:
@@ -226,17 +300,17 @@ class Renderer:
         if self.batch or self.messages_column is not None:
             return self._render_messages(row)
         values = row.values
-        cells = {name: _cell(values.get(name)) for name in self.fields}
-        nulls = sum(1 for name in self.fields if values.get(name) is None)
+        cells = [_cell(values.get(name)) for name in self.slots]
+        nulls = sum(1 for name in self.slots if values.get(name) is None)
         if self.pieces is None:
             pieces: list[str | tuple[str]] = []
-            user_text = self.user.format_map(cells)
+            user_text = self.user_format.format(*cells)
         else:
-            pieces = [p if isinstance(p, tuple) else p.format_map(cells) for p in self.pieces]
+            pieces = [p if isinstance(p, tuple) else p.format(*cells) for p in self.pieces]
             user_text = "".join(p for p in pieces if isinstance(p, str))
         text_len = len(user_text)
-        if self.system:
-            system_text = self.system.format_map(cells)
+        if self.system_format is not None:
+            system_text = self.system_format.format(*cells)
             text_len += len(system_text)
             messages: list[dict[str, Any]] = [{"role": "system", "content": system_text}, *self.few_shot]
         else:
@@ -274,7 +348,7 @@ class Renderer:
         elif self._empty(cells, parts):
             not_sent = NotSent(
                 "skipped",
-                f"every placeholder ({', '.join(self.fields + self.media_columns)}) is null or empty; "
+                f"every placeholder ({', '.join(self.slots + self.media_columns)}) is null or empty; "
                 "not sent (prompt.send_empty = true sends such rows)",
                 "empty",
             )
@@ -306,7 +380,7 @@ class Renderer:
         """A row that carries its whole message list; a list that cannot be sent is the row's error."""
         values = row.values
         column = "body" if self.batch else str(self.messages_column)
-        cells = {name: _cell(values.get(name)) for name in self.fields if name not in (column, "method", "url")}
+        cells = [_cell(values.get(name)) for name in self.slots]
         params: dict[str, Any] = self.params
         error = None
         messages: list[dict[str, Any]] = []
@@ -320,7 +394,7 @@ class Renderer:
                 messages, chars, media = conversations.normalize(raw, self.load_media)
         except conversations.BadMessages as exc:
             raw, error = None, f"row {row.key!r}: column {column!r}: {exc}"
-        system = self.system.format_map(cells) if self.system else None
+        system = self.system_format.format(*cells) if self.system_format is not None else None
         if system:
             chars += len(system)
         sent = conversations.with_system(system, self.few_shot, messages)
@@ -360,10 +434,57 @@ class Renderer:
 
 
 def _cell(value: Any) -> str:
-    """A cell as prompt text: null renders empty (and is counted by the caller)."""
+    """A cell as prompt text: null renders empty (and is counted by the caller); see ``as_text``."""
     if value is None:
         return ""
-    return value if isinstance(value, str) else str(value)
+    if type(value) is str:
+        return value
+    render = _RENDER.get(type(value))
+    return render(value) if render is not None else as_text(value)
+
+
+def as_text(value: Any) -> str:
+    """A non-text value as it goes into a prompt: lists and structs as compact JSON (never Python's repr),
+    dates, times and timestamps as ISO 8601, binary as base64, numbers and booleans as ``str`` gives them."""
+    if isinstance(value, list | dict | tuple):
+        return _json(value)
+    if isinstance(value, dt.date | dt.time):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode()
+    return str(value)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS).decode()
+
+
+def _isoformat(value: dt.date | dt.time) -> str:
+    return value.isoformat()
+
+
+#: ``as_text`` by exact type, for the types cells come as (one dict lookup per cell in the render loop).
+_RENDER: dict[type, Callable[[Any], str]] = {
+    int: str,
+    float: str,
+    bool: str,
+    list: _json,
+    dict: _json,
+    dt.date: _isoformat,
+    dt.datetime: _isoformat,
+    dt.time: _isoformat,
+}
+
+#: Keys of a map column may be numbers. Timestamps are written as ``isoformat`` writes them (orjson's RFC 3339
+#: is that form): naive ones stay naive, with no invented time zone.
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _json_default(value: Any) -> Any:
+    """What orjson does not write itself, inside a list or struct: decimals, durations, binary."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode()
+    return str(value)
 
 
 def with_changes(

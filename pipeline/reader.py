@@ -3,7 +3,8 @@
 Rows are read twice per run, once to build requests and once to write the output, instead of being
 held in memory: a 10M-row input then costs one chunk of memory, not ten million dicts.
 
-Every format is streamed, so memory stays at one read block plus one chunk whatever the file size:
+Every format is streamed, so memory stays at one read block plus one chunk whatever the file size (a .gz
+or .zst text file too: it is decompressed as it is read, see ``_open_bytes``):
 Parquet through pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read
 as text, then cast to the type inferred over the *whole* file by ``open_input``'s pass, so a float on
 row 900,000 of an int column widens the column instead of failing mid-run), JSONL line by line with
@@ -17,10 +18,11 @@ N being the 1-based physical line of the file (the CSV header is line 1).
 from __future__ import annotations
 
 import codecs
+import io
 import random
 import re
 from bisect import bisect_left
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -40,10 +42,32 @@ else:  # a small Parquet input is read by polars alone; pyarrow loads for stream
     pa, pc, pcsv, pq = lazy("pyarrow"), lazy("pyarrow.compute"), lazy("pyarrow.csv"), lazy("pyarrow.parquet")
 from pipeline.records import Row, RowRange, Selection
 
-__all__ = ["FORMATS", "ROW_NUMBER", "InputTable", "RowRange", "Selection", "open_input", "read_frames", "read_rows"]
+__all__ = [
+    "COMPRESSED",
+    "FORMATS",
+    "ROW_NUMBER",
+    "InputTable",
+    "RowRange",
+    "Selection",
+    "open_input",
+    "read_frames",
+    "read_rows",
+]
 
 ROW_NUMBER = "__seedbatch_row"
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "ndjson", ".ndjson": "ndjson"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "ndjson",
+    ".ndjson": "ndjson",
+}
+#: Compressed text inputs (``reviews.csv.gz``, ``events.jsonl.zst``) by their last suffix: read as they
+#: stream, through pyarrow's decompressing input stream.
+COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
+#: Separators a one-column CSV header is checked for, with the word for them (see ``_open_csv``).
+_SEPARATORS = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "vertical bar"}
 
 #: Bytes pyarrow's CSV reader parses at a time; doubled (up to the cap) when one row is longer.
 CSV_BLOCK = 1 << 20
@@ -77,29 +101,65 @@ class InputTable:
     #: JSONL: fields kept as JSON text whatever they hold (a message list, a Batch line's body), so a field
     #: whose nesting differs from line to line (content as text here, as parts there) still reads.
     json_columns: tuple[str, ...] = ()
+    #: CSV: the field separator (``job.delimiter``; a tab for .tsv, else a comma).
+    delimiter: str = ","
 
 
-def open_input(path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = ()) -> InputTable:
+class DelimiterGuess(InputError):
+    """A CSV file whose one-column header holds another separator: it was likely written with that one."""
+
+    def __init__(self, message: str, delimiter: str) -> None:
+        super().__init__(message)
+        self.delimiter = delimiter
+
+
+def input_format(path: Path) -> tuple[str | None, str | None, str]:
+    """(format, compression, the format's suffix) from a file name: ``x.tsv.gz`` → ("csv", "gzip", ".tsv")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if not suffixes:
+        return None, None, ""
+    compression = COMPRESSED.get(suffixes[-1])
+    if compression is None:
+        return FORMATS.get(suffixes[-1]), None, suffixes[-1]
+    inner = suffixes[-2] if len(suffixes) > 1 else ""
+    return FORMATS.get(inner), compression, inner
+
+
+def open_input(
+    path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = (), delimiter: str | None = None
+) -> InputTable:
     """Check the input exists, has a known format, parses, and has rows; return its shape.
 
     CSV and JSONL are read once, whole and streamed, to count rows, infer types and find any bad
     line before anything is sent; Parquet's shape comes from its footer. ``json_columns`` of a JSONL
-    file are read as JSON text (see ``InputTable.json_columns``).
+    file are read as JSON text (see ``InputTable.json_columns``). ``delimiter`` is ``job.delimiter``: unset,
+    a .tsv file is tab-separated and any other CSV comma-separated, and a header that reads as one column
+    holding another separator is refused with the setting to use (``DelimiterGuess``).
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
     if path.is_dir():
-        raise InputError(f"{path}: input is a directory; give one .parquet, .csv or .jsonl file")
-    fmt = FORMATS.get(path.suffix.lower())
+        raise InputError(f"{path}: input is a directory; give one .parquet, .csv, .tsv or .jsonl file")
+    fmt, compression, inner = input_format(path)
     if fmt is None:
-        raise InputError(f"{path}: unknown input format {path.suffix!r}; use .parquet, .csv or .jsonl")
+        shown = "".join(path.suffixes[-2:]) if compression else path.suffix
+        raise InputError(
+            f"{path}: unknown input format {shown!r}; use .parquet, .csv, .tsv or .jsonl "
+            "(the text ones may be compressed: .gz, .zst)"
+        )
+    if fmt == "parquet" and compression:
+        raise InputError(f"{path}: a compressed Parquet file; decompress it (Parquet compresses its own columns)")
+    if delimiter is not None and fmt != "csv":
+        kind = "JSONL" if fmt == "ndjson" else "Parquet"
+        raise InputError(f"{path}: job.delimiter is for CSV and TSV input; remove it for a {kind} file")
     codec = _codec(path, encoding)
     if fmt == "parquet":
         table = _open_parquet(path)
     elif path.stat().st_size == 0:
         raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
     elif fmt == "csv":
-        table = _open_csv(path, codec)
+        sep = delimiter if delimiter is not None else ("\t" if inner == ".tsv" else ",")
+        table = _open_csv(path, codec, sep, sniff=delimiter is None)
     else:
         table = _open_jsonl(path, codec, tuple(json_columns))
     if table.rows == 0 and fmt == "ndjson":
@@ -109,7 +169,16 @@ def open_input(path: Path, encoding: str = "utf-8", json_columns: Sequence[str] 
     if ROW_NUMBER in table.columns:
         raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
     return InputTable(
-        path, fmt, table.columns, table.dtypes, table.rows, encoding, table.schema, table.block_size, table.json_columns
+        path,
+        fmt,
+        table.columns,
+        table.dtypes,
+        table.rows,
+        encoding,
+        table.schema,
+        table.block_size,
+        table.json_columns,
+        table.delimiter,
     )
 
 
@@ -138,33 +207,110 @@ def _open_parquet(path: Path) -> InputTable:
     return InputTable(path, "parquet", tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
 
 
-def check_id_column(table: InputTable, column: str, why: str = "when job.dedupe = false") -> None:
-    """Row keys name paid work when ``job.dedupe`` is off: every row needs its own, non-null id."""
-    if table.format == "parquet":
-        lf = pl.scan_parquet(table.path)
-        try:
-            counts = lf.select(
-                nulls=pl.col(column).null_count(), repeated=pl.col(column).is_duplicated().sum()
-            ).collect()
-            nulls, repeated = counts.row(0)
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise InputError(f"{table.path}: cannot read id column {column!r}: {str(exc).splitlines()[0]}") from None
-        ids = None
-    else:  # one column of the streamed file: the only way duplicates can be seen
-        ids = pl.concat([f.get_column(column) for f in read_frames(table, Selection(), 65_536, [column])])
-        nulls, repeated = ids.null_count(), int(ids.is_duplicated().sum())
-    if nulls:
-        raise InputError(f"{table.path}: job.id_column {column!r} is empty on {nulls} row(s); every row needs an id")
-    if repeated:
-        if ids is None:
-            lf = pl.scan_parquet(table.path)
-            example = lf.filter(pl.col(column).is_duplicated()).select(pl.col(column).first()).collect().item()
-        else:
-            example = ids.filter(ids.is_duplicated()).first()
+#: Rows named in an id error, at most.
+SHOWN_ROWS = 3
+#: Repeated id hashes whose rows are read again to compare their values, and rows read per hash, at most.
+SUSPECT_HASHES = 64
+ROWS_PER_HASH = 16
+
+
+def check_ids(table: InputTable, column: str, why: str = " (each id names one row of the output)") -> None:
+    """Every row has an id of its own: ids are how answers are joined back to rows, so a repeated or empty
+    one stops the run before anything is sent, naming the first rows (lines) and values.
+
+    One streamed pass over the id column keeps a 64-bit hash per row (16 bytes a row with its sorted copy,
+    not the ids); rows whose hashes repeat are read again to compare their values, so a hash collision is
+    never an error.
+    """
+    empty: list[int] = []
+    n_empty = 0
+    hashes: list[pl.Series] = []
+    for frame in _id_frames(table, column):
+        ids = frame.get_column(column)
+        blank = ids.is_null()
+        if ids.dtype == pl.String:
+            blank = blank | (ids.str.strip_chars() == "")
+        n = int(blank.sum())
+        if n:
+            n_empty += n
+            if len(empty) < SHOWN_ROWS:
+                empty += frame.get_column(ROW_NUMBER).filter(blank).head(SHOWN_ROWS - len(empty)).to_list()
+        if not n_empty:
+            hashes.append(ids.hash(seed=0))
+    if n_empty:
+        where = _where(table, empty)
+        more = f" ({n_empty:,} rows)" if n_empty > len(empty) else ""
         raise InputError(
-            f"{table.path}: job.id_column {column!r} repeats values (e.g. {example!r} on {repeated} rows); "
-            f"ids must be unique {why}"
+            f"{table.path}: job.id_column {column!r} is empty on {where}{more}; every row needs an id{why}"
         )
+    if not hashes:
+        return
+    # Sorted, a repeated hash sits beside its twin: 16 bytes a row, where ``is_duplicated``'s hash table of
+    # groups took ~180 MB at 1M rows.
+    both = pl.concat(hashes)
+    del hashes
+    ordered = both.sort()
+    twins = ordered.slice(1) == ordered.slice(0, len(ordered) - 1)
+    if not twins.any():
+        return
+    repeated_hashes = ordered.slice(1).filter(twins).unique()
+    del ordered, twins
+    # A few repeated hashes, the earliest in row order, and a few rows of each are read again: an input whose
+    # every id repeats must not build a set of every row. A value on two of them is the error.
+    first_rows = both.is_in(repeated_hashes.implode()).arg_true().head(SUSPECT_HASHES)
+    chosen = both.gather(first_rows).unique(maintain_order=True)
+    mask = both.is_in(chosen.implode())
+    rows_of = pl.DataFrame({"h": both.filter(mask), "row": mask.arg_true().cast(pl.Int64)})
+    wanted = rows_of.group_by("h", maintain_order=True).head(ROWS_PER_HASH).get_column("row").sort()
+    seen: dict[str, list[int]] = {}
+    for frame in _id_frames(table, column):
+        picked = frame.filter(pl.col(ROW_NUMBER).cast(pl.Int64).is_in(wanted))
+        for number, value in zip(
+            picked.get_column(ROW_NUMBER).to_list(), picked.get_column(column).to_list(), strict=True
+        ):
+            seen.setdefault(str(value), []).append(number)
+        if int(frame.get_column(ROW_NUMBER)[-1]) >= int(wanted[-1]):
+            break
+    repeated = {value: numbers for value, numbers in seen.items() if len(numbers) > 1}
+    if not repeated:
+        return  # only hashes collided
+    value, numbers = min(repeated.items(), key=lambda item: item[1][1])  # the first row that repeats an id
+    same_hash = int((both == both[numbers[0]]).sum())
+    count = len(numbers) if same_hash <= ROWS_PER_HASH else same_hash  # (a collision aside)
+    notes = [f"{count:,} rows"] if count > SHOWN_ROWS else []
+    if len(repeated_hashes) > 1:
+        notes.append(f"{len(repeated_hashes) - 1:,} other id(s) repeat too")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    raise InputError(
+        f"{table.path}: job.id_column {column!r} repeats {value!r} on {_where(table, numbers[:SHOWN_ROWS])}"
+        f"{note}; ids must be unique{why}"
+    )
+
+
+def _id_frames(table: InputTable, column: str) -> Iterator[pl.DataFrame]:
+    """The id column with ``ROW_NUMBER``, chunk by chunk. A JSONL file's lines are parsed for that one field
+    (with the type ``open_input`` found): building whole frames of every field cost 2.6 s per 1M rows."""
+    if table.format != "ndjson":
+        yield from read_frames(table, Selection(), 65_536, [column])
+        return
+    dtype = (table.schema or {}).get(column, pl.String())
+    start = 0
+    for _, records in _jsonl_batches(table.path, _codec(table.path, table.encoding), table.json_columns):
+        ids = pl.Series(column, [r.get(column) for r in records], dtype=dtype, strict=False)
+        yield pl.DataFrame([ids]).with_row_index(ROW_NUMBER, offset=start)
+        start += len(records)
+
+
+def _where(table: InputTable, numbers: Sequence[int]) -> str:
+    """``lines 2 and 5`` of a CSV or JSONL file, ``rows 1 and 4`` of a Parquet one (1-based)."""
+    if table.format == "parquet":
+        kind, shown = "row", [n + 1 for n in numbers]
+    else:
+        lines = _row_lines(table, numbers)
+        kind, shown = "line", [lines[n] for n in numbers]
+    words = [f"{n:,}" for n in shown]
+    text = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+    return f"{kind}{'s' if len(words) > 1 else ''} {text}"
 
 
 def selected_indices(total: int, selection: Selection) -> list[int] | None:
@@ -384,8 +530,44 @@ def read_rows(
 
 
 def _open_bytes(path: Path) -> BinaryIO:
-    """The one place input files are opened for streaming (tests wrap it to watch what is read)."""
-    return open(path, "rb")
+    """The one place input files are opened for streaming (tests wrap it to watch what is read): a .gz or
+    .zst file decompressed as it is read, so every reader and every line number sees the text."""
+    compression = input_format(path)[1]
+    if compression is None:
+        return open(path, "rb")
+    try:
+        stream = pa.input_stream(str(path), compression=compression)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot open the {compression} file: {str(exc).splitlines()[0]}") from None
+    return io.BufferedReader(_Decompressed(stream, path, compression), buffer_size=1 << 16)
+
+
+class _Decompressed(io.RawIOBase):
+    """pyarrow's decompressing stream as a Python binary file; a corrupt or cut-off file is an InputError."""
+
+    def __init__(self, stream: pa.NativeFile, path: Path, compression: str) -> None:
+        self._stream = stream
+        self._path = path
+        self._compression = compression
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._stream.read(len(buffer))
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(
+                f"{self._path}: cannot decompress this {self._compression} file ({str(exc).splitlines()[0]}); "
+                "check that it is complete"
+            ) from None
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
 
 
 class _Tracked:
@@ -440,7 +622,7 @@ def _text_lines(path: Path, codec: str) -> Iterator[tuple[int, str]]:
     decoder = codecs.getincrementaldecoder(codec)("strict")
     line = 1
     pending = ""
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for raw in f:
             try:
                 pending += decoder.decode(raw)
@@ -466,15 +648,22 @@ class _BlockTooSmall(Exception):
     """One row is longer than the read block: read again with a larger one."""
 
 
-def _open_csv(path: Path, codec: str) -> InputTable:
-    """One streamed pass over the whole file: header, row count, bad lines, and each column's type."""
+def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
+    """One streamed pass over the whole file: header, row count, bad lines, and each column's type.
+
+    With ``sniff`` (no ``job.delimiter``), a header that reads as one column holding a tab, a semicolon, a
+    comma or a bar is refused before any row is parsed: its rows would fail with a misleading field count,
+    or every placeholder would miss, when the fix is one setting.
+    """
     block = CSV_BLOCK
     while True:
         try:
-            names = _csv_names(path, codec, block)
+            names = _csv_names(path, codec, block, sep)
+            if sniff and len(names) == 1:
+                _check_separator(path, names[0], sep)
             seen: dict[str, set[str] | None] = dict.fromkeys(names)
             rows = 0
-            for batch in _csv_batches(path, codec, block, names, None):
+            for batch in _csv_batches(path, codec, block, names, None, sep):
                 rows += batch.num_rows
                 for name, column in zip(names, batch.columns, strict=True):
                     seen[name] = _narrow(seen[name], column)
@@ -489,7 +678,19 @@ def _open_csv(path: Path, codec: str) -> InputTable:
     for name, kinds in seen.items():
         kind = next((k for k in _CSV_TYPES if kinds and k in kinds), None)
         schema[name] = _CSV_TYPES[kind] if kind else pl.String()
-    return InputTable(path, "csv", tuple(names), {k: str(v) for k, v in schema.items()}, rows, codec, schema, block)
+    dtypes = {k: str(v) for k, v in schema.items()}
+    return InputTable(path, "csv", tuple(names), dtypes, rows, codec, schema, block, delimiter=sep)
+
+
+def _check_separator(path: Path, header: str, sep: str) -> None:
+    for other, word in _SEPARATORS.items():
+        if other != sep and other in header:
+            setting, current = ("\\t" if c == "\t" else c for c in (other, sep))
+            raise DelimiterGuess(
+                f"{path}: line 1: the header reads as one column {header!r}, and it holds {word}s: the file looks "
+                f'{word}-separated; set job.delimiter = "{setting}" (or "{current}" if it is one column)',
+                other,
+            )
 
 
 def _narrow(kinds: set[str] | None, column: pa.Array) -> set[str] | None:
@@ -518,29 +719,37 @@ def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
     return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
 
 
-def _csv_names(path: Path, codec: str, block: int) -> list[str]:
+def _csv_names(path: Path, codec: str, block: int, sep: str) -> list[str]:
     """The header's column names (pyarrow parses the first block to find them)."""
     with _open_bytes(path) as raw:
         try:
             reader = pcsv.open_csv(
                 raw,
                 read_options=_csv_read_options(codec, block),
-                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda _: "skip"),
+                parse_options=pcsv.ParseOptions(
+                    delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
+                ),
             )
             names = list(reader.schema.names)
             reader.close()
         except (pa.ArrowException, UnicodeError) as exc:
             if "Empty CSV file" in str(exc):
                 raise InputError(f"{path}: input is empty (no header, no rows)") from None
-            raise _csv_error(path, codec, None, exc) from None
+            raise _csv_error(path, codec, sep, None, exc) from None
     for i, name in enumerate(names):
+        if not name.strip():
+            raise InputError(
+                f"{path}: line 1: column {i + 1} of the header has no name"
+                f"{f' (between {names[i - 1]!r} and {names[i + 1]!r})' if 0 < i < len(names) - 1 else ''}; "
+                "give it one (an empty header name is not a column seedbatch can place or write)"
+            )
         if name in names[:i]:
             raise InputError(f"{path}: line 1: column {name!r} appears twice in the header; rename one")
     return names
 
 
 def _csv_batches(
-    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None
+    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None, sep: str
 ) -> Iterator[pa.RecordBatch]:
     """The file as record batches of text columns, one block at a time; bad lines are InputErrors."""
     bad: list[pcsv.InvalidRow] = []
@@ -555,7 +764,7 @@ def _csv_batches(
         reader = pcsv.open_csv(
             raw,
             read_options=_csv_read_options(codec, block),
-            parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            parse_options=pcsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
                 column_types=dict.fromkeys(names, pa.string()),
                 include_columns=list(columns) if columns is not None else None,
@@ -566,13 +775,13 @@ def _csv_batches(
         )
         yield from reader
     except (pa.ArrowException, UnicodeError) as exc:
-        raise _csv_error(path, codec, bad[0] if bad else None, exc) from None
+        raise _csv_error(path, codec, sep, bad[0] if bad else None, exc) from None
     finally:
         if reader is not None:
             reader.close()
         raw.close()
     if raw.quotes % 2:
-        problem = _locate_csv_problem(path, codec)
+        problem = _locate_csv_problem(path, codec, sep)
         if problem is not None:
             raise InputError(problem)
 
@@ -581,7 +790,7 @@ def _csv_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl
     """The CSV as polars frames, one per read block, with the types ``open_input`` inferred."""
     schema = table.schema or {}
     codec = _codec(table.path, table.encoding)
-    for batch in _csv_batches(table.path, codec, table.block_size, table.columns, columns):
+    for batch in _csv_batches(table.path, codec, table.block_size, table.columns, columns, table.delimiter):
         frame = pl.from_arrow(batch)
         assert isinstance(frame, pl.DataFrame)
         casts = []
@@ -594,11 +803,13 @@ def _csv_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl
         yield frame.with_columns(casts) if casts else frame
 
 
-def _csv_error(path: Path, codec: str, row: pcsv.InvalidRow | None, exc: Exception) -> Exception:
+def _csv_error(path: Path, codec: str, sep: str, row: pcsv.InvalidRow | None, exc: Exception) -> Exception:
     """The one-line InputError for a failed CSV read (or ``_BlockTooSmall`` when that is all it was)."""
+    if isinstance(exc, InputError):  # a compressed file that does not decompress
+        return exc
     if row is not None and row.number is not None and row.number > 0 and "\n" not in (row.text or "\n"):
-        return InputError(_fields_message(path, row.number, row.number, row.expected_columns, row.actual_columns))
-    problem = _locate_csv_problem(path, codec)
+        return InputError(_fields_message(path, row.number, row.number, row.expected_columns, row.actual_columns, sep))
+    problem = _locate_csv_problem(path, codec, sep)
     if problem is not None:
         return InputError(problem)
     if "straddl" in str(exc):
@@ -607,7 +818,8 @@ def _csv_error(path: Path, codec: str, row: pcsv.InvalidRow | None, exc: Excepti
     return InputError(f"{path}: cannot read csv input: {first}; check that it is a CSV file with a header line")
 
 
-def _fields_message(path: Path, start: int, end: int, expected: int, got: int) -> str:
+def _fields_message(path: Path, start: int, end: int, expected: int, got: int, sep: str) -> str:
+    word = _SEPARATORS.get(sep, repr(sep))
     if end > start:
         return (
             f"{path}: line {start}: a quoted field opened on this line runs to line {end}, making a row of {got} "
@@ -616,62 +828,97 @@ def _fields_message(path: Path, start: int, end: int, expected: int, got: int) -
     if got > expected:
         return (
             f"{path}: line {start}: {got} fields but the header has {expected}; "
-            "quote the field or remove the extra comma"
+            f"quote the field or remove the extra {word}"
         )
     return (
         f"{path}: line {start}: {got} fields but the header has {expected}; "
-        "add the missing fields (an empty one is just a comma) or fix the header"
+        f"add the missing fields (an empty one is just a {word}) or fix the header"
     )
 
 
-def _locate_csv_problem(path: Path, codec: str) -> str | None:
-    """The first bad line of a CSV file, found by a plain (slow, exact) pass; None if it is fine.
-
-    Run only after pyarrow failed or the quotes did not pair up: it decodes line by line and follows
-    quoting like pyarrow does, so it can name the line a record or a quoted field starts on.
-    """
-    expected: int | None = None
+def _csv_records(path: Path, codec: str, sep: str) -> Generator[tuple[int, int, int | None, int], None, None]:
+    """Each record of a CSV file, header first: (first line, line its last quote opened on, last line or None
+    when a quoted field is never closed, fields). A plain (slow, exact) pass that decodes line by line and
+    follows quoting as pyarrow does, skipping blank lines as it does; ``_Undecodable`` on bad bytes."""
     in_quote = False
     quote_line = start = 0
     fields = 1
-    try:
-        for line, text in _text_lines(path, codec):
-            if not in_quote:
-                if not text.strip("\r\n"):
-                    continue  # blank lines are skipped, as pyarrow does
-                start, fields = line, 1
-            pos = 0
-            while True:
-                if in_quote:
-                    q = text.find('"', pos)
-                    if q < 0:
-                        break
-                    if text.startswith('"', q + 1):
-                        pos = q + 2
-                        continue
-                    in_quote = False
-                    pos = q + 1
-                elif text.startswith('"', pos):
-                    in_quote, quote_line, pos = True, line, pos + 1
-                    continue
-                comma = text.find(",", pos)
-                if comma < 0:
-                    break
-                fields, pos = fields + 1, comma + 1
+    for line, text in _text_lines(path, codec):
+        if not in_quote:
+            if not text.strip("\r\n"):
+                continue  # blank lines are skipped, as pyarrow does
+            start, fields = line, 1
+        pos = 0
+        while True:
             if in_quote:
+                q = text.find('"', pos)
+                if q < 0:
+                    break
+                if text.startswith('"', q + 1):
+                    pos = q + 2
+                    continue
+                in_quote = False
+                pos = q + 1
+            elif text.startswith('"', pos):
+                in_quote, quote_line, pos = True, line, pos + 1
                 continue
+            comma = text.find(sep, pos)
+            if comma < 0:
+                break
+            fields, pos = fields + 1, comma + 1
+        if not in_quote:
+            yield start, quote_line, line, fields
+    if in_quote:
+        yield start, quote_line, None, fields
+
+
+def _locate_csv_problem(path: Path, codec: str, sep: str) -> str | None:
+    """The first bad line of a CSV file (``_csv_records``); None if it is fine.
+
+    Run only after pyarrow failed or the quotes did not pair up: it can name the line a record or a
+    quoted field starts on.
+    """
+    expected: int | None = None
+    try:
+        for start, quote_line, end, fields in _csv_records(path, codec, sep):
+            if end is None:
+                return (
+                    f"{path}: line {quote_line}: a quoted field starts here and is never closed; "
+                    'add the closing quote (and write quotes inside a field as "")'
+                )
             if expected is None:
                 expected = fields
             elif fields != expected:
-                return _fields_message(path, quote_line if line > start else start, line, expected, fields)
+                return _fields_message(path, quote_line if end > start else start, end, expected, fields, sep)
     except _Undecodable as exc:
         return _decode_message(path, codec, exc.line, exc.byte)
-    if in_quote:
-        return (
-            f"{path}: line {quote_line}: a quoted field starts here and is never closed; "
-            'add the closing quote (and write quotes inside a field as "")'
-        )
     return None
+
+
+def _row_lines(table: InputTable, numbers: Collection[int]) -> dict[int, int]:
+    """The line of a CSV or JSONL file each of the rows ``numbers`` (0-based) starts on."""
+    wanted, last = set(numbers), max(numbers)
+    found: dict[int, int] = {}
+    row = 0
+    if table.format == "csv":
+        records = _csv_records(table.path, _codec(table.path, table.encoding), table.delimiter)
+        next(records, None)  # the header
+        for start, _, _, _ in records:
+            if row in wanted:
+                found[row] = start
+            if row >= last:
+                break
+            row += 1
+        records.close()
+        return found
+    for lines, _ in _jsonl_batches(table.path, _codec(table.path, table.encoding), table.json_columns):
+        for line in lines:
+            if row in wanted:
+                found[row] = line
+            row += 1
+        if row > last:
+            break
+    return found
 
 
 # ----------------------------------------------------------------- JSONL

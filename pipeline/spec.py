@@ -3,7 +3,8 @@
 A job is a TOML file. Relative paths written in it are resolved against the job file's own folder, so
 a cron entry that runs from ``/`` reads the same files as a run from the project root
 (``jobs/x.toml`` says ``input = "../data/x.csv"``). Paths given as CLI flags are relative to the
-current directory, as any command-line path is.
+current directory, as any command-line path is. ``~`` is the home folder in both, as in a shell: a quoted
+flag or a TOML string never reaches the shell that would expand it.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class JobSection(_Strict):
     name: str | None = None
     """Name used in logs and the manifest; defaults to the job file's stem."""
     input: Path
-    """The prompt table: .parquet, .csv or .jsonl/.ndjson. An object URI (``s3://bucket/key``) is read through a
-    local copy, and this is that copy's path (``JobSpec.objects`` keeps the URI)."""
+    """The prompt table: .parquet, .csv, .tsv or .jsonl/.ndjson (the text ones also .gz or .zst compressed). An
+    object URI (``s3://bucket/key``) is read through a local copy, and this is that copy's path (``JobSpec.objects``
+    keeps the URI)."""
     input_format: Literal["table", "openai_batch"] = "table"
     """``openai_batch``: the input is an OpenAI Batch input file (``custom_id``, ``method``, ``url``, ``body`` per
     line); each line's ``body`` is the request and ``custom_id`` the row id. Said, not guessed: "body" is also a
@@ -115,7 +117,8 @@ class JobSection(_Strict):
     """The output file; its format follows the extension (``OUTPUT_FORMATS``). The manifest and (by default) the
     ledger sit beside it. For an object URI this is the local file written, then uploaded."""
     id_column: str | None = None
-    """Column whose values name rows in errors and logs; row numbers are used when unset."""
+    """Column whose values name rows in the output, errors and logs; row numbers are used when unset. Every
+    value must be present and unique: an empty or repeated id stops the run before sending (``reader.check_ids``)."""
     ledger: Path | None = None
     """SQLite ledger of paid answers; default ``<output>.ledger.sqlite``."""
     run_output: str | None = None
@@ -124,11 +127,21 @@ class JobSection(_Strict):
     """Send identical requests once. Turn off to sample several answers at temperature > 0 without a seed."""
     encoding: str = "utf-8"
     """Text encoding of a CSV or JSONL input, e.g. "latin-1", "cp1252", "utf-8-sig"."""
+    delimiter: str | None = None
+    """Field separator of a CSV input, one character (``"\t"``, ``";"``, ``"|"``). Unset: a tab for .tsv, else a comma,
+    and a header that reads as one column holding another separator is an error naming this setting."""
     batch_output: Path | None = None
     """Also write an OpenAI Batch-style output file (.jsonl): one line per row, as OpenAI's Batch API returns."""
     chunk_rows: int = Field(default=2_000, ge=100, le=1_000_000)
     """Rows read from the input at a time; bounds memory on huge inputs (2,000: 271 MB peak RSS on the 100k-row
     benchmark where 10,000 gave 420 MB, at the same speed)."""
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 1 or value in '"\r\n'):
+            raise ValueError('one character other than a quote or a line break, e.g. "\\t", ";" or "|"')
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -556,11 +569,25 @@ PATH_KEYS = (
 )
 
 
+def expand_home(value: str) -> str:
+    """``~/data.csv`` → ``/home/me/data.csv``, as a shell would; object URIs and other text unchanged."""
+    return os.path.expanduser(value) if value.startswith("~") and not is_object_uri(value) else value
+
+
+def _expand_paths(data: dict[str, Any]) -> None:
+    """``~`` in a path setting means the home folder, whether written in the job file or given as a flag."""
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = expand_home(values[key])
+
+
 def _anchor_paths(data: dict[str, Any], base_dir: Path) -> None:
     """Relative paths written in a job file mean "beside the job file", wherever the command runs.
 
     Object URIs are not paths: ``s3://bucket/key`` means the same object from any folder.
     """
+    _expand_paths(data)
     for section, key in PATH_KEYS:
         values = data.get(section)
         if not isinstance(values, dict):
@@ -650,6 +677,7 @@ def spec_from_dict(
     for flag, value in overrides.items():
         section, key = OVERRIDES[flag]
         data.setdefault(section, {})[key] = value
+    _expand_paths(data)
     objects = _localize_objects(data)
     try:
         spec = JobSpec.model_validate(data, context={"objects": objects})
@@ -666,7 +694,7 @@ def spec_from_dict(
 
 def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read and validate a job file; every problem is a one-line ``SpecError`` naming file and key."""
-    p = Path(path)
+    p = Path(expand_home(os.fspath(path)))
     try:
         raw = p.read_bytes()
     except FileNotFoundError:

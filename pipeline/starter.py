@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import SpecError
-from pipeline.reader import open_input
+from pipeline.reader import COMPRESSED, DelimiterGuess, open_input
 from pipeline.spec import DEFAULT_MODEL
 
 #: Columns put in the user template at most; the rest are listed in a comment.
 TEMPLATE_COLUMNS = 8
-#: Characters that cannot appear in a ``{column}`` placeholder (see ``prompts.template_fields``).
-_NOT_PLACEABLE = set("\"' :,.[]{}!")
+#: Characters that cannot appear in a ``{column}`` placeholder (see ``prompts.parse_template``).
+_NOT_PLACEABLE = set("{}")
 _MESSAGE_NAMES = ("messages", "conversation", "conversations", "chat", "dialog", "dialogue")
 
 
@@ -35,6 +35,14 @@ class Starter:
     kind: str
     """``openai_batch``, ``messages`` or ``template``: how the prompt is made."""
     columns: dict[str, str] = field(default_factory=dict)
+
+
+def table_stem(path: Path) -> str:
+    """``reviews`` for ``reviews.csv`` and for ``reviews.csv.gz``: the name a job for it is given."""
+    name = path.name
+    if Path(name).suffix.lower() in COMPRESSED:
+        name = Path(name).stem
+    return Path(name).stem
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -69,7 +77,12 @@ def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force
     for path in (job_path, schema_path):
         if path is not None and path.exists() and not force:
             raise SpecError(f"{path}: already exists; choose another --job path or pass --force to overwrite it")
-    table = open_input(input_path)
+    delimiter = None
+    try:
+        table = open_input(input_path)
+    except DelimiterGuess as guess:  # a semicolon or tab file named .csv: say so in the job
+        delimiter = guess.delimiter
+        table = open_input(input_path, delimiter=delimiter)
     columns = dict(table.dtypes)
     job_dir = job_path.parent
     output = Path("out") / f"{job_path.stem}.parquet"
@@ -99,6 +112,8 @@ def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force
     if is_batch:
         batch_out = Path("out") / f"{job_path.stem}_output.jsonl"
         lines.append(f"batch_output = {_q(_rel(batch_out, job_dir))}  # OpenAI Batch-style results, beside the Parquet")
+    if delimiter is not None:
+        lines.append(f"delimiter = {_q(delimiter)}  # the file's field separator")
     id_column = None if is_batch else _id_column(columns)
     if id_column is not None:
         lines.append(f"id_column = {_q(id_column)}")
@@ -128,11 +143,11 @@ def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force
             chosen = usable[:TEMPLATE_COLUMNS] or [c for c in columns if not (set(c) & _NOT_PLACEABLE)][:1]
             if not chosen:
                 raise SpecError(
-                    f"{input_path}: no column can be a {{column}} placeholder (names with spaces or punctuation); "
+                    f"{input_path}: no column can be a {{column}} placeholder (every name holds a brace); "
                     "rename a column or write the job by hand"
                 )
-            template = "\\n".join(f"{c}: {{{c}}}" for c in chosen) if len(chosen) > 1 else f"{{{chosen[0]}}}"
-            lines.append(f'user = "{template}"')
+            template = "\n".join(f"{c}: {{{c}}}" for c in chosen) if len(chosen) > 1 else f"{{{chosen[0]}}}"
+            lines.append(f"user = {_q(template)}")
             left = [c for c in columns if c not in chosen and c != id_column]
             if left:
                 lines.append(f"# Not in the template: {', '.join(left)}")

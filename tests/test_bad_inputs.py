@@ -12,6 +12,7 @@ so fixing one turns the run red until its mark is removed.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -170,6 +171,13 @@ def parquet_input(tmp: Path) -> None:
     pl.read_csv(tmp / "data" / "in.csv").write_parquet(tmp / "data" / "in.parquet")
 
 
+def write_parquet(path: Path, columns: dict[str, list[Any]]) -> None:
+    import polars as pl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(columns).write_parquet(path)
+
+
 GOOD_SCHEMA = {
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["positive", "negative", "neutral"]}},
@@ -294,6 +302,50 @@ CASES: list[Case] = [
     Case("unknown input extension", "`data/in.txt`", with_input("in.txt", CSV), "unknown input format '.txt'"),
     Case("empty CSV", "a 0-byte `data/in.csv`", with_input("in.csv", ""), "data/in.csv: input is empty"),
     Case(
+        "tab-separated file named .csv",
+        "`review_id⇥product⇥text` in `data/in.csv`",
+        with_input("in.csv", CSV.replace(",", "\t").replace("Boils fast.", "Boils fast, really.")),
+        'the file looks tab-separated; set job.delimiter = "\\t"',
+    ),
+    Case(
+        "semicolon-separated file named .csv",
+        "`review_id;product;text` in `data/in.csv`",
+        with_input("in.csv", CSV.replace(",", ";")),
+        'the file looks semicolon-separated; set job.delimiter = ";"',
+    ),
+    Case(
+        "delimiter of more than one character",
+        '`delimiter = "tab"`',
+        job(job={"delimiter": "tab"}),
+        "job.delimiter: Value error, one character",
+    ),
+    Case(
+        "delimiter for a JSONL input",
+        '`delimiter = ";"` with `data/in.jsonl`',
+        with_input(
+            "in.jsonl", '{"review_id": "r-1", "text": "ok"}\n', job={"input": "../data/in.jsonl", "delimiter": ";"}
+        ),
+        "job.delimiter is for CSV and TSV input",
+    ),
+    Case(
+        "bad line in a gzip-compressed CSV",
+        "line 5 of `data/in.csv.gz` has 4 fields",
+        with_input("in.csv.gz", gzip.compress((CSV + "r-4,lamp,too,many\n").encode())),
+        "data/in.csv.gz: line 5: 4 fields but the header has 3",
+    ),
+    Case(
+        "cut-off gzip file",
+        "`data/in.csv.gz` cut off mid-stream",
+        with_input("in.csv.gz", gzip.compress("".join(f"r-{i},lamp,text {i}\n" for i in range(3000)).encode())[:5000]),
+        "cannot decompress this gzip file",
+    ),
+    Case(
+        "compressed Parquet file",
+        "`data/in.parquet.gz`",
+        with_input("in.parquet.gz", gzip.compress(b"PAR1")),
+        "a compressed Parquet file",
+    ),
+    Case(
         "CSV with a header only",
         "`review_id,product,text` and nothing else",
         with_input("in.csv", "review_id,product,text\n"),
@@ -349,13 +401,13 @@ CASES: list[Case] = [
         "template uses a column not in the input",
         '`user = "Review: {txet}"`',
         job(prompt={"user": "Review: {txet}"}),
-        "'txet'",
+        "'txet' (closest: 'text')",
     ),
     Case(
         "system template uses a column not in the input",
         '`system = "About {prodcut}"`',
         job(prompt={"system": "About {prodcut}"}),
-        "'prodcut'",
+        "prompt.system uses column(s) 'prodcut' (closest: 'product')",
     ),
     Case(
         "JSON literal in a template",
@@ -363,12 +415,24 @@ CASES: list[Case] = [
         job(prompt={"user": 'Answer like {"a": 1}: {text}'}),
         "{{",
     ),
-    Case("positional placeholder", '`user = "Review: {}"`', job(prompt={"user": "Review: {}"}), "positional"),
+    Case("empty placeholder", '`user = "Review: {}"`', job(prompt={"user": "Review: {}"}), "empty placeholder"),
     Case(
         "format spec in a placeholder",
         '`user = "{text:>20}"`',
         job(prompt={"user": "{text:>20}"}),
-        "must be a plain column name",
+        "'text:>20' (closest: 'text')",
+    ),
+    Case(
+        "placeholder for a column with a space, spelled with an underscore",
+        '`user = "{review_text}"`, the column is `review text`',
+        with_input("in.csv", "review_id,review text\nr-1,Boils fast.\n", prompt={"user": "{review_text}"}),
+        "'review_text' (closest: 'review text'",
+    ),
+    Case(
+        "JSON object literal in a template",
+        '`user = "Answer like {\\"a\\": {\\"b\\": 1}}: {text}"`',
+        job(prompt={"user": 'Answer like {"a": {"b": 1}}: {text}'}),
+        "double them: {{ and }}",
     ),
     Case(
         "unbalanced brace in a template",
@@ -383,16 +447,31 @@ CASES: list[Case] = [
         "job.id_column 'rid' is not an input column",
     ),
     Case(
-        "dedupe off with repeated ids",
-        "`dedupe = false`, `r-1` twice",
-        with_input("in.csv", CSV + "r-1,kettle,Again.\n", job={"dedupe": False}),
-        "repeats values",
+        "repeated ids",
+        '`id_column = "review_id"`, `r-1` on lines 2 and 5',
+        with_input("in.csv", CSV + "r-1,kettle,Again.\n"),
+        "job.id_column 'review_id' repeats 'r-1' on lines 2 and 5",
     ),
     Case(
-        "dedupe off with an empty id",
-        "`dedupe = false`, one id empty",
-        with_input("in.csv", CSV + ",kettle,No id.\n", job={"dedupe": False}),
-        "is empty on 1 row",
+        "an empty id",
+        "one `review_id` empty, one blank",
+        with_input("in.csv", CSV + ',kettle,No id.\n" ",lamp,Blank id.\n'),
+        "job.id_column 'review_id' is empty on lines 5 and 6",
+    ),
+    Case(
+        "repeated ids in a Parquet input",
+        "`review_id` 7 on rows 1 and 3",
+        then(
+            job(job={"input": "../data/in.parquet"}),
+            lambda tmp: write_parquet(tmp / "data" / "in.parquet", {"review_id": [7, 8, 7], "text": ["a", "b", "c"]}),
+        ),
+        "job.id_column 'review_id' repeats '7' on rows 1 and 3",
+    ),
+    Case(
+        "empty header name",
+        "`review_id,,text` (a column without a name)",
+        with_input("in.csv", "review_id,,text\nr-1,kettle,Boils fast.\n"),
+        "line 1: column 2 of the header has no name (between 'review_id' and 'text')",
     ),
     Case(
         "image column not in the input", '`image_columns = ["photo"]`', job(media={"image_columns": ["photo"]}), "photo"

@@ -113,3 +113,14 @@ def test_an_input_that_cannot_be_read_is_one_line(project: Path) -> None:
         result.output.strip() == "seedbatch: error: data/nope.csv: input file not found (set job.input or pass --input)"
     )
     assert not (project / "jobs").exists()
+
+
+def test_columns_with_spaces_quotes_and_punctuation_go_in_the_template(project: Path, api: LocalAPI) -> None:
+    (project / "data" / "odd.csv").write_text('item_id,review text,"say ""hi""",a\\b\nr-1,Good,yes,x\nr-2,Bad,no,y\n')
+    result = cli("init", "data/odd.csv")
+    assert result.exit_code == 0, result.output
+    data = tomllib.loads((project / "jobs" / "odd.toml").read_text())
+    assert data["prompt"]["user"] == 'review text: {review text}\nsay "hi": {say "hi"}\na\\b: {a\\b}'
+    ran = cli("run", "jobs/odd.toml", "--base-url", api.base_url, "--endpoint", "local", "--no-progress")
+    assert ran.exit_code == 0, ran.output
+    assert api.stats()["received"] == 2

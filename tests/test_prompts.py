@@ -53,17 +53,19 @@ def test_template_fields_in_order_without_duplicates() -> None:
     assert template_fields("no placeholders", "w") == []
 
 
+def test_a_placeholder_is_the_column_name_verbatim() -> None:
+    """Spaces and punctuation are part of the name: no format spec, attribute or index is ever parsed."""
+    template = "{review text}|{a-b}|{x.y}|{q:1}|{it's}|{0}|{l[0]}|{n!r}"
+    assert template_fields(template, "w") == ["review text", "a-b", "x.y", "q:1", "it's", "0", "l[0]", "n!r"]
+
+
 @pytest.mark.parametrize(
     ("template", "needle"),
     [
-        ("{}", "empty or positional"),
-        ("{0}", "empty or positional"),
-        ("{x:>10}", "plain column name"),
-        ("{x!r}", "plain column name"),
-        ("{x.y}", "plain column name"),
-        ("{x[0]}", "plain column name"),
-        ("{unclosed", "bad template"),
-        ("stray }", "bad template"),
+        ("{}", "empty placeholder '{}' at character 1"),
+        ("{unclosed", "the '{' at character 1 is never closed"),
+        ("stray }", "a single '}' at character 7"),
+        ('like {"a": {"b": 1}}', "double them: {{ and }}"),
     ],
 )
 def test_template_fields_rejects(template: str, needle: str) -> None:
@@ -84,11 +86,21 @@ def test_missing_column_is_an_error_before_sending() -> None:
     with pytest.raises(SpecError) as info:
         r.check_columns(["name", "other"], "jobs/x.toml: prompt")
     msg = str(info.value)
-    assert msg.startswith("jobs/x.toml: prompt: ")
+    assert msg.startswith("jobs/x.toml: prompt.user and prompt.system use column(s) ")
     assert "'text'" in msg
     assert "'tone'" in msg
     assert "'other'" in msg  # says what the input does have
     assert "\n" not in msg
+
+
+def test_unknown_placeholder_names_the_closest_columns() -> None:
+    r = Renderer(make_spec(prompt={"user": "{Reveiw Text} {prodcut} {zzz}"}))
+    with pytest.raises(SpecError) as info:
+        r.check_columns(["review text", "review_id", "product"], "jobs/x.toml: prompt")
+    msg = str(info.value)
+    assert "'Reveiw Text' (closest: 'review text')" in msg
+    assert "'prodcut' (closest: 'product')" in msg
+    assert "'zzz' not" in msg or "'zzz';" in msg or "'zzz' " in msg
 
 
 # ----------------------------------------------------------------- render

@@ -20,6 +20,7 @@ from pipeline.reader import (
     InputTable,
     RowRange,
     Selection,
+    check_ids,
     open_input,
     read_frames,
     read_rows,
@@ -111,7 +112,7 @@ def test_unsupported_extension(tmp_path: Path, name: str) -> None:
     p.write_text("text\nx\n")
     msg = _input_error(p)
     assert "unknown input format" in msg
-    assert ".parquet, .csv or .jsonl" in msg
+    assert ".parquet, .csv, .tsv or .jsonl" in msg
 
 
 def test_reserved_column_name(tmp_path: Path) -> None:
@@ -276,13 +277,67 @@ def test_numeric_id_keys_are_their_text(tmp_path: Path) -> None:
     assert [r.key for c in read_rows(open_input(p), Selection(), 100, [], "id") for r in c] == ["10", "20"]
 
 
-def test_duplicate_and_null_ids_today(tmp_path: Path) -> None:
-    """What happens now: no error, keys repeat, and null ids all become the text 'None'."""
+def test_read_rows_itself_does_not_judge_ids(tmp_path: Path) -> None:
+    """Keys are the ids as read; refusing repeated or empty ones is ``check_ids``' job, before any read."""
     p = tmp_path / "dup.csv"
     p.write_text("id,text\n1,x\n1,y\n,z\n,w\n")
     rows = [r for c in read_rows(open_input(p), Selection(), 100, ["text"], "id") for r in c]
     assert [r.index for r in rows] == [0, 1, 2, 3]  # every row is still read
     assert [r.key for r in rows] == ["1", "1", "None", "None"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # A quoted field over two lines and a blank line: lines are the file's, not rows + 1.
+        (
+            "a.csv",
+            'id,text\nr-1,a\nr-2,"two\nlines"\nr-1,c\n\nr-3,d\nr-2,e\nr-1,f\nr-1,g\n',
+            "repeats 'r-1' on lines 2, 5 and 9 (4 rows; 1 other id(s) repeat too)",
+        ),
+        ("b.csv", 'id,text\nr-1,a\n,b\n" ",c\n', "is empty on lines 3 and 4;"),
+        (
+            "c.jsonl",
+            '{"id": 1, "t": "a"}\n\n{"id": 2, "t": "b"}\n{"id": 1, "t": "c"}\n',
+            "repeats '1' on lines 1 and 4;",
+        ),
+        ("d.jsonl", '{"id": "a"}\n{"t": "no id"}\n', "is empty on line 2;"),
+    ],
+)
+def test_repeated_and_empty_ids_stop_the_run_naming_their_lines(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    p = tmp_path / name
+    p.write_text(content)
+    spec = spec_from_dict(
+        {
+            "job": {"input": str(p), "output": str(tmp_path / "o.parquet"), "id_column": "id"},
+            "prompt": {"user": "{id}"},
+            "endpoint": {"preset": "local"},
+        }
+    )
+    with pytest.raises(InputError) as info:
+        prepare(spec, need_key=False)
+    assert f"{p}: job.id_column 'id' {message}" in str(info.value)
+
+
+def test_ids_named_in_a_parquet_input_by_row(tmp_path: Path) -> None:
+    p = tmp_path / "ids.parquet"
+    pl.DataFrame({"id": [f"x{i}" for i in range(100_000)] + ["x5"]}).write_parquet(p, row_group_size=7_000)
+    with pytest.raises(InputError, match=r"repeats 'x5' on rows 6 and 100,001;"):
+        check_ids(open_input(p), "id")
+
+
+def test_ids_whose_hashes_collide_are_compared_by_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashes by length: ids of one length collide, every row is a suspect, and distinct values clear them."""
+    p = tmp_path / "ids.csv"
+    p.write_text("id,text\n" + "".join(f"x{i},t\n" for i in range(500)))
+    table = open_input(p)
+    monkeypatch.setattr(pl.Series, "hash", lambda self, seed=0: self.cast(pl.String).str.len_bytes().cast(pl.UInt64))
+    check_ids(table, "id")
+    p.write_text("id,text\n" + "".join(f"x{i},t\n" for i in range(500)) + "x7,t\n")
+    with pytest.raises(InputError, match=r"repeats 'x7' on lines 9 and 502"):
+        check_ids(open_input(p), "id")
 
 
 @pytest.mark.parametrize("ids", [["1", "1"], ["", ""], ["None", ""]], ids=["duplicate", "null", "null-vs-None"])

@@ -443,9 +443,17 @@ def test_one_changed_row_of_a_tiled_input_sends_one_request_and_patches_its_copi
     seen = _watch(monkeypatch)
     monkeypatch.setattr(incremental, "PATCH_CHUNK_ROWS", 64)  # the patch crosses many chunks
     tile = reviews(40)
-    frame = pl.concat([tile] * 10)  # every request asked by 10 rows, ids included (as the 10M benchmark)
+    # Every request asked by 10 rows, review ids included (as the 10M benchmark); each row has its own row_id.
+    frame = pl.concat([tile] * 10).with_columns(row_id=pl.format("row-{}", pl.int_range(pl.len())))
     # Row groups of 30 rows: the input is read across them in chunks of 64, as the output is.
-    job = _parquet_job(tmp_path, api, frame, 30, prompt={"user": "Review {review_id}: {text}"}, job={"chunk_rows": 100})
+    job = _parquet_job(
+        tmp_path,
+        api,
+        frame,
+        30,
+        prompt={"user": "Review {review_id}: {text}"},
+        job={"chunk_rows": 100, "id_column": "row_id"},
+    )
     assert cli("run", str(job)).exit_code == 0
     assert received(api) == 40
     api.reset()
@@ -459,7 +467,8 @@ def test_a_change_to_a_request_asked_by_too_many_rows_rebuilds_the_output(
 ) -> None:
     seen = _watch(monkeypatch)
     frame = pl.concat([reviews(1), reviews(1100)]).with_columns(
-        text=pl.when(pl.int_range(pl.len()) < 1050).then(pl.lit("the same text")).otherwise(pl.col("text"))
+        text=pl.when(pl.int_range(pl.len()) < 1050).then(pl.lit("the same text")).otherwise(pl.col("text")),
+        review_id=pl.format("id-{}", pl.int_range(pl.len())),
     )
     job = _parquet_job(tmp_path, api, frame, prompt={"user": "Review: {text}"}, job={"chunk_rows": 500})
     assert cli("run", str(job)).exit_code == 0
