@@ -136,8 +136,8 @@ class InFlightLimit:
         """Whether growing the cap has been buying throughput (with no rate known, the cap is all there is).
 
         Answers are counted over periods of at least ``period_s`` (and two median latencies); while a period's
-        answer rate beats the best one by ``gain`` and what was in flight (rate × median latency) filled at
-        least half the cap, the cap may grow to 1.5 × the cap the next period starts with. When it does not,
+        answer rate beats the best one by ``gain`` and what had to be in flight (rate × fast latency) filled
+        at least half the cap, the cap may grow to 1.5 × the cap the next period starts with. When it does not,
         more requests in flight only queue (a fast server, a client at its CPU's limit): the cap holds, and
         what it holds in flight is all a refusal can catch at once.
         ``period_s = inf`` turns the rule off.
@@ -149,9 +149,11 @@ class InFlightLimit:
         median = self._recent.quantile(0.5) or 0.0
         if elapsed >= max(self.period_s, 2.0 * median):
             rate = self._period_answers / elapsed
-            # Little's law: answers/s × latency is what was in flight; far below the cap, the cap is not
-            # what holds the rate back (a fast server: 2,000/s × 3 ms is 6), so growing it buys nothing.
-            binding = rate * median >= 0.5 * self.grown
+            # Little's law: answers/s × latency is what had to be in flight; far below the cap, the cap is not
+            # what holds the rate back (a fast server: 2,000/s × 3 ms is 6), so growing it buys nothing. The
+            # fast end of latencies, not the median: time queued in this client is not the server's.
+            fast = self._recent.quantile(0.1) or 0.0
+            binding = rate * fast >= 0.5 * self.grown
             self._improving = binding and rate > self._best_rate * self.gain
             self._best_rate = max(self._best_rate, rate)
             self._period_start, self._period_answers, self._period_cap = now, 0, self.grown
@@ -255,6 +257,9 @@ class RateControl:
         self._admits: collections.deque[float] = collections.deque(maxlen=8192)
         self._episode_start = -math.inf
         self._probe_step = 1.05
+        self.counted_after = 50
+        self._counted = False
+        self._uncounted = 0
         self.factor = 1.0
         self.not_before = -math.inf
         self._last_429 = -math.inf
@@ -319,9 +324,27 @@ class RateControl:
         if limits.limit_requests:
             self.server_rpm = limits.limit_requests * self.margin
             self._tell("rpm", limits.limit_requests, self.job_rpm)
+            self._check_counted(limits.limit_requests, limits.remaining_requests)
         if limits.limit_tokens:
             self.server_tpm = limits.limit_tokens * self.margin
             self._tell("tpm", limits.limit_tokens, self.job_tpm)
+
+    def _check_counted(self, limit: int, remaining: int | None) -> None:
+        """Headers whose ``remaining`` never moves while this run sends fast do not count its requests (a
+        gateway passing on its upstream's headers): their limit is not followed. A server that counts them
+        shows ``remaining`` below the limit within its first ``counted_after`` answers sent in a second."""
+        if remaining is None or not self.headers_bind or self._counted:
+            return
+        if remaining < limit - 1:
+            self._counted = True
+            return
+        self._uncounted += 1
+        if self._uncounted >= self.counted_after and self.sent_within(1.0) >= self.counted_after:
+            self.headers_bind = False
+            self._messages.append(
+                f"the server's rate-limit headers do not count this run's requests (remaining stays at {remaining} "
+                f"of {limit}); pacing from its answers and refusals instead"
+            )
 
     def _tell(self, unit: str, server: float, job: float | None) -> None:
         if job is not None and job > server and unit not in self._told:
@@ -504,7 +527,9 @@ class Pacing:
         self._tokens_per_request: float | None = None
         self.narrow = narrow
         self.narrow_doubling_s = narrow_doubling_s
-        self._answered = False
+        self._answered_at: float | None = None
+        self._doublings_at_answer = 0.0
+        self._ramped = False
         self._doubted = False
         self._first_send: float | None = None
 
@@ -528,16 +553,27 @@ class Pacing:
 
     def in_flight_limit(self) -> int:
         cap = self.in_flight.limit(self.target_rps())
-        return cap if self._answered else min(cap, self._narrow())
+        return cap if self._ramped else min(cap, self._narrow())
 
     def _narrow(self) -> int:
-        """The cap until the server's first 200: ``narrow`` requests, doubling every ``narrow_doubling_s``
-        while nothing has failed, so a wrong setup costs a handful of requests and a slow model is not held.
-        After a failure or a refusal, before any 200, it stays at ``narrow``."""
-        if self._doubted or self._first_send is None:
+        """The start of a run: ``narrow`` requests in flight, doubling every ``narrow_doubling_s`` while
+        nothing has failed, so a wrong setup costs a handful of requests and a slow model is not held; after
+        a failure or a refusal, before any 200, it stays at ``narrow``. From the first 200 it doubles twice as
+        fast until it no longer binds: the closed loop sets the cap, but a limit the first answers' headers
+        claim is not taken at its word in one step (a gateway's claim of 100,000 RPM let 600 requests out
+        before its first refusal was read)."""
+        if self._first_send is None:
             return self.narrow
-        doublings = (self.clock() - self._first_send) / self.narrow_doubling_s
-        return self.narrow if doublings < 1 else int(self.narrow * 2.0 ** min(doublings, 20.0))
+        now = self.clock()
+        if self._answered_at is None:
+            if self._doubted:
+                return self.narrow
+            doublings = (now - self._first_send) / self.narrow_doubling_s
+        else:
+            doublings = self._doublings_at_answer + 2.0 * (now - self._answered_at) / self.narrow_doubling_s
+        if doublings >= 20.0:
+            self._ramped = True
+        return int(self.narrow * 2 ** int(min(doublings, 20.0)))
 
     def on_refusal(self) -> None:
         """A 4xx or a fatal answer: before the first 200, the cap stays narrow."""
@@ -560,7 +596,10 @@ class Pacing:
         completion_tokens: int | None = None,
         total_tokens: int | None = None,
     ) -> None:
-        self._answered = True
+        if self._answered_at is None:
+            self._answered_at = now = self.clock()
+            start = self._first_send if self._first_send is not None else now
+            self._doublings_at_answer = 0.0 if self._doubted else (now - start) / self.narrow_doubling_s
         self.rates.on_admitted()
         self.rates.on_headers(ratelimit)
         self.in_flight.on_answer(latency_s)

@@ -281,8 +281,11 @@ def test_pacing_backs_off_from_the_first_retry_when_many_requests_fail() -> None
 
 
 def test_pacing_in_flight_cap_uses_the_learned_rate() -> None:
-    pacing = Pacing(None, None, ceiling=4096, clock=Clock())
+    clock = Clock()
+    pacing = Pacing(None, None, ceiling=4096, clock=clock)
     assert pacing.in_flight_limit() == 4  # narrow until the server's first 200
+    pacing.on_send()
+    clock.now += 20.0  # a 20 s model: the start-up ramp no longer binds by its first answer
     for _ in range(50):
         pacing.on_reply(20.0, RateLimits(limit_requests=6000))
     # 6000 rpm = 100 req/s, × (20 s + 0.25 s of pacer queueing) × 1.5 headroom.
@@ -311,6 +314,19 @@ def test_the_cap_is_narrow_until_the_first_answer_and_grows_while_nothing_fails(
     assert pacing.in_flight_limit() == 45  # the first 200 hands the cap to Little's law: 100/s × 0.3 s × 1.5
 
 
+def test_from_the_first_answer_the_ramp_doubles_twice_as_fast_until_the_closed_loop_takes_over() -> None:
+    clock = Clock()
+    pacing = Pacing(None, None, ceiling=4096, clock=clock)
+    pacing.on_send()
+    clock.now += 0.01
+    pacing.on_reply(0.01, RateLimits(limit_requests=100_000))  # a claim of 1,667 requests a second
+    assert pacing.in_flight_limit() == 4
+    clock.now += 0.3  # three doublings at 0.1 s
+    assert pacing.in_flight_limit() == 32
+    clock.now += 2.0
+    assert pacing.in_flight_limit() == 650  # Little's law on the claim: 1,667/s × (0.01 s + 0.25 s) × 1.5
+
+
 @pytest.mark.parametrize("failure", ["error", "refusal"])
 def test_a_failure_before_the_first_answer_keeps_the_cap_narrow(failure: str) -> None:
     clock = Clock()
@@ -320,7 +336,8 @@ def test_a_failure_before_the_first_answer_keeps_the_cap_narrow(failure: str) ->
     clock.now += 5.0
     assert pacing.in_flight_limit() == 4
     pacing.on_reply(0.05)
-    assert pacing.in_flight_limit() > 4
+    clock.now += 0.2
+    assert pacing.in_flight_limit() == 16  # from the first 200, doubling every 0.1 s
 
 
 def test_with_no_rate_known_the_cap_grows_only_while_it_buys_throughput() -> None:
@@ -336,3 +353,18 @@ def test_with_no_rate_known_the_cap_grows_only_while_it_buys_throughput() -> Non
     assert drive(lambda cap: 2000.0, 0.003, 5.0) <= 48  # what the first period may grow, then held
     # A server that gets faster with what is in flight, each answer 50 ms (cap ÷ 0.05 s): the cap grows.
     assert drive(lambda cap: cap / 0.05, 0.05, 5.0) >= 1000
+
+
+def test_headers_whose_remaining_never_moves_while_the_run_sends_fast_are_not_followed() -> None:
+    clock = Clock()
+    gateway = RateControl(None, None, clock=clock)
+    honest = RateControl(None, None, clock=clock)
+    for i in range(60):
+        clock.now = i * 0.001
+        for rates in (gateway, honest):
+            rates.on_send()
+        gateway.on_headers(RateLimits(limit_requests=100_000, remaining_requests=99_999))
+        honest.on_headers(RateLimits(limit_requests=100_000, remaining_requests=99_999 - i))
+    assert honest.rpm() == 100_000
+    assert gateway.rpm() is None  # 60 answers in 60 ms and remaining never moved: paced from the answers
+    assert "do not count this run's requests" in (gateway.take_message() or "")
