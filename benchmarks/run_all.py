@@ -1,6 +1,6 @@
 """Run the seedbatch benchmarks against the built-in local API and write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py                      # all nine, full sizes -> benchmarks/RESULTS.md
+    python benchmarks/run_all.py                      # all of them, full sizes -> benchmarks/RESULTS.md
     python benchmarks/run_all.py --quick              # small sizes -> benchmarks/out/RESULTS.quick.md
     python benchmarks/run_all.py --only overhead      # one (repeatable, or comma-separated)
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import bench_crash
+import bench_failures
 import bench_inflight
 import bench_memory
 import bench_overhead
@@ -38,6 +39,7 @@ BENCHMARKS: list[ModuleType] = [
     bench_crash,
     bench_ray,
     bench_pacing,
+    bench_failures,
     bench_ray_nodes,
     bench_scale,
 ]
