@@ -109,6 +109,7 @@ class Dispatch:
         self.resending: set[str] = set()  # re-sent over an earlier failed answer: its usage adds up
         self.uncommitted: list[Outcome] = []
         self._flush_scheduled = False
+        self._drained = False
         self.attempts: Attempts | None = None
 
     @property
@@ -263,7 +264,7 @@ class Dispatch:
         try:
             await sending
         except asyncio.CancelledError:
-            if not (self.summary.interrupted or self.stop.is_set()):
+            if not (self.summary.interrupted or self._drained):  # a caller's cancellation is the caller's
                 raise
         finally:
             unlisten()
@@ -286,6 +287,7 @@ class Dispatch:
             async with asyncio.timeout(self.options.grace_s):
                 await self.attempts.idle.wait()
         await asyncio.sleep(0)  # the last answer's record and commit come first
+        self._drained = True
         sending.cancel()
 
     def _say_why_stopped(self) -> None:
