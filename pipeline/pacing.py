@@ -146,8 +146,7 @@ class InFlightLimit:
             return True
         self._period_answers += 1
         elapsed = now - self._period_start
-        median = self._recent.quantile(0.5) or 0.0
-        if elapsed >= max(self.period_s, 2.0 * median):
+        if elapsed >= self.period_s and elapsed >= 2.0 * (self._recent.quantile(0.5) or 0.0):
             rate = self._period_answers / elapsed
             # Little's law: answers/s × latency is what had to be in flight; far below the cap, the cap is not
             # what holds the rate back (a fast server: 2,000/s × 3 ms is 6), so growing it buys nothing. The
@@ -162,18 +161,19 @@ class InFlightLimit:
     def on_answer(self, latency_s: float) -> None:
         self.latency.add(latency_s)
         self._recent.add(latency_s)
-        if not self._pays(self.clock()):
-            return
+        now = self.clock()
+        pays = self._pays(now)
         if len(self._recent) < self._recent_size:
-            self.grown = min(self.ceiling, self.grown + 1)
+            if pays:
+                self.grown = min(self.ceiling, self.grown + 1)
             return
         median = self._recent.quantile(0.5)
         assert median is not None
         # The best median seen, forgotten slowly so a lasting change of prompts is not read as overload.
         self._baseline = median if self._baseline is None else min(median, self._baseline * 1.002)
-        now = self.clock()
         if median <= self.slow_ratio * self._baseline:
-            self.grown = min(self.ceiling, self.grown + 1)
+            if pays:
+                self.grown = min(self.ceiling, self.grown + 1)
         elif now - self._last_cut >= median:
             self._last_cut = now
             self.grown = max(self.floor, int(self.grown * self.decrease))
@@ -558,8 +558,8 @@ class Pacing:
     def _narrow(self) -> int:
         """The start of a run: ``narrow`` requests in flight, doubling every ``narrow_doubling_s`` while
         nothing has failed, so a wrong setup costs a handful of requests and a slow model is not held; after
-        a failure or a refusal, before any 200, it stays at ``narrow``. From the first 200 it doubles twice as
-        fast until it no longer binds: the closed loop sets the cap, but a limit the first answers' headers
+        a failure or a refusal, before any 200, it stays at ``narrow``. From the first 200 it is where the
+        time since the first send puts it, and doubles twice as fast until it no longer binds: the closed loop sets the cap, but a limit the first answers' headers
         claim is not taken at its word in one step (a gateway's claim of 100,000 RPM let 600 requests out
         before its first refusal was read)."""
         if self._first_send is None:
@@ -599,7 +599,9 @@ class Pacing:
         if self._answered_at is None:
             self._answered_at = now = self.clock()
             start = self._first_send if self._first_send is not None else now
-            self._doublings_at_answer = 0.0 if self._doubted else (now - start) / self.narrow_doubling_s
+            # A 200 shows the setup works: the ramp goes on from where time has taken it, even if a random
+            # fault came first (a 5xx among the first four requests held a run at 4 in flight until then).
+            self._doublings_at_answer = (now - start) / self.narrow_doubling_s
         self.rates.on_admitted()
         self.rates.on_headers(ratelimit)
         self.in_flight.on_answer(latency_s)

@@ -333,11 +333,10 @@ def test_a_failure_before_the_first_answer_keeps_the_cap_narrow(failure: str) ->
     pacing = Pacing(6000, None, ceiling=4096, clock=clock)
     pacing.on_send()
     pacing.on_error() if failure == "error" else pacing.on_refusal()
-    clock.now += 5.0
+    clock.now += 1.0
     assert pacing.in_flight_limit() == 4
-    pacing.on_reply(0.05)
-    clock.now += 0.2
-    assert pacing.in_flight_limit() == 16  # from the first 200, doubling every 0.1 s
+    pacing.on_reply(0.05)  # the setup works: the ramp is where 1 s of doubling every 0.2 s puts it (128),
+    assert pacing.in_flight_limit() == 45  # so the closed loop's cap holds: 100/s × 0.3 s × 1.5
 
 
 def test_with_no_rate_known_the_cap_grows_only_while_it_buys_throughput() -> None:
