@@ -559,9 +559,9 @@ class Pacing:
         """The start of a run: ``narrow`` requests in flight, doubling every ``narrow_doubling_s`` while
         nothing has failed, so a wrong setup costs a handful of requests and a slow model is not held; after
         a failure or a refusal, before any 200, it stays at ``narrow``. From the first 200 it is where the
-        time since the first send puts it, and doubles twice as fast until it no longer binds: the closed loop sets the cap, but a limit the first answers' headers
-        claim is not taken at its word in one step (a gateway's claim of 100,000 RPM let 600 requests out
-        before its first refusal was read)."""
+        time since the first send puts it, and doubles twice as fast until it no longer binds: the closed
+        loop sets the cap, but a limit the first answers' headers claim is not taken at its word in one step
+        (a claim of 100,000 RPM lets hundreds of requests out before the first refusal is read)."""
         if self._first_send is None:
             return self.narrow
         now = self.clock()
