@@ -121,7 +121,8 @@ class InFlightLimit:
         self._recent_size = recent
         self._baseline: float | None = None
         self._last_cut = -math.inf
-        self._first_send: float | None = None
+        self.first_send: float | None = None
+        """When the run's first request left (``on_send``): the age the cap grows with before any answer."""
         self.queueing_s = queueing_s
         self.grown = min(max(start, self.floor), self.ceiling)
         self.period_s = period_s
@@ -179,8 +180,8 @@ class InFlightLimit:
             self.grown = max(self.floor, int(self.grown * self.decrease))
 
     def on_send(self) -> None:
-        if self._first_send is None:
-            self._first_send = self.clock()
+        if self.first_send is None:
+            self.first_send = self.clock()
 
     def limit(self, target_rps: float | None) -> int:
         q = self.latency.quantile(self.q)
@@ -189,9 +190,9 @@ class InFlightLimit:
         if q is None:
             # No answer yet: every request sent so far is still in flight, so latency is at least the age of
             # the first one. Growing with that age keeps a 20 s model from idling at ``start`` for 20 s.
-            if self._first_send is None:
+            if self.first_send is None:
                 return self.grown
-            age = self.clock() - self._first_send + 1.0
+            age = self.clock() - self.first_send + 1.0
             return min(self.ceiling, max(self.grown, math.ceil(target_rps * age * self.headroom)))
         # A slot is held from the pacer's wait to the answer, not only for the server's latency: the
         # quarter second covers that queueing (at 50/s and 100 ms, 8 slots held the run to 0.63 of the rate).
@@ -528,10 +529,8 @@ class Pacing:
         self.narrow = narrow
         self.narrow_doubling_s = narrow_doubling_s
         self._answered_at: float | None = None
-        self._doublings_at_answer = 0.0
         self._ramped = False
         self._doubted = False
-        self._first_send: float | None = None
 
     # -- before a send
     def pause_s(self) -> float:
@@ -562,15 +561,16 @@ class Pacing:
         time since the first send puts it, and doubles twice as fast until it no longer binds: the closed
         loop sets the cap, but a limit the first answers' headers claim is not taken at its word in one step
         (a claim of 100,000 RPM lets hundreds of requests out before the first refusal is read)."""
-        if self._first_send is None:
+        first = self.in_flight.first_send
+        if first is None:
             return self.narrow
         now = self.clock()
         if self._answered_at is None:
             if self._doubted:
                 return self.narrow
-            doublings = (now - self._first_send) / self.narrow_doubling_s
-        else:
-            doublings = self._doublings_at_answer + 2.0 * (now - self._answered_at) / self.narrow_doubling_s
+            doublings = (now - first) / self.narrow_doubling_s
+        else:  # where time had taken it at the first 200 (a fault before it does not count), then twice as fast
+            doublings = (self._answered_at - first + 2.0 * (now - self._answered_at)) / self.narrow_doubling_s
         if doublings >= 20.0:
             self._ramped = True
         return int(self.narrow * 2 ** int(min(doublings, 20.0)))
@@ -585,8 +585,6 @@ class Pacing:
     def on_send(self) -> None:
         self.rates.on_send()
         self.in_flight.on_send()
-        if self._first_send is None:
-            self._first_send = self.clock()
 
     # -- what came back
     def on_reply(
@@ -597,11 +595,9 @@ class Pacing:
         total_tokens: int | None = None,
     ) -> None:
         if self._answered_at is None:
-            self._answered_at = now = self.clock()
-            start = self._first_send if self._first_send is not None else now
             # A 200 shows the setup works: the ramp goes on from where time has taken it, even if a random
             # fault came first (a 5xx among the first four requests held a run at 4 in flight until then).
-            self._doublings_at_answer = (now - start) / self.narrow_doubling_s
+            self._answered_at = self.clock()
         self.rates.on_admitted()
         self.rates.on_headers(ratelimit)
         self.in_flight.on_answer(latency_s)
