@@ -128,15 +128,26 @@ def ratelimit_of(exc: BaseException) -> RateLimits | None:
     return exc.ratelimit if isinstance(exc, ServerRetryableError) else None
 
 
-def _server_message(response: httpx.Response) -> str:
+#: An error answer's body that is not JSON.
+_NOT_JSON = object()
+
+
+def _error_body(response: httpx.Response) -> Any:
+    """An error answer's body, parsed once for its message and its error object (``_NOT_JSON`` if it is not)."""
     try:
-        data = orjson.loads(response.content)
-        err = data.get("error", data) if isinstance(data, dict) else data
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return _NOT_JSON
+
+
+def _server_message(response: httpx.Response, body: Any) -> str:
+    if body is _NOT_JSON:
+        msg: Any = response.text
+    else:
+        err = body.get("error", body) if isinstance(body, dict) else body
         msg = err.get("message") if isinstance(err, dict) else str(err)
-    except (orjson.JSONDecodeError, AttributeError):
-        msg = response.text
     msg = " ".join(str(msg or "").split())
-    return msg[:300]
+    return str(msg)[:300]
 
 
 def _glimpse(response: httpx.Response) -> str:
@@ -146,16 +157,12 @@ def _glimpse(response: httpx.Response) -> str:
     return f"{kind}: {text[:120]!r}"
 
 
-def _answered(exc: E, response: httpx.Response, secret: str | None) -> E:
+def _answered(exc: E, response: httpx.Response, body: Any, secret: str | None) -> E:
     """``exc`` with what the server said: its ``x-request-id`` and its ``error`` object, as JSON text
     (the key masked if the server quoted it), so the row's error line can carry them unchanged."""
     exc.request_id = response.headers.get("x-request-id")
-    try:
-        data = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return exc
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        text = orjson.dumps(data["error"]).decode()
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        text = orjson.dumps(body["error"]).decode()
         exc.server_error = text.replace(secret, "***") if secret else text
     return exc
 
@@ -497,7 +504,8 @@ class Client:
                     status_code=200,
                 )
             return Reply(data, latency_ms, parse_rate_limits(response.headers), request_id, asked)
-        message = _server_message(response)
+        said = _error_body(response)
+        message = _server_message(response, said)
         if self._secret and self._secret in message:
             # Some servers quote the rejected key back; it must not reach logs or the ledger.
             message = message.replace(self._secret, "***")
@@ -513,6 +521,7 @@ class Client:
             raise _answered(
                 RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request"),
                 response,
+                said,
                 self._secret,
             )
         if status in RETRYABLE_STATUS or status >= 500:
@@ -525,10 +534,11 @@ class Client:
                     ratelimit=parse_rate_limits(response.headers),
                 ),
                 response,
+                said,
                 self._secret,
             )
         error = RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
-        raise _answered(error, response, self._secret)
+        raise _answered(error, response, said, self._secret)
 
     def _transport_error(self, exc: httpx.TransportError, stream: bool) -> Exception:
         """A transport failure on the error tree, with its cause in a user's words where it is known."""
