@@ -17,7 +17,6 @@ from pipeline import schema_types
 from pipeline.attempts import AnswerPolicy, Attempts, Budget, Send
 from pipeline.breaker import Circuit, SameRefusal
 from pipeline.client import FEW_REQUESTS, Client
-from pipeline.errors import FatalAPIError
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.pacing import Pacing
@@ -203,7 +202,8 @@ class Dispatch:
 
     # The run ---------------------------------------------------------------------------------------
     async def run(self, base_url: str) -> None:
-        """Send until done or stopped; a fatal answer (401/403/404) propagates after the commit."""
+        """Send until done or stopped; a fatal answer, an outage or the budget stops it: what arrived is
+        committed and ``summary`` says why (``_say_why_stopped``)."""
         spec = self.spec
         client = Client(
             base_url,
@@ -306,8 +306,7 @@ class Dispatch:
 
 
 async def execute_local(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
-    """``executors.Executor`` for this process: one event loop, up to ``limits.concurrency`` in flight."""
-    try:
-        await Dispatch(p, ledger, options, summary).run(url)
-    except FatalAPIError as exc:
-        summary.stop(StopReason.FATAL, f"fatal: {exc}")
+    """``executors.Executor`` for this process: one event loop, up to ``limits.concurrency`` in flight.
+
+    A fatal answer does not raise: ``Dispatch.run`` commits what arrived and records why it stopped."""
+    await Dispatch(p, ledger, options, summary).run(url)

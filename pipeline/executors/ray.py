@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.attempts import Budget
-from pipeline.errors import FatalAPIError, SpecError
+from pipeline.errors import SpecError
 from pipeline.executors.local import Dispatch
 from pipeline.ledger import Ledger, ShardLedger
 from pipeline.options import RunOptions
@@ -272,9 +272,7 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
                 await beat
 
     try:
-        asyncio.run(main())
-    except FatalAPIError as exc:
-        summary.stop(StopReason.FATAL, f"fatal: {exc}")
+        asyncio.run(main())  # a fatal answer is recorded in ``summary`` by ``Dispatch.run``, not raised
     finally:
         ledger.close()
         if isinstance(budget, LeasedBudget):
