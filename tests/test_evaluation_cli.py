@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from pipeline.cli import main
 from pipeline.localapi import LocalAPI, ServerConfig
-from tests.helpers import to_toml
+from tests.helpers import ROOT, example_job, run, to_toml
 
 LABELS = ("positive", "negative", "neutral")
 SCHEMA = {
@@ -240,3 +240,20 @@ def test_eval_of_an_output_without_a_manifest_says_to_name_the_job(tmp_path: Pat
     done = cli("eval", str(tmp_path / "x.parquet"))
     assert done.exit_code == 2
     assert "name the job with --job" in done.output
+
+
+def test_the_example_job_runs_and_evaluates(tmp_path: Path, erring: LocalAPI) -> None:
+    """jobs/sentiment_eval.toml over data/reviews_labeled.csv: what the README's two commands show."""
+    spec = example_job("sentiment_eval.toml", tmp_path, erring)
+    summary = run(spec)
+    assert summary.rows_by_status == {"ok": 300}
+    output = tmp_path / "out" / "sentiment_eval.parquet"
+    report = tmp_path / "report.html"
+    done = cli("eval", str(output), "--job", str(ROOT / "jobs" / "sentiment_eval.toml"), "--report", str(report))
+    assert done.exit_code == 0, done.output
+    doc = json.loads(cli("eval", str(output), "--job", str(ROOT / "jobs" / "sentiment_eval.toml"), "--json").output)
+    sentiment = doc["fields"]["sentiment"]
+    assert sentiment["n"] == 300
+    assert {label: c["support"] for label, c in sentiment["classes"].items()} == dict.fromkeys(LABELS, 100)
+    assert within_binomial(sentiment["accuracy"], 300, 0.8), sentiment["accuracy"]
+    assert report.stat().st_size > 0
