@@ -278,7 +278,7 @@ def run(
     if summary.stop_reason:
         reporter.log("stopped", {"reason": summary.stop_reason})
     if spec.evaluation is not None:
-        from pipeline.evaluation.tables import after_run
+        from pipeline.evaluation.evaluate import after_run
 
         after_run(spec, reporter.log, log_format == "json")
     sys.exit(summary.exit_code)

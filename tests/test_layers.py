@@ -15,9 +15,24 @@ PACKAGE = ROOT / "pipeline"
 
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
+    ("data, and imports deferred to first use", {"errors", "records", "lazy", "evaluation", "evaluation.settings"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("pure policy", {"pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
+    (
+        "pure policy",
+        {
+            "pacing",
+            "breaker",
+            "schema_types",
+            "grammar",
+            "costs",
+            "validator",
+            "conversations",
+            "tools",
+            "evaluation.metrics",
+            "evaluation.tables",
+            "evaluation.report",
+        },
+    ),
     (
         "stages",
         {
@@ -32,9 +47,10 @@ LAYERS: list[tuple[str, set[str]]] = [
             "progress",
             "batch_output",
             "storage",
+            "evaluation.gold",
         },
     ),
-    ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
+    ("one request, one job's checks", {"prepare", "attempts", "uptodate", "evaluation.evaluate"}),
     ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
     ("composers", {"runner", "planning", "starter"}),

@@ -10,12 +10,13 @@ right answer cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from pipeline.errors import InputError, SpecError
+from pipeline.errors import InputError, SeedbatchError, SpecError
 from pipeline.evaluation import gold, metrics
 from pipeline.evaluation.gold import ANSWER_SUFFIX, GOLD_SUFFIX, Field, pair, read_table
 from pipeline.evaluation.settings import EvaluationSpec
@@ -153,3 +154,21 @@ def evaluate_output(output: str, job: str | None) -> dict[str, Any]:
     spec = load_spec(job if job is not None else job_of(output_path))
     gold.check(spec)
     return evaluate(output_path, spec)
+
+
+def after_run(spec: JobSpec, log: Callable[[str, dict[str, Any]], None], as_json: bool) -> None:
+    """``seedbatch run``'s closing evaluation of a job with ``[evaluation]``. A problem scoring it is logged,
+    never raised: the run itself succeeded, and its exit code says so."""
+    from rich.console import Console
+
+    from pipeline.evaluation import tables
+
+    try:
+        document = evaluate(Path(spec.job.output), spec)
+    except SeedbatchError as exc:
+        log("evaluation_failed", {"message": str(exc)})
+        return
+    if as_json:
+        log("evaluation", document)
+    else:
+        tables.print_document(document, Console(stderr=True))

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table
-
-from pipeline.errors import SeedbatchError
-from pipeline.spec import JobSpec
 
 
 def _pct(value: float | None) -> str:
@@ -83,19 +79,3 @@ def render(document: dict[str, Any]) -> Group:
 
 def print_document(document: dict[str, Any], console: Console | None = None) -> None:
     (console or Console()).print(render(document))
-
-
-def after_run(spec: JobSpec, log: Callable[[str, dict[str, Any]], None], as_json: bool) -> None:
-    """``seedbatch run``'s closing evaluation of a job with ``[evaluation]``. A problem scoring it is logged,
-    never raised: the run itself succeeded, and its exit code says so."""
-    from pipeline.evaluation.evaluate import evaluate
-
-    try:
-        document = evaluate(Path(spec.job.output), spec)
-    except SeedbatchError as exc:
-        log("evaluation_failed", {"message": str(exc)})
-        return
-    if as_json:
-        log("evaluation", document)
-    else:
-        print_document(document, Console(stderr=True))
