@@ -257,3 +257,30 @@ def test_the_example_job_runs_and_evaluates(tmp_path: Path, erring: LocalAPI) ->
     assert {label: c["support"] for label, c in sentiment["classes"].items()} == dict.fromkeys(LABELS, 100)
     assert within_binomial(sentiment["accuracy"], 300, 0.8), sentiment["accuracy"]
     assert report.stat().st_size > 0
+
+
+def test_each_stage_is_scored_on_its_own_rows(tmp_path: Path, api: LocalAPI) -> None:
+    """Votes and escalation write a ``stage`` column: the report gives each stage's accuracy and cost."""
+    job = write_job(tmp_path, api, labeled(6), evaluation={"fields": '{ sentiment = "label" }'})
+    output = pl.DataFrame(
+        {
+            "review_id": [f"r-{i}" for i in range(6)],
+            "label": ["positive", "negative", "neutral", "positive", "negative", "neutral"],
+            "sentiment": ["positive", "negative", "positive", "positive", None, "neutral"],
+            "status": ["ok", "ok", "ok", "ok", "invalid_output", "ok"],
+            "usd_spent": [0.001, 0.001, 0.001, 0.004, 0.004, 0.004],
+            "stage": ["first", "first", "first", "escalated", "escalated", "escalated"],
+        }
+    )
+    output.write_parquet(tmp_path / "staged.parquet")
+    done = cli("eval", str(tmp_path / "staged.parquet"), "--job", str(job), "--json")
+    assert done.exit_code == 0, done.output
+    doc = json.loads(done.output)
+    assert doc["fields"]["sentiment"]["correct"] == 4
+    assert doc["fields"]["sentiment"]["n_without_answer"] == 1
+    first, escalated = doc["stages"]["first"]["fields"]["sentiment"], doc["stages"]["escalated"]["fields"]["sentiment"]
+    assert (first["n"], first["correct"], first["cost_usd"]) == (3, 2, pytest.approx(0.003))
+    assert (escalated["n"], escalated["correct"], escalated["n_without_answer"]) == (3, 2, 1)
+    assert escalated["cost_per_correct_usd"] == pytest.approx(0.012 / 2)
+    shown = cli("eval", str(tmp_path / "staged.parquet"), "--job", str(job))
+    assert "stage escalated (3 rows)" in shown.output

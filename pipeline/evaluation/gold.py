@@ -114,17 +114,22 @@ def read_table(path: Path, what: str) -> pl.DataFrame:
     raise SpecError(f"{what} {path}: end the name in .parquet, .csv or .jsonl")
 
 
-def _columns(path: Path, what: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq") and path.exists():
-        return list(pl.read_parquet_schema(path))
-    return read_table(path, what).columns if suffix in (".jsonl", ".ndjson") else _csv_header(path, what)
-
-
-def _csv_header(path: Path, what: str) -> list[str]:
+def _columns(path: Path, what: str, separator: str = ",") -> list[str] | None:
+    """The file's column names; None for an input this module does not read (compressed, another
+    encoding): the run's reader checks that file, and the evaluation reads the columns from the output."""
     if not path.exists():
         raise SpecError(f"{what} {path}: no such file")
-    return pl.read_csv(path, n_rows=0, infer_schema=False).columns
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return list(pl.read_parquet_schema(path))
+        if suffix in (".jsonl", ".ndjson"):
+            return read_table(path, what).columns
+        if suffix in (".csv", ".tsv"):
+            return pl.read_csv(path, n_rows=0, infer_schema=False, separator=separator).columns
+    except (pl.exceptions.PolarsError, OSError, InputError):
+        return None
+    return None
 
 
 def check(spec: JobSpec) -> None:
@@ -137,10 +142,18 @@ def check(spec: JobSpec) -> None:
         if spec.job.id_column is None:
             raise SpecError(f"{where}.gold_file is joined on job.id_column: set job.id_column")
         columns, what = _columns(path, "evaluation.gold_file"), f"gold_file {path}"
+        if columns is None:
+            raise SpecError(f"{where}.gold_file {path}: cannot read its columns (is it a valid {path.suffix} file?)")
         if spec.job.id_column not in columns:
             raise SpecError(f"{where}.gold_file {path} has no {spec.job.id_column!r} column (job.id_column)")
+    elif "input" in spec.objects:  # an object input is fetched when the run starts: its columns are checked then
+        return
     else:
-        columns, what = _columns(Path(spec.job.input), "job.input"), f"input {spec.job.input}"
+        tab = "\t" if Path(spec.job.input).suffix.lower() == ".tsv" else ","
+        columns = _columns(Path(spec.job.input), "job.input", spec.job.delimiter or tab)
+        what = f"input {spec.job.input}"
+        if columns is None:
+            return
     for f in scored:
         if f.gold_column not in columns:
             has = ", ".join(columns)
