@@ -78,7 +78,7 @@ def class_bars(field: str, classes: dict[str, Any]) -> str:
     axes.set_xticks(range(len(labels)), labels=labels, rotation=30, ha="right")
     axes.set_ylim(0, 1)
     axes.set_title(f"{field}: per class")
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # beside the bars, never over them
     return _svg(figure)
 
 
