@@ -16,6 +16,7 @@ PACKAGE = ROOT / "pipeline"
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
+    ("objects (where their local copies live) and the job file's sections", {"storage", "job_sections"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
     ("pure policy", {"pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
     (
@@ -31,7 +32,6 @@ LAYERS: list[tuple[str, set[str]]] = [
             "shared_limits",
             "progress",
             "batch_output",
-            "storage",
         },
     ),
     ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
