@@ -18,7 +18,21 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
     ("objects (where their local copies live) and the job file's sections", {"storage", "job_sections"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("pure policy", {"pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
+    (
+        "pure policy",
+        {
+            "pacing",
+            "breaker",
+            "schema_types",
+            "grammar",
+            "costs",
+            "validator",
+            "conversations",
+            "tools",
+            "sse",
+            "connection_causes",
+        },
+    ),
     (
         "stages",
         {
