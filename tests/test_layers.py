@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "tools",
             "sse",
             "connection_causes",
+            "templates",
         },
     ),
     (
