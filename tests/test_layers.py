@@ -16,7 +16,10 @@ PACKAGE = ROOT / "pipeline"
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
-    ("objects (where their local copies live) and the job file's sections", {"storage", "job_sections"}),
+    (
+        "what the job builds on: objects' local copies, the job file's sections, JSON Schema checks",
+        {"storage", "job_sections", "schema_checks"},
+    ),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
     (
         "pure policy",
