@@ -211,8 +211,8 @@ FEW_REQUESTS = 100
 def default_transport(max_connections: int, *, tls: bool = True, few: bool = False) -> httpx.AsyncBaseTransport:
     """aiohttp under httpx's transport API, or httpx's own pool for a job of ``few`` requests. ``tls=False``
     (a plain ``http://`` server, e.g. the local API or a model server on this machine) skips loading the CA
-    bundle: a connection that never does TLS needs no certificates, and loading them was ~50 ms of every
-    run's start."""
+    bundle: a connection that never does TLS needs no certificates, and loading them costs tens of
+    milliseconds of start-up."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
     if few:
         return httpx.AsyncHTTPTransport(limits=limits, verify=tls)
@@ -248,7 +248,7 @@ class Client:
         self.stall_s = stall_s
         # Requests go straight to an httpx transport (httpx's public transport API), not through
         # ``AsyncClient.post``: the client layer's cookie jar, redirect loop, auth flow and request
-        # building took ~40% of the run's CPU in a profile, and a batch client uses none of them.
+        # building cost CPU on every request, and a batch client uses none of them.
         tls = not self.base_url.lower().startswith("http://")
         self._transport = transport or default_transport(max_connections, tls=tls, few=few_requests)
         self._url = httpx.URL(self.url)

@@ -73,8 +73,8 @@ class JobSection(StrictModel):
     batch_output: Path | None = None
     """Also write an OpenAI Batch-style output file (.jsonl): one line per row, as OpenAI's Batch API returns."""
     chunk_rows: int = Field(default=2_000, ge=100, le=1_000_000)
-    """Rows read from the input at a time; bounds memory on huge inputs (2,000: 271 MB peak RSS on the 100k-row
-    benchmark where 10,000 gave 420 MB, at the same speed)."""
+    """Rows read from the input at a time: bounds memory on huge inputs. Larger chunks hold more rows in memory
+    without reading faster."""
 
     @field_validator("delimiter")
     @classmethod
@@ -106,11 +106,17 @@ class ModelSection(StrictModel):
     max_tokens: int = Field(default=1024, ge=1)
     """Upper bound on generated tokens (reasoning included); also the worst case for budgets."""
     temperature: float | None = Field(default=None, ge=0, le=2)
+    """Sampling temperature, sent as is (unset: the server's default)."""
     top_p: float | None = Field(default=None, ge=0.01, le=1)
+    """Nucleus sampling, sent as is (unset: the server's default)."""
     seed: int | None = Field(default=None, ge=1)
+    """Sampling seed, sent as is: with temperature, makes answers repeatable on servers that honour it."""
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    """Sent as is (unset: the server's default)."""
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    """Sent as is (unset: the server's default)."""
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    """How long a reasoning model thinks, sent as is (unset: the server's default)."""
     context_tokens: int | None = Field(default=None, ge=1)
     """The model's context window. A row whose estimated prompt plus max_tokens exceeds it is recorded
     ``too_long`` and never sent. Default per preset (262,144 for aimlapi and local, 128,000 for openai);
@@ -144,7 +150,9 @@ class ModelSection(StrictModel):
 
 class FewShot(StrictModel):
     role: Literal["user", "assistant", "system"]
+    """Who says it."""
     content: str
+    """What is said, as written (no placeholders)."""
 
 
 class PromptSection(StrictModel):
@@ -196,6 +204,7 @@ class OutputSection(StrictModel):
     truncated_retries: int = Field(default=0, ge=0, le=5)
     """Retry a truncated answer this many times, doubling max_tokens each time (capped by max_tokens_cap)."""
     max_tokens_cap: int = Field(default=16_384, ge=1)
+    """The most ``truncated_retries`` may raise max_tokens to."""
     row_token_budget: int | None = Field(default=None, ge=1)
     """Stop re-asking a row once its attempts used this many tokens."""
 
@@ -218,6 +227,7 @@ class LimitsSection(StrictModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
     """Ceiling on one request's timeout; the timeout in force follows observed latency (at least 10 s)."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds to open a connection: a server that does not accept one in this time is retried."""
     max_cost_usd: float | None = Field(default=None, gt=0)
     """Stop issuing requests before spent + in-flight worst case would exceed this."""
     backoff_max_s: float = Field(default=60.0, gt=0)
@@ -235,6 +245,7 @@ class EndpointSection(StrictModel):
     preset: Literal["aimlapi", "openai", "vllm", "llamacpp", "local"] = "aimlapi"
     """Named server: sets base_url, api_key_env and structured_output unless given here."""
     base_url: str | None = None
+    """The server's OpenAI-compatible base URL (``…/v1``); unset: the preset's."""
     api_key_env: str | None = None
     """Environment variable holding the API key (the key itself is never in the job)."""
 

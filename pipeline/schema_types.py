@@ -340,7 +340,7 @@ def _series(name: str, values: list[Any], dtype: pl.DataType) -> pl.Series:
     """A Series of exactly ``dtype`` from values ``_converter`` already checked.
 
     Nested values go through ``pa.array`` because polars builds List/Struct from Python one row at a
-    time (about 15x slower on lists of structs); arrow is just as strict about types, and the
+    time (an order of magnitude slower on lists of structs); arrow is just as strict about types, and the
     String -> Enum cast is strict, so nothing is coerced on either path.
     """
     if not isinstance(dtype, pl.List | pl.Struct):

@@ -119,13 +119,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class JobSpec(StrictModel):
+    """A whole job: one field per ``[section]`` of the job file, checked together (``_check``)."""
+
     job: JobSection
+    """``[job]``: the input, the output and the ledger."""
     model: ModelSection = Field(default_factory=ModelSection)
+    """``[model]``: the model and the request's sampling fields."""
     prompt: PromptSection = Field(default_factory=PromptSection)
+    """``[prompt]``: the messages, from templates or a column of message lists."""
     media: MediaSection = Field(default_factory=MediaSection)
+    """``[media]``: image and video columns."""
     output: OutputSection = Field(default_factory=OutputSection)
+    """``[output]``: what the model must answer (text, JSON, a schema) and how invalid answers are re-asked."""
     limits: LimitsSection = Field(default_factory=LimitsSection)
+    """``[limits]``: rates, concurrency, retries, timeouts and the budget."""
     endpoint: EndpointSection = Field(default_factory=EndpointSection)
+    """``[endpoint]``: the server, its key and its structured-output dialect."""
     pricing: PricingSection | None = None
     """Price table override; a bundled table is used for known models."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
@@ -133,6 +142,7 @@ class JobSpec(StrictModel):
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""
     source_sha256: str | None = Field(default=None, exclude=True)
+    """sha256 of the job file's bytes and the CLI overrides: the manifest's record of what ran."""
     _objects: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")

@@ -127,7 +127,26 @@ def _fields_without_docstring(source: Path, name: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("module", "name"),
-    [("records.py", "RunSummary"), ("records.py", "Selection"), ("options.py", "RunOptions")],
+    [
+        ("records.py", "RunSummary"),
+        ("records.py", "Selection"),
+        ("options.py", "RunOptions"),
+        *(
+            ("job_sections.py", section)
+            for section in (
+                "JobSection",
+                "ModelSection",
+                "FewShot",
+                "PromptSection",
+                "MediaSection",
+                "OutputSection",
+                "LimitsSection",
+                "EndpointSection",
+                "PricingSection",
+                "ExecutorSection",
+            )
+        ),
+    ],
 )
 def test_every_public_field_has_a_docstring(module: str, name: str) -> None:
     assert _fields_without_docstring(ROOT / "pipeline" / module, name) == []
