@@ -3,6 +3,9 @@ PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# A path entry (.pth) rather than setuptools' default import hook: other projects' type checkers (mypy,
+# pyright) follow .pth paths but not import hooks, so they see the package and its py.typed.
+EDITABLE := --config-settings editable_mode=compat
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-slow test-llm test-ray bench lint clean
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python 3.11+); set PY=python3.x"; exit 2; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(EDITABLE) -e '.[dev]'
 	$(BIN)/python -m compileall -q pipeline  # as a non-editable install does: start-up reads bytecode
 	@touch $(STAMP)
 
@@ -32,14 +35,14 @@ test-slow: $(STAMP)  ## the slow tier: the kill test (12 SIGKILLs, then resume)
 
 $(VENV)/.installed-llm: pyproject.toml $(STAMP)
 	@echo "installing the llm extra; the first time builds llama.cpp from source (about 10 min on 2 cores)"
-	$(BIN)/pip install --progress-bar off -e '.[dev,llm]'
+	$(BIN)/pip install --progress-bar off $(EDITABLE) -e '.[dev,llm]'
 	@touch $@
 
 test-llm: $(VENV)/.installed-llm  ## a real model: llama.cpp serving Gemma 3 270M (builds llama-cpp-python once)
 	$(BIN)/pytest -q -m llm -p no:cacheprovider tests/test_llm.py
 
 $(VENV)/.installed-ray: pyproject.toml $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q $(EDITABLE) -e '.[dev,ray]'
 	@touch $@
 
 test-ray: $(VENV)/.installed-ray  ## the Ray executor on a 3-node Ray cluster on 127.0.0.1, losing a node and the driver (installs the ray extra once)

@@ -2,9 +2,10 @@
 
 The library API (the CLI is a thin shell over it)::
 
-    from pipeline import RunOptions, Selection, load_spec, run_job
+    from pipeline import RunOptions, Selection, Status, load_spec, run_job
     summary = run_job(load_spec("jobs/demo.toml"), RunOptions(selection=Selection(limit=20)))
     summary = await arun_job(spec)          # inside a running event loop (a notebook)
+    summary.rows_by_status[Status.OK]       # a frozen RunSummary; ExitCode in summary.exit_code
 
 ``run_job``, ``arun_job``, ``load_spec`` and ``JobSpec`` are imported on first use, so ``import pipeline``
 (and ``seedbatch --help``) stays light: pydantic, polars and the HTTP stack load only when a job runs.
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 from pipeline.errors import SeedbatchError
 from pipeline.options import RunOptions, StopToken
-from pipeline.records import ExitCode, RunSummary, Selection, StopReason
+from pipeline.records import ExitCode, RunSummary, Selection, Status, StopReason
 
 if TYPE_CHECKING:
     from pipeline.runner import arun_job, run_job
@@ -31,6 +32,7 @@ __all__ = [
     "RunSummary",
     "SeedbatchError",
     "Selection",
+    "Status",
     "StopReason",
     "StopToken",
     "__version__",

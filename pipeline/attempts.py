@@ -41,7 +41,7 @@ from pipeline.costs import Price, fill_cost, worst_case_usd
 from pipeline.errors import FatalAPIError, RetryableError, RowError
 from pipeline.pacing import Pacing
 from pipeline.prompts import vary_sampling, with_changes
-from pipeline.records import Outcome, Reply, Request, RunSummary, Usage, count_error
+from pipeline.records import Outcome, Reply, Request, RunTally, Usage, count_error
 from pipeline.scheduler import Pacer, RetryPolicy, call_paced
 from pipeline.validator import Judgement
 
@@ -123,7 +123,7 @@ class Attempts:
         judge: Judge,
         price: Price | None,
         policy: AnswerPolicy,
-        summary: RunSummary,
+        summary: RunTally,
         stop: asyncio.Event,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         circuit: Circuit | None = None,

@@ -10,21 +10,34 @@ does not matter, and importing aiohttp (~0.1 s of CPU, 8 MB) would be most of a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
 import orjson
 
+from pipeline.connection_causes import connect_cause, was_sent
 from pipeline.errors import FatalAPIError, RequestError, RetryableError, RowError
 from pipeline.records import RateLimits, Reply
+from pipeline.sse import is_sse, read_events, streaming_body, wait_until
 
-T = TypeVar("T")
+__all__ = [
+    "FEW_REQUESTS",
+    "Client",
+    "RateLimits",
+    "ServerRetryableError",
+    "default_transport",
+    "parse_duration",
+    "parse_rate_limits",
+    "parse_retry_after",
+    "ratelimit_of",
+    "wait_until",
+]
+
 E = TypeVar("E", bound=RequestError)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -167,225 +180,28 @@ def _answered(exc: E, response: httpx.Response, body: Any, secret: str | None) -
     return exc
 
 
-def _was_sent(exc: BaseException) -> bool:
-    """Whether the server may have received the request (and so may bill it)."""
-    if isinstance(exc, httpx.ConnectError | httpx.PoolTimeout):
-        return False
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        # aiohttp maps every ClientConnectionError to ConnectTimeout; only a failed connect was never sent.
-        return not type(cause).__name__.startswith("ClientConnector")
-    return not isinstance(exc, httpx.ConnectTimeout)
-
-
-#: What a failed connection's own words mean, in words a user can act on: (pattern, cause, permanent).
-#: A permanent cause (TLS spoken to a plain-HTTP server, an untrusted certificate) fails every request
-#: the same way, so the run stops at once instead of retrying it.
-_CONNECT_CAUSES: tuple[tuple[re.Pattern[str], str, bool], ...] = (
-    (
-        re.compile(r"WRONG_VERSION_NUMBER|wrong version number|record layer failure|packet length too long", re.I),
-        "the server at {where} speaks plain HTTP, not TLS: use http:// in endpoint.base_url",
-        True,
-    ),
-    (
-        re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|self.signed certificate", re.I),
-        "the TLS certificate of {where} is not trusted (self-signed or an unknown CA); use a trusted certificate "
-        "or set SSL_CERT_FILE to the CA bundle that signs it",
-        True,
-    ),
-    (
-        re.compile(
-            r"Name or service not known|nodename nor servname|Temporary failure in name resolution|"
-            r"No address associated|getaddrinfo failed|Errno -[235]\]",
-            re.I,
-        ),
-        "host name not found: {host} (check endpoint.base_url)",
-        False,
-    ),
-    (
-        re.compile(r"Connect call failed|Connection refused|Errno 111\]|All connection attempts failed", re.I),
-        "connection refused at {where}: nothing listens there (is the server running, is endpoint.base_url right?)",
-        False,
-    ),
-)
-
-
-def _chain_text(exc: BaseException) -> str:
-    """The messages of ``exc`` and what caused it (httpx and aiohttp wrap the socket's own words)."""
-    parts, seen = [], 0
-    current: BaseException | None = exc
-    while current is not None and seen < 6:
-        parts.append(str(current))
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return " | ".join(parts)
-
-
-def connect_cause(exc: BaseException, url: httpx.URL) -> tuple[str, bool] | None:
-    """Why a connection failed, as a line a user can act on, and whether it is permanent; None if unknown."""
-    text = _chain_text(exc)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    where = f"{url.host}:{port}"
-    for pattern, words, permanent in _CONNECT_CAUSES:
-        if pattern.search(text):
-            return words.format(where=where, host=url.host), permanent
-    return None
-
-
-def _streaming(body: bytes) -> bytes:
-    data = orjson.loads(body)
-    data["stream"] = True
-    data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-    return orjson.dumps(data)
-
-
-def _is_sse(response: httpx.Response) -> bool:
-    return "text/event-stream" in response.headers.get("content-type", "")
-
-
 def _constant(value: float) -> Callable[[], float]:
     return lambda: value
 
 
-async def wait_until(
-    task: asyncio.Future[T],
-    since: float,
-    limit: Callable[[], float],
-    expired: Callable[[float], BaseException],
-) -> T:
-    """``task``'s result, or ``expired(limit())`` raised once ``limit()`` seconds have passed since ``since``
-    (``time.monotonic``). ``limit`` is read again twice a second, so a limit learned while waiting applies
-    to what already waits; the task is cancelled when the wait gives up.
-
-    One mechanism for a request watched by a deadline still being learned (``attempts``) and a stream's
-    silence (``_next_piece``).
-    """
+def _completion(response: httpx.Response) -> dict[str, Any]:
+    """A 200's body as a chat completion; anything else (a proxy's login page, an empty answer) is retryable."""
     try:
-        while True:
-            current = limit()
-            remaining = since + current - time.monotonic()
-            if remaining <= 0:
-                raise expired(current)
-            done, _ = await asyncio.wait({task}, timeout=min(remaining, 0.5))
-            if done:
-                return task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        elif not task.cancelled():
-            task.exception()  # retrieved: a failure that lands as the wait is cancelled is no stray traceback
-
-
-async def _next_piece(chunks: AsyncIterator[bytes], stall: Callable[[], float]) -> bytes | None:
-    """The next piece of the stream, or a stall once it has been silent for ``stall()`` (read twice a second)."""
-
-    def stalled(limit: float) -> RetryableError:
-        return RetryableError(f"stream stalled: no chunk for {limit:g}s", kind="stall", sent=True)
-
-    return await wait_until(asyncio.ensure_future(anext(chunks, None)), time.monotonic(), stall, stalled)
-
-
-async def _read_events(response: httpx.Response, stall: Callable[[], float]) -> dict[str, Any]:
-    """Read an SSE chat-completion stream into one answer; a silence of ``stall()`` between chunks is a stall."""
-    chunks = response.aiter_bytes()
-    answer = _Assembly()
-    pending = b""
-    while not answer.done:
-        piece = await _next_piece(chunks, stall)
-        if piece is None:
-            break
-        pending += piece
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            answer.feed(line.strip())
-    if pending.strip():
-        answer.feed(pending.strip())
-    return answer.result()
-
-
-class _Assembly:
-    """Deltas of an SSE stream folded into ``{"id", "model", "choices": [{"message", "finish_reason"}], "usage"}``."""
-
-    def __init__(self) -> None:
-        self.top: dict[str, Any] = {}
-        self.choices: dict[int, dict[str, Any]] = {}
-        self.done = False
-
-    def feed(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
-            return  # comments (": keep-alive"), event names, blank separators
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            self.done = True
-            return
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise RetryableError("stream chunk that is not JSON", kind="bad_response", status_code=200) from None
-        if not isinstance(chunk, dict):
-            return
-        if "error" in chunk:
-            err = chunk["error"]
-            message = err.get("message") if isinstance(err, dict) else err
-            raise RetryableError(f"error inside the stream: {message}"[:300], kind="stream_error", status_code=200)
-        for key in ("id", "object", "created", "model", "system_fingerprint"):
-            if key in chunk and key not in self.top:
-                self.top[key] = chunk[key]
-        for key in ("usage", "meta"):
-            if chunk.get(key):
-                self.top[key] = chunk[key]
-        for choice in chunk.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            slot = self.choices.setdefault(int(choice.get("index") or 0), {"parts": {}, "finish_reason": None})
-            delta = choice.get("delta") or {}
-            for key in ("content", "reasoning_content", "refusal"):
-                if isinstance(delta.get(key), str):
-                    slot["parts"].setdefault(key, []).append(delta[key])
-            for call in delta.get("tool_calls") or []:
-                if isinstance(call, dict):
-                    self._feed_tool_call(slot, call)
-            if choice.get("finish_reason"):
-                slot["finish_reason"] = choice["finish_reason"]
-
-    @staticmethod
-    def _feed_tool_call(slot: dict[str, Any], call: dict[str, Any]) -> None:
-        """A tool call arrives as pieces keyed by ``index``: id and name once, ``arguments`` in fragments."""
-        calls = slot.setdefault("tool_calls", {})
-        entry = calls.setdefault(int(call.get("index") or 0), {"id": None, "type": "function", "name": "", "args": []})
-        if call.get("id"):
-            entry["id"] = call["id"]
-        if call.get("type"):
-            entry["type"] = call["type"]
-        function = call.get("function") or {}
-        if isinstance(function.get("name"), str):
-            entry["name"] += function["name"]
-        if isinstance(function.get("arguments"), str):
-            entry["args"].append(function["arguments"])
-
-    def result(self) -> dict[str, Any]:
-        if not self.choices:
-            raise RetryableError("stream ended without choices", kind="bad_response", status_code=200)
-        if not self.done and not all(c["finish_reason"] for c in self.choices.values()):
-            raise RetryableError("stream ended before the answer did", kind="connection", sent=True)
-        choices = []
-        for index in sorted(self.choices):
-            slot = self.choices[index]
-            message: dict[str, Any] = {"role": "assistant", "content": None}
-            message.update({key: "".join(parts) for key, parts in slot["parts"].items()})
-            if slot.get("tool_calls"):
-                message["tool_calls"] = [
-                    {
-                        "id": call["id"],
-                        "type": call["type"],
-                        "function": {"name": call["name"], "arguments": "".join(call["args"])},
-                    }
-                    for _, call in sorted(slot["tool_calls"].items())
-                ]
-            choices.append({"index": index, "message": message, "finish_reason": slot["finish_reason"]})
-        return {**self.top, "object": "chat.completion", "choices": choices}
+        data: Any = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise RetryableError(
+            f"200 with a body that is not JSON ({_glimpse(response)}): a proxy or login page in front of the "
+            "API? check endpoint.base_url",
+            kind="bad_response",
+            status_code=200,
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        raise RetryableError(
+            f"200 without choices ({_glimpse(response)}): not a chat completion",
+            kind="bad_response",
+            status_code=200,
+        )
+    return data
 
 
 #: Jobs with at most this many rows go through httpx's own connection pool (see the module docstring).
@@ -395,8 +211,8 @@ FEW_REQUESTS = 100
 def default_transport(max_connections: int, *, tls: bool = True, few: bool = False) -> httpx.AsyncBaseTransport:
     """aiohttp under httpx's transport API, or httpx's own pool for a job of ``few`` requests. ``tls=False``
     (a plain ``http://`` server, e.g. the local API or a model server on this machine) skips loading the CA
-    bundle: a connection that never does TLS needs no certificates, and loading them was ~50 ms of every
-    run's start."""
+    bundle: a connection that never does TLS needs no certificates, and loading them costs tens of
+    milliseconds of start-up."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
     if few:
         return httpx.AsyncHTTPTransport(limits=limits, verify=tls)
@@ -432,7 +248,7 @@ class Client:
         self.stall_s = stall_s
         # Requests go straight to an httpx transport (httpx's public transport API), not through
         # ``AsyncClient.post``: the client layer's cookie jar, redirect loop, auth flow and request
-        # building took ~40% of the run's CPU in a profile, and a batch client uses none of them.
+        # building cost CPU on every request, and a batch client uses none of them.
         tls = not self.base_url.lower().startswith("http://")
         self._transport = transport or default_transport(max_connections, tls=tls, few=few_requests)
         self._url = httpx.URL(self.url)
@@ -457,7 +273,7 @@ class Client:
         started = time.perf_counter()
         asked = body
         if stream:
-            body = _streaming(body)
+            body = streaming_body(body)
         streamed: dict[str, Any] | None = None
         limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         timeouts = self._timeouts if timeout_s is None else {**self._timeouts, "read": limit, "write": limit}
@@ -472,8 +288,8 @@ class Client:
                 )
                 response = await self._transport.handle_async_request(request)
                 try:
-                    if stream and response.status_code == 200 and _is_sse(response):
-                        streamed = await _read_events(response, stall)
+                    if stream and response.status_code == 200 and is_sse(response):
+                        streamed = await read_events(response, stall)
                     else:
                         await response.aread()
                 finally:
@@ -483,27 +299,15 @@ class Client:
         except httpx.TransportError as exc:
             raise self._transport_error(exc, stream) from None
         latency_ms = (time.perf_counter() - started) * 1000.0
-        status = response.status_code
+        if response.status_code != 200:
+            raise self._refused(response)
         request_id = response.headers.get("x-request-id")
-        if status == 200 and streamed is not None:
-            return Reply(streamed, latency_ms, parse_rate_limits(response.headers), request_id, asked)
-        if status == 200:
-            try:
-                data: Any = orjson.loads(response.content)
-            except orjson.JSONDecodeError:
-                raise RetryableError(
-                    f"200 with a body that is not JSON ({_glimpse(response)}): a proxy or login page in front of the "
-                    "API? check endpoint.base_url",
-                    kind="bad_response",
-                    status_code=200,
-                ) from None
-            if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-                raise RetryableError(
-                    f"200 without choices ({_glimpse(response)}): not a chat completion",
-                    kind="bad_response",
-                    status_code=200,
-                )
-            return Reply(data, latency_ms, parse_rate_limits(response.headers), request_id, asked)
+        data = streamed if streamed is not None else _completion(response)
+        return Reply(data, latency_ms, parse_rate_limits(response.headers), request_id, asked)
+
+    def _refused(self, response: httpx.Response) -> Exception:
+        """The error a non-200 answer is, on the error tree: fatal, retryable or final for the row."""
+        status = response.status_code
         said = _error_body(response)
         message = _server_message(response, said)
         if self._secret and self._secret in message:
@@ -511,34 +315,26 @@ class Client:
             message = message.replace(self._secret, "***")
         if status in FATAL_STATUS:
             hint = f"; check {self.key_source}" if status in (401, 403) else "; check model.name and endpoint.base_url"
-            raise FatalAPIError(
+            return FatalAPIError(
                 f"{status} from {self.base_url}: {FATAL_STATUS[status]}{hint} (server said: {message or 'nothing'})",
                 status_code=status,
             )
+        error: RequestError
         if status == 500 and _REQUEST_VALIDATION.search(message):
             # llama-cpp-python answers a request its schema rejects (e.g. response_format json_schema)
             # with 500 "N validation error(s): ... 'loc': ('body', ...)": the same bytes fail again.
-            raise _answered(
-                RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request"),
-                response,
-                said,
-                self._secret,
+            error = RowError(f"HTTP {status}: {message}", status_code=status, kind="http_500_invalid_request")
+        elif status in RETRYABLE_STATUS or status >= 500:
+            error = ServerRetryableError(
+                f"HTTP {status}: {message}",
+                status_code=status,
+                kind=f"http_{status}",
+                retry_after=parse_retry_after(response.headers),
+                ratelimit=parse_rate_limits(response.headers),
             )
-        if status in RETRYABLE_STATUS or status >= 500:
-            raise _answered(
-                ServerRetryableError(
-                    f"HTTP {status}: {message}",
-                    status_code=status,
-                    kind=f"http_{status}",
-                    retry_after=parse_retry_after(response.headers),
-                    ratelimit=parse_rate_limits(response.headers),
-                ),
-                response,
-                said,
-                self._secret,
-            )
-        error = RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
-        raise _answered(error, response, said, self._secret)
+        else:
+            error = RowError(f"HTTP {status}: {message}", status_code=status, kind=f"http_{status}")
+        return _answered(error, response, said, self._secret)
 
     def _transport_error(self, exc: httpx.TransportError, stream: bool) -> Exception:
         """A transport failure on the error tree, with its cause in a user's words where it is known."""
@@ -548,7 +344,7 @@ class Client:
             if permanent:
                 return FatalAPIError(f"cannot connect to {self.base_url}: {words}", status_code=None)
             return RetryableError(words, kind="connect", sent=False)
-        sent = _was_sent(exc)
+        sent = was_sent(exc)
         if isinstance(exc, httpx.TimeoutException):
             kind = ("stall" if stream and isinstance(exc, httpx.ReadTimeout) else "timeout") if sent else "connect"
             return RetryableError(f"{kind}: {type(exc).__name__}", kind=kind, sent=sent)

@@ -57,6 +57,7 @@ class RunOptions:
     """Everything about one run that is not the job: rows, re-sends, progress, stopping, the transport."""
 
     selection: Selection = field(default_factory=Selection)
+    """Which rows of the input the run covers (default: all)."""
     retry_errors: bool = False
     """Re-send rows whose answer was final but not ok (transient errors are re-sent anyway)."""
     fresh: bool = False
@@ -64,9 +65,11 @@ class RunOptions:
     grace_s: float = 30.0
     """After a stop request, how long answers in flight may take before they are abandoned."""
     stop: StopToken = field(default_factory=StopToken)
+    """Stops the run from outside (another thread, a signal handler): see ``StopToken``."""
     progress: Callable[[RunSummary, int], None] | None = None
-    """Called about every ``progress_interval_s`` with the running summary and the requests in flight."""
+    """Called about every ``progress_interval_s`` with a snapshot of the summary so far and the requests in flight."""
     progress_interval_s: float = 1.0
+    """Seconds between ``progress`` calls (the CLI's ``--progress-interval``)."""
     transport: httpx.AsyncBaseTransport | None = None
     """An httpx transport for every request (``httpx.MockTransport`` in tests); default: aiohttp's pool."""
     log: Callable[[str], None] | None = None

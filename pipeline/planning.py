@@ -116,7 +116,9 @@ def _close(a: Price, b: Price) -> bool:
 
 
 @dataclass
-class Status:
+class JobStatus:
+    """What ``seedbatch status`` reports about a job's output and ledger (one row's status is a ``Status``)."""
+
     rows: int
     ok: int
     failed: int
@@ -308,7 +310,7 @@ def _last_run(ledger: Ledger) -> str | None:
     return f"{lr[0]} started {started}, exit code {code}"
 
 
-def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
+def job_status(spec: JobSpec, selection: Selection | None = None) -> JobStatus:
     selection = selection or Selection()
     if _up_to_date(spec, selection):
         # The output holds every row's answer and usage (repeats carry zero): count it, not the input.
@@ -319,7 +321,7 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
         finally:
             book.close()
         failed_by = {k: n for k, n in counts.items() if k not in ("ok", "pending")}
-        return Status(
+        return JobStatus(
             sum(counts.values()),
             counts.get("ok", 0),
             sum(failed_by.values()),
@@ -365,4 +367,4 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> Status:
     finally:
         if ledger:
             ledger.close()
-    return Status(p.rows, ok, failed, pending, by_status, prompt, completion, usd, last)
+    return JobStatus(p.rows, ok, failed, pending, by_status, prompt, completion, usd, last)

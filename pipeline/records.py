@@ -39,8 +39,11 @@ class Selection:
     """Which rows of the input a run covers: all, the first ``limit``, or a seeded ``sample``."""
 
     limit: int | None = None
+    """Only the first ``limit`` rows (``--limit``)."""
     sample: int | None = None
+    """``sample`` rows drawn at random with ``sample_seed`` (``--sample``), the same rows on every rerun."""
     sample_seed: int = 0
+    """The seed of ``sample``'s draw (``--sample-seed``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +69,29 @@ class RateLimits:
     reset_tokens_s: float | None = None
 
 
-#: Every value the ``status`` column can take. ``pending`` only appears in partial outputs;
-#: ``skipped`` (every placeholder null or empty) and ``too_long`` (over the context window) were never sent.
-STATUSES = ("ok", "error", "invalid_output", "refused", "truncated", "too_long", "skipped", "pending")
+class Status(StrEnum):
+    """What became of one row: the output's ``status`` column. A ``str``, so ``Status.OK == "ok"``."""
+
+    OK = "ok"
+    """The model answered and the answer passed the job's checks."""
+    ERROR = "error"
+    """The request failed (``error_kind`` says how); transient kinds are sent again by the next run."""
+    INVALID_OUTPUT = "invalid_output"
+    """The answer failed the output schema or checks after every re-ask."""
+    REFUSED = "refused"
+    """The model refused (``refusal`` or a content-filter finish)."""
+    TRUNCATED = "truncated"
+    """The answer stopped at ``max_tokens``."""
+    TOO_LONG = "too_long"
+    """The prompt is over the model's context window: never sent."""
+    SKIPPED = "skipped"
+    """Every placeholder of the prompt was null or empty: never sent."""
+    PENDING = "pending"
+    """Not answered yet (the run stopped early); only in partial outputs."""
+
+
+#: Every value the ``status`` column can take, in the order outputs and reports list them.
+STATUSES = tuple(s.value for s in Status)
 
 #: Statuses decided before sending, from the row and the job's settings alone: worked out again on every
 #: run (free), so a changed setting (``prompt.send_empty``, ``model.context_tokens``) takes effect at once.
@@ -227,9 +250,91 @@ class Outcome:
 OutputAction = Literal["up_to_date", "patched", "rebuilt"]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RunSummary:
-    """What a run did, for the terminal, the manifest and the exit code."""
+    """What a run did: the value ``run_job`` returns and each progress callback receives.
+
+    A snapshot: later counting does not change it, so a callback may keep it or hand it to another thread.
+    """
+
+    job: str
+    """The job's name (``[job] name``)."""
+    run_id: str
+    """This run's id, as the ledger's runs log and the manifest record it."""
+    rows_total: int = 0
+    """Rows the run covers: the input's rows after ``--limit`` / ``--sample``."""
+    rows_by_status: dict[Status, int] = field(default_factory=dict)
+    """Rows of the output per status (``pending``: not answered yet); while running, the rows answered so far."""
+    rows_from_ledger: int = 0
+    """Rows answered by an earlier run, taken from the ledger without sending."""
+    rows_deduplicated: int = 0
+    """Rows whose request equals another row's in this run: sent once, the answer shared."""
+    requests_sent: int = 0
+    """HTTP requests sent, retries and re-asks included."""
+    retries: int = 0
+    """Requests sent again after a transient failure (timeouts, 5xx, 429)."""
+    http_429: int = 0
+    """429 (rate limited) answers received."""
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    """Failed attempts per error kind (``timeout``, ``http_500``, ``invalid_json``, ...)."""
+    error_examples: dict[str, str] = field(default_factory=dict)
+    """One message per error kind (the first, cut at 300 characters): a summary, never one line per row."""
+    null_cells: int = 0
+    """Null or empty input cells the prompts rendered as empty text."""
+    prompt_tokens: int = 0
+    """Prompt tokens the server reported for this run's requests."""
+    completion_tokens: int = 0
+    """Completion tokens the server reported for this run's requests."""
+    usd_spent: float = 0.0
+    """Dollars spent by this run: the server's figure where it says one, else tokens times ``[costs]``."""
+    credits_used: float = 0.0
+    """Credits the server reported (providers that bill in credits)."""
+    started_at: float = 0.0
+    """When the run started (Unix seconds)."""
+    ended_at: float = 0.0
+    """When the run ended (Unix seconds); 0 while it runs."""
+    interrupted: bool = False
+    """The run stopped early (a signal, the budget, an outage, a fatal answer): rows may be left pending."""
+    stopped_by: StopReason | None = None
+    """What stopped the run early, for code (``None``: it ran to the end)."""
+    stop_reason: str | None = None
+    """What stopped the run early, for people (``stopped_by`` is what code acts on)."""
+    output_path: str | None = None
+    """Where the output was written (``None``: not written)."""
+    manifest_path: str | None = None
+    """Where the output's manifest was written (``None``: not written)."""
+    exit_code: ExitCode = ExitCode.OK
+    """What the CLI exits with for this run (see ``ExitCode``)."""
+    up_to_date: bool = False
+    """Nothing was done: the output was already built from this input, job and ledger (``uptodate``)."""
+    output_action: OutputAction | None = None
+    """None while the run has not written its output (or could not)."""
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds the run took (at least a nanosecond, so rates never divide by zero)."""
+        return max(self.ended_at - self.started_at, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-able values: the one conversion the manifest, ledger and Ray use."""
+        return _plain(asdict(self))
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """Enum values to their plain str/int, so JSON and Ray see the same values from a summary or a tally."""
+    data["stopped_by"] = data["stopped_by"].value if data["stopped_by"] else None
+    data["exit_code"] = int(data["exit_code"])
+    data["rows_by_status"] = {str(k): v for k, v in data["rows_by_status"].items()}
+    return data
+
+
+@dataclass(slots=True)
+class RunTally:
+    """The counters a run updates while it works; ``snapshot()`` is what callers and callbacks see.
+
+    The same fields as ``RunSummary`` (documented there), mutable; statuses are counted by their text,
+    as the ``Outcome`` that carries them holds it.
+    """
 
     job: str
     run_id: str
@@ -252,24 +357,19 @@ class RunSummary:
     interrupted: bool = False
     stopped_by: StopReason | None = None
     stop_reason: str | None = None
-    """What stopped the run early, for people (``stopped_by`` is what code acts on)."""
     output_path: str | None = None
     manifest_path: str | None = None
     exit_code: int = 0
     up_to_date: bool = False
-    """Nothing was done: the output was already built from this input, job and ledger (``uptodate``)."""
     output_action: OutputAction | None = None
-    """None while the run has not written its output (or could not)."""
 
     @property
     def wall_s(self) -> float:
         return max(self.ended_at - self.started_at, 1e-9)
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field as plain JSON-able values: the one conversion the manifest, ledger and Ray use."""
-        data = asdict(self)
-        data["stopped_by"] = self.stopped_by.value if self.stopped_by else None
-        return data
+        """Every field as plain JSON-able values (the same as ``RunSummary.as_dict``)."""
+        return _plain(asdict(self))
 
     def stop(self, by: StopReason, message: str) -> None:
         """Record the first reason a run stopped early; later ones do not overwrite it."""
@@ -277,20 +377,51 @@ class RunSummary:
             self.stopped_by = by
             self.stop_reason = message
 
+    def snapshot(self) -> RunSummary:
+        """The counters as they are now, as a frozen ``RunSummary`` with its own copies of the dicts."""
+        return RunSummary(
+            job=self.job,
+            run_id=self.run_id,
+            rows_total=self.rows_total,
+            rows_by_status={Status(k): v for k, v in self.rows_by_status.items()},
+            rows_from_ledger=self.rows_from_ledger,
+            rows_deduplicated=self.rows_deduplicated,
+            requests_sent=self.requests_sent,
+            retries=self.retries,
+            http_429=self.http_429,
+            errors_by_kind=dict(self.errors_by_kind),
+            error_examples=dict(self.error_examples),
+            null_cells=self.null_cells,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            usd_spent=self.usd_spent,
+            credits_used=self.credits_used,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            interrupted=self.interrupted,
+            stopped_by=self.stopped_by,
+            stop_reason=self.stop_reason,
+            output_path=self.output_path,
+            manifest_path=self.manifest_path,
+            exit_code=ExitCode(self.exit_code),
+            up_to_date=self.up_to_date,
+            output_action=self.output_action,
+        )
 
-def count_error(summary: RunSummary, kind: str, message: str) -> None:
+
+def count_error(summary: RunTally, kind: str, message: str) -> None:
     """Errors are summarized by kind with one example, never one line per row."""
     summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
     summary.error_examples.setdefault(kind, message[:300])
 
 
-def exit_code_for(summary: RunSummary) -> ExitCode:
+def exit_code_for(summary: RunSummary | RunTally) -> ExitCode:
     """The exit code a run's outcome maps to: one rule for a run and for an up-to-date rerun."""
     if summary.stopped_by is StopReason.FATAL:
         return ExitCode.FATAL_API
     if summary.stopped_by is StopReason.OUTAGE:
         return ExitCode.UNAVAILABLE
-    if summary.rows_by_status.get("pending"):
+    if summary.rows_by_status.get(Status.PENDING):
         return ExitCode.PARTIAL
     if any(n for status, n in summary.rows_by_status.items() if status not in ("ok", "skipped")):
         return ExitCode.ROWS_FAILED

@@ -31,7 +31,7 @@ from pipeline.ledger import JobLock, Ledger
 from pipeline.options import RunOptions, StopToken
 from pipeline.prepare import Prepared, prepare, read_all
 from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
-from pipeline.records import NOT_SENT, ExitCode, RunSummary, Selection, exit_code_for
+from pipeline.records import NOT_SENT, ExitCode, RunSummary, RunTally, Selection, exit_code_for
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
 from pipeline.writer import patch_output, write_atomic, write_output
@@ -57,7 +57,7 @@ def _typed_columns(p: Prepared) -> Callable[[Sequence[str | None], Sequence[str]
     return build
 
 
-def write_manifest(spec: JobSpec, summary: RunSummary, built_from: dict[str, Any] | None = None) -> Path:
+def write_manifest(spec: JobSpec, summary: RunTally, built_from: dict[str, Any] | None = None) -> Path:
     hidden = ("job", "run_id", "started_at", "ended_at", "exit_code", "output_path", "manifest_path", "up_to_date")
     data = {
         "seedbatch_version": __version__,
@@ -79,7 +79,7 @@ def write_manifest(spec: JobSpec, summary: RunSummary, built_from: dict[str, Any
     return spec.manifest_path
 
 
-def _write_outputs(p: Prepared, ledger: Ledger, summary: RunSummary) -> None:
+def _write_outputs(p: Prepared, ledger: Ledger, summary: RunTally) -> None:
     """The output (and ``run_output``) rebuilt from the input and the ledger: it always matches the ledger.
 
     An object output is written to its local copy, then uploaded whole (``storage``).
@@ -171,7 +171,7 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
         if options.log:
             options.log(warning)
     execute = executor_for(spec)
-    summary = RunSummary(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
+    summary = RunTally(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
     built_from: dict[str, Any] | None = None
     with JobLock(spec.lock_path):
         ledger = Ledger(spec.ledger_path, spec.endpoint_key)
@@ -229,7 +229,7 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
                 summary.run_id, summary.ended_at, summary.exit_code, orjson.dumps(summary.as_dict()).decode()
             )
             ledger.close()
-    return summary
+    return summary.snapshot()
 
 
 def run_job(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:

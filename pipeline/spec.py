@@ -12,27 +12,70 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
 from pipeline.errors import SpecError
 from pipeline.evaluation.settings import EvaluationSpec
+from pipeline.job_sections import (
+    DEFAULT_MODEL,
+    OWN_FIELDS,
+    EndpointSection,
+    ExecutorSection,
+    FewShot,
+    JobSection,
+    LimitsSection,
+    MediaSection,
+    ModelSection,
+    OutputSection,
+    PricingSection,
+    PromptSection,
+    StrictModel,
+)
+from pipeline.storage import is_object_uri, local_copy_path
 
-DEFAULT_MODEL = "bytedance/dola-seed-2-0-lite"
+#: The job, its loader and its sections (defined in ``job_sections``): callers import them all from here.
+__all__ = [
+    "DEFAULT_MODEL",
+    "LOCAL_ENDPOINT",
+    "LOCAL_MODEL",
+    "OBJECT_KEYS",
+    "OUTPUT_FORMATS",
+    "OUTPUT_SUFFIXES",
+    "OVERRIDES",
+    "OWN_FIELDS",
+    "PATH_KEYS",
+    "PRESETS",
+    "EndpointSection",
+    "ExecutorSection",
+    "FewShot",
+    "JobSection",
+    "JobSpec",
+    "LimitsSection",
+    "MediaSection",
+    "ModelSection",
+    "OutputSection",
+    "PricingSection",
+    "PromptSection",
+    "expand_home",
+    "is_loopback",
+    "is_object_uri",
+    "load_spec",
+    "normalize_url",
+    "output_format",
+    "spec_from_dict",
+]
+
 #: The model name the built-in local API answers with; a ledger written before answers were keyed by
 #: endpoint knows its local answers by it.
 LOCAL_MODEL = "seed-2-0-lite-local"
@@ -76,280 +119,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-#: Request fields seedbatch sets itself → the job key that sets them. ``model.extra`` may not name these:
-#: the job key is checked, the extra field would not be. (``max_completion_tokens`` is max_tokens' other
-#: name; streaming is ``endpoint.stream``, which also asks for the usage in the stream.)
-OWN_FIELDS: dict[str, str] = {
-    "model": "model.name",
-    "messages": "prompt.system, prompt.user and prompt.few_shot",
-    "max_tokens": "model.max_tokens",
-    "max_completion_tokens": "model.max_tokens",
-    "temperature": "model.temperature",
-    "top_p": "model.top_p",
-    "seed": "model.seed",
-    "frequency_penalty": "model.frequency_penalty",
-    "presence_penalty": "model.presence_penalty",
-    "reasoning_effort": "model.reasoning_effort",
-    "response_format": "output.format and output.schema",
-    "tools": "model.tools",
-    "tool_choice": "model.tool_choice",
-    "parallel_tool_calls": "model.parallel_tool_calls",
-    "stream": "endpoint.stream",
-    "stream_options": "endpoint.stream (it asks for stream_options.include_usage)",
-}
+class JobSpec(StrictModel):
+    """A whole job: one field per ``[section]`` of the job file, checked together (``_check``)."""
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class JobSection(_Strict):
-    name: str | None = None
-    """Name used in logs and the manifest; defaults to the job file's stem."""
-    input: Path
-    """The prompt table: .parquet, .csv, .tsv or .jsonl/.ndjson (the text ones also .gz or .zst compressed). An
-    object URI (``s3://bucket/key``) is read through a local copy, and this is that copy's path (``JobSpec.objects``
-    keeps the URI)."""
-    input_format: Literal["table", "openai_batch"] = "table"
-    """``openai_batch``: the input is an OpenAI Batch input file (``custom_id``, ``method``, ``url``, ``body`` per
-    line); each line's ``body`` is the request and ``custom_id`` the row id. Said, not guessed: "body" is also a
-    common column name in ordinary tables."""
-    output: Path
-    """The output file; its format follows the extension (``OUTPUT_FORMATS``). The manifest and (by default) the
-    ledger sit beside it. For an object URI this is the local file written, then uploaded."""
-    id_column: str | None = None
-    """Column whose values name rows in the output, errors and logs; row numbers are used when unset. Every
-    value must be present and unique: an empty or repeated id stops the run before sending (``reader.check_ids``)."""
-    ledger: Path | None = None
-    """SQLite ledger of paid answers; default ``<output>.ledger.sqlite``."""
-    run_output: str | None = None
-    """Also write only this run's new answers to a file: a template with {date} and {run_id}."""
-    dedupe: bool = True
-    """Send identical requests once. Turn off to sample several answers at temperature > 0 without a seed."""
-    encoding: str = "utf-8"
-    """Text encoding of a CSV or JSONL input, e.g. "latin-1", "cp1252", "utf-8-sig"."""
-    delimiter: str | None = None
-    """Field separator of a CSV input, one character (``"\t"``, ``";"``, ``"|"``). Unset: a tab for .tsv, else a comma,
-    and a header that reads as one column holding another separator is an error naming this setting."""
-    batch_output: Path | None = None
-    """Also write an OpenAI Batch-style output file (.jsonl): one line per row, as OpenAI's Batch API returns."""
-    chunk_rows: int = Field(default=2_000, ge=100, le=1_000_000)
-    """Rows read from the input at a time; bounds memory on huge inputs (2,000: 271 MB peak RSS on the 100k-row
-    benchmark where 10,000 gave 420 MB, at the same speed)."""
-
-    @field_validator("delimiter")
-    @classmethod
-    def _one_character(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) != 1 or value in '"\r\n'):
-            raise ValueError('one character other than a quote or a line break, e.g. "\\t", ";" or "|"')
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _batch_ids(cls, data: Any) -> Any:
-        """A batch file's rows are named by their ``custom_id``, as OpenAI's output names them."""
-        if isinstance(data, dict) and data.get("input_format") == "openai_batch" and data.get("id_column") is None:
-            return {**data, "id_column": "custom_id"}
-        return data
-
-
-class ModelSection(_Strict):
-    name: str = DEFAULT_MODEL
-    """Model id sent as ``model``."""
-
-    @field_validator("name")
-    @classmethod
-    def _named(cls, name: str) -> str:
-        if not name.strip():
-            raise ValueError('the model name is empty: give the server\'s model id, e.g. name = "gpt-4o-mini"')
-        return name
-
-    max_tokens: int = Field(default=1024, ge=1)
-    """Upper bound on generated tokens (reasoning included); also the worst case for budgets."""
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0.01, le=1)
-    seed: int | None = Field(default=None, ge=1)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
-    context_tokens: int | None = Field(default=None, ge=1)
-    """The model's context window. A row whose estimated prompt plus max_tokens exceeds it is recorded
-    ``too_long`` and never sent. Default per preset (262,144 for aimlapi and local, 128,000 for openai);
-    unset for your own servers (vllm, llamacpp): set it to the server's context size to get the guard."""
-    tools: Path | list[dict[str, Any]] | dict[str, Any] | None = None
-    """Functions the model may call: a JSON file (a list of tools in the API's shape) or inline tables
-    (``[[model.tools]]`` with ``type = "function"`` and ``function = {name, description, parameters, strict}``)."""
-    tool_choice: str | dict[str, Any] | None = None
-    """``"auto"``, ``"none"``, ``"required"`` or a function's name: forcing one makes its arguments the
-    answer's document, validated against its parameters and spread into typed columns."""
-    parallel_tool_calls: bool | None = None
-    """Let the model call several functions in one answer (sent as is; unset: the server's default)."""
-    extra: dict[str, Any] = Field(default_factory=dict)
-    """Other request fields the API takes (``prediction``, ``stream_options``, newer ones), sent as written.
-    Unchecked beyond being JSON and not a field seedbatch sets itself; covered by the request hash."""
-
-    @field_validator("extra")
-    @classmethod
-    def _check_extra(cls, extra: dict[str, Any]) -> dict[str, Any]:
-        for key, value in extra.items():
-            if key in OWN_FIELDS:
-                raise ValueError(
-                    f"{key!r} is a request field seedbatch sets itself; use {OWN_FIELDS[key]} instead of model.extra"
-                )
-            try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{key!r} cannot be sent as JSON ({exc}); write dates and times as strings") from None
-        return extra
-
-
-class FewShot(_Strict):
-    role: Literal["user", "assistant", "system"]
-    content: str
-
-
-class PromptSection(_Strict):
-    system: str | None = None
-    """System message; may use {column} placeholders like the user template."""
-    user: str | None = None
-    """User message template; {column} is replaced by the row's value ({{ and }} are literal braces)."""
-    messages_column: str | None = None
-    """Column holding each row's whole message list (instead of ``user``): a Parquet list<struct<role, content>>
-    or JSON text in a CSV/JSONL column. ``system`` is merged into the row's leading system message (see README)."""
-    few_shot: list[FewShot] = Field(default_factory=list)
-    """Fixed messages placed between the system message and the row's user message."""
-    send_empty: bool = False
-    """Send rows whose placeholders are all null or empty. Off: such rows are ``skipped``, not sent, not paid."""
-
-
-class MediaSection(_Strict):
-    image_columns: list[str] = Field(default_factory=list)
-    """Columns holding an image per row: http(s) URL, local path, raw bytes, or null."""
-    video_columns: list[str] = Field(default_factory=list)
-    """Columns holding a video per row, same forms as images."""
-    position: Literal["before", "after", "inline"] = "after"
-    """Where media goes: before or after the user text, or "inline" at each {column} placeholder in prompt.user."""
-    detail: Literal["low", "high", "auto"] | None = None
-    """Image detail level sent with every image part."""
-    max_file_mb: float = Field(default=20.0, gt=0)
-    """Local files larger than this are a per-row error, found before sending."""
-    strict_inputs: bool = False
-    """Check every media cell before sending; any missing/unsupported/too-large file stops the run (exit 2)."""
-
-
-class OutputSection(_Strict):
-    format: Literal["text", "json_object", "json_schema"] = "text"
-    """What the model must answer: free text, any JSON object, or JSON matching ``schema``."""
-    schema_: Path | dict[str, Any] | None = Field(default=None, alias="schema")
-    """JSON Schema: a path to a .json file or an inline table. Required for json_schema."""
-    name: str = Field(default="answer", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    """``json_schema.name`` sent to the API."""
-    strict: bool = True
-    """``json_schema.strict``; when true the schema is checked for what strict mode needs."""
-    column_prefix: str = ""
-    """Prefix for the typed columns made from the schema's top-level properties."""
-    invalid_retries: int = Field(default=2, ge=0, le=10)
-    """Extra tries when an answer is not valid JSON or breaks the schema."""
-    reask_with_error: bool = True
-    """On an invalid answer, re-ask with the answer and its validation error appended. Off: the re-ask is the
-    same request with a sampling step (temperature +0.3, or the next seed), never the identical request a
-    deterministic server would answer the same way."""
-    truncated_retries: int = Field(default=0, ge=0, le=5)
-    """Retry a truncated answer this many times, doubling max_tokens each time (capped by max_tokens_cap)."""
-    max_tokens_cap: int = Field(default=16_384, ge=1)
-    row_token_budget: int | None = Field(default=None, ge=1)
-    """Stop re-asking a row once its attempts used this many tokens."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class LimitsSection(_Strict):
-    rpm: float | None = Field(default=None, gt=0)
-    """Requests per minute; paced smoothly from the first second."""
-    tpm: float | None = Field(default=None, gt=0)
-    """Tokens per minute (prompt estimate + max_tokens, corrected by reported usage)."""
-    concurrency: int = Field(default=4096, ge=1, le=20_000)
-    """Ceiling on requests in flight. The operating point follows Little's law (rate × observed latency),
-    so a 20 s reasoning model at 6,000 RPM runs ~3,000 in flight and a 300 ms one ~50; lower it only to
-    protect a server that cannot take more connections."""
-    max_attempts: int = Field(default=6, ge=1, le=50)
-    """HTTP tries per request for timeouts, dropped connections and 5xx (a 429 does not use one up)."""
-    rate_limit_wait_s: float = Field(default=600.0, gt=0)
-    """How long one request may keep waiting on 429s (rate limits) before it is recorded as an error."""
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    """Ceiling on one request's timeout; the timeout in force follows observed latency (at least 10 s)."""
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    max_cost_usd: float | None = Field(default=None, gt=0)
-    """Stop issuing requests before spent + in-flight worst case would exceed this."""
-    backoff_max_s: float = Field(default=60.0, gt=0)
-    """Longest wait between tries when the server gives no Retry-After."""
-    outage_wait_s: float = Field(default=600.0, ge=0)
-    """How long the run waits out a provider that fails nearly every request (the circuit is open: one probe
-    at 1 s, 2 s, … up to 60 s apart, rows kept pending) before it stops with exit 6. 0: stop at once."""
-    shared_limiter: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    """Name of an RPM/TPM bucket shared by every job on this machine naming it (one key, one limit)."""
-    shared_limiter_file: Path | None = None
-    """SQLite file holding shared buckets; default ``~/.cache/seedbatch/limits.sqlite``."""
-
-
-class EndpointSection(_Strict):
-    preset: Literal["aimlapi", "openai", "vllm", "llamacpp", "local"] = "aimlapi"
-    """Named server: sets base_url, api_key_env and structured_output unless given here."""
-    base_url: str | None = None
-    api_key_env: str | None = None
-    """Environment variable holding the API key (the key itself is never in the job)."""
-
-    @field_validator("base_url")
-    @classmethod
-    def _scheme(cls, url: str | None) -> str | None:
-        if url is not None and not url.lower().startswith(("http://", "https://")):
-            raise ValueError(
-                f"{url!r} has no http:// or https:// scheme: write it as 'http://{url}' (a server on this machine "
-                f"usually speaks plain HTTP) or 'https://{url}'"
-            )
-        return url
-
-    api_key_file: Path | None = None
-    """File holding the API key; used when set, else the variable."""
-    structured_output: Literal["json_schema", "json_object_schema", "instructions", "tool"] | None = None
-    """How a schema is sent: OpenAI ``json_schema``, llama.cpp ``json_object`` + schema, in the prompt, or as
-    ``tool``: the one function the model must call (``output.name``), for servers whose json_schema is weak."""
-    stream: bool = False
-    """Receive answers as server-sent events (``stream: true`` with ``stream_options.include_usage``): a request
-    whose stream goes quiet for ``stall_s`` is abandoned and retried however long the answer has been running,
-    so a slow reasoning model is never cut off while it is still writing. The answer, its reasoning and usage
-    are put back together from the chunks; the ledger and output are the same as without streaming."""
-    stall_s: float = Field(default=30.0, gt=0)
-    """With ``stream``: seconds without a chunk (the first one included) after which the request is retried;
-    shorter once answers have been seen (the deadline learned from them, 3 × their p99, at least 10 s)."""
-    local_latency_ms: float = Field(default=0.0, ge=0)
-    """With preset 'local': simulated model latency of the built-in server."""
-
-
-class PricingSection(_Strict):
-    input_per_million: float = Field(ge=0)
-    """USD per million prompt tokens, used when the server reports no cost."""
-    output_per_million: float = Field(ge=0)
-    """USD per million completion tokens (reasoning included)."""
-
-
-class ExecutorSection(_Strict):
-    kind: Literal["local", "ray"] = "local"
-    """Where requests are sent from: this process, or tasks on a Ray cluster (``pip install 'seedbatch[ray]'``)."""
-    address: str | None = None
-    """Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); unset: $RAY_ADDRESS, else a local Ray."""
-    workers: int = Field(default=2, ge=1, le=10_000)
-    """Shards: the selected requests are split into this many by request hash, one Ray task each."""
-
-
-class JobSpec(_Strict):
     job: JobSection
+    """``[job]``: the input, the output and the ledger."""
     model: ModelSection = Field(default_factory=ModelSection)
+    """``[model]``: the model and the request's sampling fields."""
     prompt: PromptSection = Field(default_factory=PromptSection)
+    """``[prompt]``: the messages, from templates or a column of message lists."""
     media: MediaSection = Field(default_factory=MediaSection)
+    """``[media]``: image and video columns."""
     output: OutputSection = Field(default_factory=OutputSection)
+    """``[output]``: what the model must answer (text, JSON, a schema) and how invalid answers are re-asked."""
     limits: LimitsSection = Field(default_factory=LimitsSection)
+    """``[limits]``: rates, concurrency, retries, timeouts and the budget."""
     endpoint: EndpointSection = Field(default_factory=EndpointSection)
+    """``[endpoint]``: the server, its key and its structured-output dialect."""
     pricing: PricingSection | None = None
     """Price table override; a bundled table is used for known models."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
@@ -359,6 +145,7 @@ class JobSpec(_Strict):
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""
     source_sha256: str | None = Field(default=None, exclude=True)
+    """sha256 of the job file's bytes and the CLI overrides: the manifest's record of what ran."""
     _objects: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
@@ -603,9 +390,6 @@ def _anchor_paths(data: dict[str, Any], base_dir: Path) -> None:
 #: Output formats by file extension: what ``job.output``, ``job.run_output`` and ``--output`` may end in.
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 OUTPUT_SUFFIXES = (".parquet", ".csv", ".jsonl")
-#: Keys that may name an object (``s3://…``, ``gs://…``) instead of a local file.
-OBJECT_KEYS = ("input", "output", "run_output")
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
 def output_format(name: str) -> str | None:
@@ -613,35 +397,8 @@ def output_format(name: str) -> str | None:
     return OUTPUT_FORMATS.get(os.path.splitext(name)[1].lower())
 
 
-def is_object_uri(value: str) -> bool:
-    """``s3://bucket/key`` and the like (two letters or more before ``://``, so ``C:/x`` stays a path)."""
-    return bool(_URI.match(value))
-
-
-def objects_home() -> Path:
-    """Where local copies of objects live, with the ledger and manifest of an object output beside them.
-
-    A data folder (``$XDG_DATA_HOME/seedbatch``, else ``~/.local/share/seedbatch``), not a cache: the
-    ledger there holds answers that were paid for, and cache cleaners delete caches.
-    """
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "seedbatch"
-
-
-def local_copy_path(uri: str) -> Path:
-    """``s3://bucket/a/b.csv`` → ``<objects_home>/s3/bucket/a/b.csv``: one local place per object, the same
-    from any folder, so a rerun finds the ledger of the run before it. The query (pyarrow options) is not
-    part of the name; ``..`` cannot climb out."""
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    try:
-        port = parts.port
-    except ValueError:
-        raise SpecError(f"{uri}: not a valid object URI (the part after :// is bucket/key)") from None
-    if port is not None:
-        host = f"{host}_{port}"
-    segments = [s for s in parts.path.split("/") if s not in ("", ".", "..")]
-    return objects_home().joinpath(parts.scheme.lower(), host or "_", *segments)
+#: Keys that may name an object (``s3://…``, ``gs://…``) instead of a local file.
+OBJECT_KEYS = ("input", "output", "run_output")
 
 
 def _localize_objects(data: dict[str, Any]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from pipeline.spec import DEFAULT_MODEL
 
 #: Columns put in the user template at most; the rest are listed in a comment.
 TEMPLATE_COLUMNS = 8
-#: Characters that cannot appear in a ``{column}`` placeholder (see ``prompts.parse_template``).
+#: Characters that cannot appear in a ``{column}`` placeholder (see ``templates.parse_template``).
 _NOT_PLACEABLE = set("{}")
 _MESSAGE_NAMES = ("messages", "conversation", "conversations", "chat", "dialog", "dialogue")
 

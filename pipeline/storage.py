@@ -1,7 +1,7 @@
 """Objects (``s3://bucket/key``, ``gs://…``) in and out, through pyarrow's filesystems.
 
 A job may name an object as its input or output. Everything else stays on this machine's disk:
-``spec`` maps each object to a local copy (``spec.local_copy_path``), the reader reads that copy and
+each object has one local copy (``local_copy_path``, which ``spec`` fills in), the reader reads that copy and
 the writer writes it, exactly as for a local job, and the ledger, lock and manifest sit beside it.
 Why local: SQLite needs a file system with working locks (object stores have none), and an answer
 that was paid for must be durable before anything else happens to it, which a commit to a local
@@ -37,15 +37,27 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pipeline.errors import InputError, SeedbatchError, SpecError
 from pipeline.lazy import lazy
-from pipeline.spec import JobSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.fs as pafs
+
+    from pipeline.spec import JobSpec
 else:  # only object-store jobs need pyarrow's filesystems (see lazy)
     pa, pafs = lazy("pyarrow"), lazy("pyarrow.fs")
 
-__all__ = ["UploadError", "check_output", "download", "fetch_input", "objects_named", "open_object", "upload"]
+__all__ = [
+    "UploadError",
+    "check_output",
+    "download",
+    "fetch_input",
+    "is_object_uri",
+    "local_copy_path",
+    "objects_home",
+    "objects_named",
+    "open_object",
+    "upload",
+]
 
 
 class UploadError(SeedbatchError):
@@ -53,6 +65,41 @@ class UploadError(SeedbatchError):
     (nothing is paid twice: the answers are in the local ledger)."""
 
     exit_code = 1
+
+
+#: A scheme of two letters or more, then ``://``.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_object_uri(value: str) -> bool:
+    """``s3://bucket/key`` and the like (two letters or more before ``://``, so ``C:/x`` stays a path)."""
+    return bool(_URI.match(value))
+
+
+def objects_home() -> Path:
+    """Where local copies of objects live, with the ledger and manifest of an object output beside them.
+
+    A data folder (``$XDG_DATA_HOME/seedbatch``, else ``~/.local/share/seedbatch``), not a cache: the
+    ledger there holds answers that were paid for, and cache cleaners delete caches.
+    """
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "seedbatch"
+
+
+def local_copy_path(uri: str) -> Path:
+    """``s3://bucket/a/b.csv`` → ``<objects_home>/s3/bucket/a/b.csv``: one local place per object, the same
+    from any folder, so a rerun finds the ledger of the run before it. The query (pyarrow options) is not
+    part of the name; ``..`` cannot climb out."""
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        raise SpecError(f"{uri}: not a valid object URI (the part after :// is bucket/key)") from None
+    if port is not None:
+        host = f"{host}_{port}"
+    segments = [s for s in parts.path.split("/") if s not in ("", ".", "..")]
+    return objects_home().joinpath(parts.scheme.lower(), host or "_", *segments)
 
 
 #: Credential sources other than the instance metadata service, which only a request can ask.

@@ -33,7 +33,7 @@ import xxhash
 
 from pipeline import __version__
 from pipeline.ledger import JobLock, Ledger
-from pipeline.records import RunSummary, Selection, exit_code_for, is_transient
+from pipeline.records import RunSummary, RunTally, Selection, exit_code_for, is_transient
 from pipeline.spec import JobSpec
 
 #: Job sections that change how fast rows are sent, never what an answer or the output is.
@@ -261,7 +261,7 @@ def skip(
 def _summary(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
     """The summary of a run that had nothing to do: the counts of the run that built the output."""
     now = time.time()
-    summary = RunSummary(
+    summary = RunTally(
         job=spec.name,
         run_id=str(manifest.get("run_id")),
         rows_total=int(manifest.get("rows_total") or 0),
@@ -276,4 +276,4 @@ def _summary(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
     by_status = summary.rows_by_status
     summary.rows_from_ledger = summary.rows_total - by_status.get("too_long", 0) - by_status.get("skipped", 0)
     summary.exit_code = exit_code_for(summary)
-    return summary
+    return summary.snapshot()

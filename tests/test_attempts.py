@@ -17,7 +17,7 @@ import pytest
 from pipeline.attempts import AnswerPolicy, Attempts, Budget
 from pipeline.errors import RetryableError, RowError
 from pipeline.pacing import Pacing
-from pipeline.records import Reply, Request, RunSummary
+from pipeline.records import Reply, Request, RunTally
 from pipeline.scheduler import Pacer, RetryPolicy
 from pipeline.schema_types import compile_validator
 from pipeline.validator import judge
@@ -71,7 +71,7 @@ def make(
     budget: float | None = None,
     sleeps: list[float] | None = None,
     **policy: Any,
-) -> tuple[Attempts, RunSummary]:
+) -> tuple[Attempts, RunTally]:
     waits = sleeps if sleeps is not None else []
     clock_value = [0.0]
     clock: Callable[[], float] = lambda: clock_value[0]  # noqa: E731
@@ -82,7 +82,7 @@ def make(
 
     pacing = Pacing(None, None, clock=clock, request_timeout_s=120.0)
     retry = RetryPolicy(**{k: policy.pop(k) for k in ("max_attempts", "rate_limit_wait_s") if k in policy})
-    summary = RunSummary(job="t", run_id="r")
+    summary = RunTally(job="t", run_id="r")
     check = compile_validator(schema) if schema is not None else None
     attempts = Attempts(
         send=send,
@@ -250,7 +250,7 @@ def test_a_request_sent_before_latencies_were_known_is_abandoned_when_they_are()
             judge=partial(judge, expects_json=True, check=compile_validator(SCHEMA)),
             price=None,
             policy=AnswerPolicy(retry=RetryPolicy(max_attempts=3)),
-            summary=RunSummary(job="t", run_id="r"),
+            summary=RunTally(job="t", run_id="r"),
             stop=asyncio.Event(),
         )
         answering = asyncio.ensure_future(attempts.answer(request()))

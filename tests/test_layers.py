@@ -16,6 +16,10 @@ PACKAGE = ROOT / "pipeline"
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy", "evaluation", "evaluation.settings"}),
+    (
+        "what the job builds on: objects' local copies, the job file's sections, JSON Schema checks",
+        {"storage", "job_sections", "schema_checks"},
+    ),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
     (
         "pure policy",
@@ -31,6 +35,9 @@ LAYERS: list[tuple[str, set[str]]] = [
             "evaluation.metrics",
             "evaluation.tables",
             "evaluation.report",
+            "sse",
+            "connection_causes",
+            "templates",
         },
     ),
     (
@@ -46,7 +53,6 @@ LAYERS: list[tuple[str, set[str]]] = [
             "shared_limits",
             "progress",
             "batch_output",
-            "storage",
             "evaluation.gold",
         },
     ),

@@ -20,11 +20,11 @@ from pipeline.prompts import (
     TOKENS_PER_REQUEST,
     Renderer,
     estimate_tokens,
-    template_fields,
     with_changes,
 )
 from pipeline.records import Row, ToolCall
 from pipeline.spec import JobSpec, spec_from_dict
+from pipeline.templates import template_fields
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -16,10 +16,11 @@ import orjson
 import polars as pl
 import pytest
 
-from pipeline.client import Client, _next_piece
+from pipeline.client import Client
 from pipeline.errors import RetryableError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.localapi.streaming import events
+from pipeline.sse import next_piece
 from tests.helpers import make_spec, run
 
 COMPARED = [
@@ -200,7 +201,7 @@ def test_a_silent_stream_is_cut_by_a_limit_learned_while_it_waits() -> None:
         loop.call_later(0.2, lambda: limit.__setitem__(0, 0.3))
         started = loop.time()
         with pytest.raises(RetryableError) as err:
-            await _next_piece(_after_first(pieces()), lambda: limit[0])
+            await next_piece(_after_first(pieces()), lambda: limit[0])
         assert err.value.kind == "stall"
         return loop.time() - started
 

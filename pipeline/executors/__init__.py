@@ -13,12 +13,12 @@ from typing import Protocol
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared
-from pipeline.records import RunSummary
+from pipeline.records import RunTally
 from pipeline.spec import JobSpec
 
 
 class Executor(Protocol):
-    async def __call__(self, p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+    async def __call__(self, p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, url: str) -> None:
         """Send what ``ledger`` lacks for ``p``; see the module docstring for the contract."""
 
 

@@ -21,7 +21,7 @@ from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.pacing import Pacing
 from pipeline.prepare import Prepared, iter_requests
-from pipeline.records import NOT_SENT, Outcome, Reply, Request, RunSummary, StopReason, count_error, needs_sending
+from pipeline.records import NOT_SENT, Outcome, Reply, Request, RunTally, StopReason, count_error, needs_sending
 from pipeline.scheduler import Pacer, Quota, RetryPolicy, run_all
 from pipeline.spec import JobSpec
 from pipeline.validator import judge
@@ -87,7 +87,7 @@ class Dispatch:
         p: Prepared,
         ledger: Ledger,
         options: RunOptions,
-        summary: RunSummary,
+        summary: RunTally,
         *,
         quota: Quota | None = None,
         budget: Budget | None = None,
@@ -198,7 +198,7 @@ class Dispatch:
             now = time.monotonic()
             if self.options.progress and now - last_progress >= self.options.progress_interval_s:
                 last_progress = now
-                self.options.progress(self.summary, self.in_flight)
+                self.options.progress(self.summary.snapshot(), self.in_flight)
 
     # The run ---------------------------------------------------------------------------------------
     async def run(self, base_url: str) -> None:
@@ -305,7 +305,7 @@ class Dispatch:
             )
 
 
-async def execute_local(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+async def execute_local(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, url: str) -> None:
     """``executors.Executor`` for this process: one event loop, up to ``limits.concurrency`` in flight.
 
     A fatal answer does not raise: ``Dispatch.run`` commits what arrived and records why it stopped."""

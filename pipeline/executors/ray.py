@@ -43,7 +43,7 @@ from pipeline.executors.local import Dispatch
 from pipeline.ledger import Ledger, ShardLedger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, prepare
-from pipeline.records import RunSummary, Selection, StopReason
+from pipeline.records import RunTally, Selection, StopReason
 from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
 from pipeline.shared_limits import ReservationBucket, ReservingQuota, reserve
 
@@ -216,7 +216,7 @@ def shard_path(shards_dir: Path, index: int) -> Path:
     return shards_dir / f"{index:04d}.sqlite"
 
 
-def _progress_fields(s: RunSummary, in_flight: int) -> dict[str, Any]:
+def _progress_fields(s: RunTally, in_flight: int) -> dict[str, Any]:
     return {
         "rows_by_status": dict(s.rows_by_status),
         "rows_from_ledger": s.rows_from_ledger,
@@ -232,7 +232,7 @@ def _progress_fields(s: RunSummary, in_flight: int) -> dict[str, Any]:
     }
 
 
-def run_shard(task: ShardTask, limits: Any) -> RunSummary:
+def run_shard(task: ShardTask, limits: Any) -> RunTally:
     """One Ray task: send what the main and shard ledgers lack among the requests of shard ``task.index``.
 
     The worker resolves the API key itself (its environment or ``endpoint.api_key_file``), so the key
@@ -247,7 +247,7 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
     (shards_dir / f"{task.index:04d}.pid").write_text(str(os.getpid()))
     # The driver parsed every row before any shard started: no second pre-pass per shard.
     p = replace(prepare(spec, task.selection, read_everything=False), holds=partial(_holds, task.index, task.shards))
-    summary = RunSummary(job=spec.name, run_id=task.run_id, rows_total=p.rows, started_at=time.time())
+    summary = RunTally(job=spec.name, run_id=task.run_id, rows_total=p.rows, started_at=time.time())
     options = RunOptions(selection=task.selection, retry_errors=task.retry_errors, fresh=task.fresh)
     ledger = ShardLedger(shard_path(shards_dir, task.index), spec.ledger_path.resolve(), spec.endpoint_key)
     budget = LeasedBudget(limits, spec.limits.max_cost_usd) if spec.limits.max_cost_usd is not None else None
@@ -290,7 +290,7 @@ def run_shard(task: ShardTask, limits: Any) -> RunSummary:
 _SPENT = ("requests_sent", "retries", "http_429", "prompt_tokens", "completion_tokens", "usd_spent")
 
 
-def _add_into(total: RunSummary, part: dict[str, Any]) -> None:
+def _add_into(total: RunTally, part: dict[str, Any]) -> None:
     """Add one shard's counters (``_progress_fields`` or a whole summary as a dict) into ``total``."""
     for key in (
         "rows_from_ledger",
@@ -315,7 +315,7 @@ def _add_into(total: RunSummary, part: dict[str, Any]) -> None:
         total.rows_by_status[status] = total.rows_by_status.get(status, 0) + n
 
 
-async def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+async def execute_ray(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, url: str) -> None:
     """``executors.Executor`` for Ray: the driver loop (blocking Ray calls) runs in a thread."""
     await asyncio.to_thread(_drive, p, ledger, options, summary, url)
 
@@ -347,7 +347,7 @@ def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -
         ) from None
 
 
-def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary, url: str) -> None:
+def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, url: str) -> None:
     """Shards as tasks, then their ledgers merged into ``ledger``; a stop request reaches every shard."""
     spec = p.spec
     check_reachable(spec.executor.address)
@@ -381,7 +381,7 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary
         ): k
         for k in range(shards)
     }
-    results: dict[int, RunSummary] = {}
+    results: dict[int, RunTally] = {}
     failures: list[str] = []
     stop_deadline: float | None = None
     hard_stop = False
@@ -398,7 +398,7 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary
             done, pending = ray.wait(pending, num_returns=1, timeout=0.25)
             for ref in done:
                 try:
-                    result: RunSummary = ray.get(ref)
+                    result: RunTally = ray.get(ref)
                 except Exception as exc:  # a shard that failed for good: its rows stay pending
                     failures.append(f"shard {refs[ref]}: {str(exc).strip().splitlines()[-1]}")
                     continue
@@ -454,12 +454,12 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunSummary
         summary.error_examples.setdefault("shard_failed", failures[0][:300])
 
 
-def _report(options: RunOptions, summary: RunSummary, progress: dict[int, dict[str, Any]]) -> None:
+def _report(options: RunOptions, summary: RunTally, progress: dict[int, dict[str, Any]]) -> None:
     """The live panel / progress lines from the shards' last heartbeats."""
     assert options.progress is not None
-    view = RunSummary(
+    view = RunTally(
         job=summary.job, run_id=summary.run_id, rows_total=summary.rows_total, started_at=summary.started_at
     )
     for fields in progress.values():
         _add_into(view, fields)
-    options.progress(view, sum(int(f.get("in_flight", 0)) for f in progress.values()))
+    options.progress(view.snapshot(), sum(int(f.get("in_flight", 0)) for f in progress.values()))
