@@ -246,7 +246,9 @@ def run(
             log=lambda message: reporter.log("notice", {"message": message}),
         )
         with stop_on_signals(options.stop):
-            summary = run_job(spec, options)
+            from pipeline.voting import run_stages, uses_stages
+
+            summary = (run_stages if uses_stages(spec) else run_job)(spec, options)
     if summary.up_to_date:  # became up to date between the two checks (another run finished)
         reporter.log("up_to_date", _up_to_date_fields(summary))
         sys.exit(summary.exit_code)
@@ -317,6 +319,13 @@ def plan(
         click.echo(f"duration       ~{p.est_minutes:.1f} min, bound by {p.binding_limit}")
     else:
         click.echo("duration       unbounded by limits (no rpm/tpm set): paced by the server's rate-limit headers")
+    from pipeline.voting import uses_stages
+
+    if uses_stages(spec):
+        from pipeline.planning import plan_stages, stages_lines
+
+        for line in stages_lines(plan_stages(spec, _selection(limit, sample, sample_seed), retry_errors=retry_errors)):
+            click.echo(line)
     for warning in p.warnings:
         click.echo(f"warning        {warning}")
 

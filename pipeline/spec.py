@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from pipeline.errors import SpecError
+from pipeline.votes import EscalationSection, VotesSection
 
 DEFAULT_MODEL = "bytedance/dola-seed-2-0-lite"
 #: The model name the built-in local API answers with; a ledger written before answers were keyed by
@@ -352,6 +353,12 @@ class JobSpec(_Strict):
     pricing: PricingSection | None = None
     """Price table override; a bundled table is used for known models."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    # Left out of dumps (``exclude``): the digest of a job without them stays what it was, and a job with
+    # them is never skipped as up to date (``pipeline.voting`` rebuilds its output from its stages).
+    votes: VotesSection | None = Field(default=None, exclude=True)
+    """k samples per row and their majority (``pipeline.votes``)."""
+    escalation: EscalationSection | None = Field(default=None, exclude=True)
+    """Doubtful rows sent again with stronger settings (``pipeline.votes``, ``pipeline.voting``)."""
 
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""
