@@ -70,6 +70,11 @@ class EscalationSection(_Strict):
         return self
 
 
+def uses_stages(votes: VotesSection | None, escalation: EscalationSection | None) -> bool:
+    """Whether a job needs more than one plain run (``pipeline.voting``): k > 1 samples, or an escalation."""
+    return (votes is not None and votes.samples > 1) or escalation is not None
+
+
 def sample_overrides(votes: VotesSection, job_seed: int | None, index: int) -> dict[str, Any]:
     """The ``[model]`` keys sample ``index`` changes: none for sample 0, else its seed (and temperature)."""
     if index == 0:

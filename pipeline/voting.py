@@ -18,14 +18,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import polars as pl
 from pydantic import ValidationError
 
+from pipeline import storage
 from pipeline.errors import SpecError
 from pipeline.options import RunOptions
 from pipeline.records import RunSummary, Selection, exit_code_for
 from pipeline.spec import JobSpec, ModelSection, PromptSection, output_format
 from pipeline.votes import EscalationSection, VotesSection, majority, sample_overrides, voting_key
+from pipeline.votes import uses_stages as _named_stages
 from pipeline.writer import atomic_path
 
 #: Output columns summed over a row's requests (every sample, then the escalated request).
@@ -45,7 +48,7 @@ FIRST, ESCALATED = "first", "escalated"
 
 def uses_stages(spec: JobSpec) -> bool:
     """Whether the job needs more than one plain run: k > 1 samples, or an escalation."""
-    return (spec.votes is not None and spec.votes.samples > 1) or spec.escalation is not None
+    return _named_stages(spec.votes, spec.escalation)
 
 
 def stage_dir(spec: JobSpec) -> Path:
@@ -238,12 +241,15 @@ def write_frame(frame: pl.DataFrame, path: Path) -> None:
     fmt = output_format(path.name)
     with atomic_path(path) as tmp:
         if fmt == "csv":
+            # CSV holds no lists or structs: they are written as their JSON text, as ``writer`` does.
+            nested = [c for c, t in frame.schema.items() if t.is_nested()]
             text = frame.with_columns(
-                pl.col(c).map_elements(
-                    lambda v: None if v is None else pl.Series([v]).to_list()[0].__repr__(), return_dtype=pl.String
+                pl.Series(
+                    c,
+                    [None if v is None else orjson.dumps(v).decode() for v in frame.get_column(c).to_list()],
+                    dtype=pl.String,
                 )
-                for c, t in frame.schema.items()
-                if t.is_nested()
+                for c in nested
             )
             text.write_csv(tmp)
         elif fmt == "jsonl":
@@ -305,6 +311,8 @@ def run_stages(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
                 return _finish(spec, total, write_manifest)
             frame = apply_escalation(frame, positions, pl.read_parquet(esc_spec.job.output))
     write_frame(frame, spec.job.output)
+    if "output" in spec.objects:  # an object output: its local copy is uploaded whole, as a plain run does
+        storage.upload(spec.job.output, spec.objects["output"])
     total.output_path = spec.output_location
     total.output_action = "rebuilt"
     total.rows_by_status = dict(frame.get_column("status").value_counts().iter_rows())

@@ -3,7 +3,8 @@
 The row's text is ``votes: a,b,!`` (or any comma list): the request with seed s (no seed: 0) answers
 the ``label`` at position s of the list, ``!`` being a broken JSON answer (``invalid_output`` with
 ``invalid_retries = 0``). A user message starting with ``strong:`` (the escalation's prompt) answers
-``strong``. Every request body the server received is counted by its hash.
+``strong``. A schema with a ``sure`` field gets ``sure = null`` in the first stage, ``true`` escalated.
+Every request body the server received is counted by its hash.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ SCHEMA = {
 class ScriptedAnswerer(Answerer):
     def answer(self, parsed: Parsed) -> Answer:
         text = parsed.last_user.strip()
+        # A schema with a ``sure`` field: the first stage is never sure, the escalation always.
+        sure = "sure" in (parsed.schema or {}).get("properties", {})
         if text.startswith("strong:"):
-            content = '{"label": "strong"}'
+            content = orjson.dumps({"label": "strong", **({"sure": True} if sure else {})}).decode()
         elif text.startswith("votes:"):
             labels = [s.strip() for s in text.removeprefix("votes:").split(",")]
             label = labels[(_SEED.get() or 0) % len(labels)]
-            content = "{broken" if label == "!" else orjson.dumps({"label": label}).decode()
+            doc = {"label": label, **({"sure": None} if sure else {})}
+            content = "{broken" if label == "!" else orjson.dumps(doc).decode()
         else:
             return super().answer(parsed)
         return Answer(content, None, content_tokens=count_tokens(content))

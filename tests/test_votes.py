@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -28,15 +29,12 @@ def voted_job(tmp_path: Path, api: LocalAPI, texts: list[str], **sections: dict[
     tmp_path.mkdir(parents=True, exist_ok=True)
     frame = pl.DataFrame({"review_id": [f"r{i}" for i in range(len(texts))], "text": texts})
     frame.write_csv(tmp_path / "input.csv")
-    data = job_dict(
-        tmp_path / "input.csv",
-        tmp_path / "out" / "result.parquet",
-        api.base_url,
-        prompt={"system": "Label it.", "user": "{text}"},
-        output={"format": "json_schema", "schema": SCHEMA, "invalid_retries": 0},
+    sections = {
+        "prompt": {"system": "Label it.", "user": "{text}"},
+        "output": {"format": "json_schema", "schema": SCHEMA, "invalid_retries": 0},
         **sections,
-    )
-    return data
+    }
+    return job_dict(tmp_path / "input.csv", tmp_path / "out" / "result.parquet", api.base_url, **sections)
 
 
 @pytest.mark.parametrize(
@@ -193,8 +191,6 @@ def test_a_killed_voting_run_resumes_without_paying_any_sample_twice(tmp_path: P
 
 
 def _toml(data: dict[str, Any]) -> str:
-    import json
-
     def value(v: Any) -> str:
         return (
             json.dumps(v)
@@ -207,3 +203,84 @@ def _toml(data: dict[str, Any]) -> str:
         lines.append(f"[{section}]")
         lines.extend(f"{key} = {value(v)}" for key, v in values.items() if v is not None)
     return "\n".join(lines) + "\n"
+
+
+def test_identical_rows_share_their_samples(tmp_path: Path, api: LocalAPI) -> None:
+    received = script(api)
+    texts = ["votes: a,b,a", "votes: a,b,a", "votes: c,c,c"]
+    spec = spec_from_dict(voted_job(tmp_path, api, texts, votes={"samples": 3}), tmp_path / "j.toml")
+    assert run_stages(spec, quiet()).requests_sent == 6
+    assert len(received) == 6
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out.get_column("label").to_list() == ["a", "a", "c"]
+
+
+def test_escalation_by_status_and_by_field_and_a_csv_output(tmp_path: Path, api: LocalAPI) -> None:
+    received = script(api)
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string"}, "sure": {"type": ["boolean", "null"]}},
+        "required": ["label", "sure"],
+        "additionalProperties": False,
+    }
+    texts = ["votes: !", "votes: a", "votes: b"]
+    data = voted_job(
+        tmp_path,
+        api,
+        texts,
+        output={"format": "json_schema", "schema": schema, "invalid_retries": 0},
+        escalation={"when_status": ["invalid_output"], "prompt": {"user": "strong: {text}"}},
+    )
+    data["job"]["output"] = str(tmp_path / "out" / "result.csv")
+    summary = run_stages(spec_from_dict(data, tmp_path / "j.toml"), quiet())
+    assert summary.exit_code == ExitCode.OK  # the invalid row was answered by the escalation
+    assert summary.requests_sent == 4 and len(received) == 4
+    out = pl.read_csv(tmp_path / "out" / "result.csv")
+    assert out.get_column("stage").to_list() == ["escalated", "first", "first"]
+    assert out.get_column("label").to_list() == ["strong", "a", "b"]
+    assert json.loads(out.get_column("samples")[1]) == ['{"label":"a","sure":null}']  # a list as its JSON text
+
+    # when_field: rows where the named field is null or false (here: no answer says `sure`).
+    by_field = voted_job(
+        tmp_path / "f",
+        api,
+        texts,
+        output={"format": "json_schema", "schema": schema, "invalid_retries": 0},
+        escalation={"when_field": "sure", "model": {"max_tokens": 100}, "prompt": {"user": "strong: {text}"}},
+    )
+    out = run_stages(spec_from_dict(by_field, tmp_path / "f" / "j.toml"), quiet())
+    assert out.exit_code == ExitCode.OK
+    assert pl.read_parquet(tmp_path / "f" / "out" / "result.parquet").get_column("stage").to_list() == ["escalated"] * 3
+    missing = voted_job(tmp_path / "g", api, texts, escalation={"when_field": "nope", "model": {"max_tokens": 100}})
+    with pytest.raises(SpecError, match="'nope' is not a field"):
+        run_stages(spec_from_dict(missing, tmp_path / "g" / "j.toml"), quiet())
+
+
+def test_cli_run_and_plan_of_a_voted_job(tmp_path: Path, api: LocalAPI) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    script(api)
+    data = voted_job(
+        tmp_path,
+        api,
+        TEXTS,
+        votes={"samples": 3},
+        escalation={"when_agreement_below": 1.0, "model": {"max_tokens": 100}},
+    )
+    job = tmp_path / "job.toml"
+    job.write_text(_toml(data))
+    runner = CliRunner()
+    before = runner.invoke(main, ["plan", str(job)])
+    assert before.exit_code == 0, before.output
+    assert "votes          3 samples a row: 15 requests to send" in before.output
+    assert "escalation     share unknown until the first stage has answered" in before.output
+    ran = runner.invoke(main, ["run", str(job), "--no-progress"])
+    assert ran.exit_code == 0, ran.output
+    assert "requests_sent=19" in ran.output
+    after = runner.invoke(main, ["plan", str(job)])
+    assert "votes          3 samples a row: 0 requests to send" in after.output
+    assert "escalation     4 of 5 answered rows met the conditions (80.0%)" in after.output
+    again = runner.invoke(main, ["run", str(job), "--no-progress"])
+    assert "requests_sent=0" in again.output
