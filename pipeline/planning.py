@@ -381,6 +381,8 @@ class StagesPlan:
     samples_to_send: int
     samples_cost_usd: float | None
     samples_max_cost_usd: float | None
+    samples_minutes: float | None = None
+    """The samples run one after the other, each paced by the job's limits: their durations add."""
     escalation_share: tuple[int, int] | None = None
     """(rows meeting the conditions, rows answered) in the first stage so far; None: not measured yet."""
     escalation_cost_usd: float | None = None
@@ -402,6 +404,7 @@ def plan_stages(spec: JobSpec, selection: Selection | None = None, *, retry_erro
         sum(p.to_send for p in plans),
         _add_costs([p.est_cost_usd for p in plans]),
         _add_costs([p.max_cost_usd for p in plans]),
+        _add_costs([p.est_minutes for p in plans]),
     )
     esc = voting.escalation_spec(spec, every_row=True)
     if esc is None:
@@ -419,7 +422,8 @@ def stages_lines(sp: StagesPlan) -> list[str]:
     """``seedbatch plan``'s lines for votes and escalation."""
     cost = f"~${sp.samples_cost_usd:.4f} expected" if sp.samples_cost_usd is not None else "cost unknown"
     most = f"; at most ${sp.samples_max_cost_usd:.4f}" if sp.samples_max_cost_usd is not None else ""
-    lines = [f"votes          {sp.samples} samples a row: {sp.samples_to_send:,} requests to send, {cost}{most}"]
+    took = f", ~{sp.samples_minutes:.1f} min" if sp.samples_minutes is not None else ""
+    lines = [f"votes          {sp.samples} samples a row: {sp.samples_to_send:,} requests to send, {cost}{most}{took}"]
     if sp.escalation_max_cost_usd is None and sp.escalation_share is None:
         return lines
     every = f"${sp.escalation_max_cost_usd:.4f}" if sp.escalation_max_cost_usd is not None else "unknown"
