@@ -106,6 +106,8 @@ def escalation_spec(spec: JobSpec, *, every_row: bool = False) -> JobSpec | None
     esc = spec.escalation
     if esc is None:
         return None
+    if esc.when_field is not None:
+        _check_field(spec, esc.when_field)
     derived = _derived(spec, stage_dir(spec) / "escalated.parquet", esc.model, esc.prompt, "escalation")
     if every_row:
         return derived
@@ -113,6 +115,22 @@ def escalation_spec(spec: JobSpec, *, every_row: bool = False) -> JobSpec | None
     out = derived.model_copy(update={"job": job})
     out._objects = {}
     return out
+
+
+def _check_field(spec: JobSpec, name: str) -> None:
+    """``when_field`` must be a top-level property of the output schema: said before anything is sent."""
+    from pipeline.prepare import load_schema
+
+    schema = load_schema(spec)
+    if schema is None:
+        if spec.model.tools is None:  # a forced function's parameters are checked once its output exists
+            raise SpecError(f"{spec.source or '<job>'}: escalation.when_field needs output.schema (its fields)")
+        return
+    fields = list(schema.get("properties", {}))
+    if name not in fields:
+        raise SpecError(
+            f"{spec.source or '<job>'}: escalation.when_field {name!r} is not a field of the output schema {fields}"
+        )
 
 
 def _sum(values: list[Any]) -> Any:

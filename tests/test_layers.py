@@ -15,7 +15,7 @@ PACKAGE = ROOT / "pipeline"
 
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
+    ("data, and imports deferred to first use", {"errors", "records", "lazy", "votes"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
     ("pure policy", {"pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
     (
@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
     ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning", "starter"}),
+    ("composers", {"runner", "planning", "starter", "voting"}),
     ("the command", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]
@@ -52,6 +52,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("grammar", "schema_types"): "the grammar rewrite walks schemas with schema_types' $ref resolution",
     ("tools", "schema_types"): "a function's parameters are JSON Schemas, checked and compiled like output.schema",
     ("tools", "validator"): "the job's functions become the validator's rules for judging calls",
+    ("voting", "runner"): "each sample and the escalation of a voted job is an ordinary run",
+    ("planning", "voting"): "plan prices each sample's requests and the escalation share the stages measured",
     ("validator", "schema_types"): "a request's own functions (a Batch line's tools) are compiled like output.schema",
 }
 #: The built-in server imitates the API: it may use the constants of the code it imitates (and its own modules).

@@ -252,8 +252,10 @@ def test_escalation_by_status_and_by_field_and_a_csv_output(tmp_path: Path, api:
     assert out.exit_code == ExitCode.OK
     assert pl.read_parquet(tmp_path / "f" / "out" / "result.parquet").get_column("stage").to_list() == ["escalated"] * 3
     missing = voted_job(tmp_path / "g", api, texts, escalation={"when_field": "nope", "model": {"max_tokens": 100}})
+    sent = len(received)
     with pytest.raises(SpecError, match="'nope' is not a field"):
         run_stages(spec_from_dict(missing, tmp_path / "g" / "j.toml"), quiet())
+    assert len(received) == sent  # said before anything was sent
 
 
 def test_cli_run_and_plan_of_a_voted_job(tmp_path: Path, api: LocalAPI) -> None:
