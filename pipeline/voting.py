@@ -146,6 +146,9 @@ def field_columns(frame: pl.DataFrame) -> list[str]:
 def combine(frames: list[pl.DataFrame]) -> pl.DataFrame:
     """The majority output of k sample outputs of the same rows (the rules: ``pipeline.votes``)."""
     base = frames[0]
+    if any(f.height != base.height or f.columns != base.columns for f in frames):
+        # Every sample is written from the same input and selection: a mismatch is a bug, not bad input.
+        raise AssertionError("sample outputs differ in rows or columns: rerun the job")
     fields = field_columns(base)
     answer_cols = base.columns[base.columns.index("content") :]
     data = [{c: f.get_column(c).to_list() for c in answer_cols} for f in frames]

@@ -167,27 +167,33 @@ def test_a_killed_voting_run_resumes_without_paying_any_sample_twice(tmp_path: P
     )
     job = tmp_path / "job.toml"
     job.write_text(_toml(data))
-    kills = 0
-    for wait in (1.5, 2.5, 1.5):  # mid first sample, mid later samples
+    kills = in_flight_at_kills = 0
+
+    def unanswered() -> int:
+        stats = api.stats()
+        return int(stats["received"] - sum(stats["by_status"].values()) - stats["dropped"])
+
+    for threshold in (30, 100, 195):  # killed mid sample 0, mid sample 1, mid escalation
+        settled = unanswered()  # earlier lives' requests the server never finished
         proc = start(job)
-        time.sleep(wait)
-        if proc.poll() is not None:
-            proc.communicate()
-            break
+        deadline = time.monotonic() + 60
+        while len(received) < threshold and time.monotonic() < deadline:
+            time.sleep(0.02)
+        in_flight_at_kills += unanswered() - settled  # their answers arrive after the client died
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
         kills += 1
-        time.sleep(0.4)
+        time.sleep(0.4)  # what was in flight at the kill is answered (to nobody)
     done = finish(job, timeout=300)
     assert done.returncode == ExitCode.OK, done.stderr
-    assert kills >= 2
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
-    assert out.height == 60 and set(out.get_column("stage")) == {"escalated", "first"}
-    assert len(received) == 60 * 3 + out.filter(pl.col("stage") == "escalated").height
+    assert out.get_column("stage").to_list() == ["first", "escalated"] * 30  # only the doubtful rows
+    assert len(received) == 60 * 3 + 30
     paid_twice = sum(n - 1 for n in received.values())
-    # At most what was in flight at each kill (4 at a time) can be answered after its client died.
-    print(f"\nvotes kill test: {kills} SIGKILLs, {len(received)} requests, {paid_twice} answered twice")
-    assert paid_twice <= 4 * kills, paid_twice
+    # Paid twice: what was in flight at each kill (at most 4), plus the few sent between the count and the kill.
+    print(f"\nvotes kill test: {kills} SIGKILLs, {len(received)} requests, {paid_twice} answered twice, "
+          f"{in_flight_at_kills} in flight at the kills")  # fmt: skip
+    assert paid_twice <= min(in_flight_at_kills + 2 * kills, 4 * kills), (paid_twice, in_flight_at_kills)
 
 
 def _toml(data: dict[str, Any]) -> str:
