@@ -158,8 +158,8 @@ def combine(frames: list[pl.DataFrame]) -> pl.DataFrame:
     by_field: dict[str, list[float]] = {f: [] for f in fields}
     for r in range(n):
         valid = [d["status"][r] == "ok" for d in data]
+        winners: dict[str, tuple[int | None, float]] = {}  # field -> (sample holding its majority, share)
         if fields:
-            winners: dict[str, tuple[int | None, float]] = {}
             for name in fields:
                 _, share, holder = majority([voting_key(d[name][r]) for d in data], valid)
                 winners[name] = (holder, share)
@@ -185,9 +185,9 @@ def combine(frames: list[pl.DataFrame]) -> pl.DataFrame:
         for c in answer_cols:
             if c in SUMMED:
                 out[c].append(_sum([d[c][r] for d in data]))
-            elif c in winners if fields else False:
-                h = winners[c][0]
-                out[c].append(data[h if h is not None else src][c][r])
+            elif c in winners:
+                holder = winners[c][0]
+                out[c].append(data[holder if holder is not None else src][c][r])
             else:
                 out[c].append(data[src][c][r])
     answers = pl.DataFrame(out, schema={c: base.schema[c] for c in answer_cols})
