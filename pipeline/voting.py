@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from pipeline import storage
 from pipeline.errors import SpecError
 from pipeline.options import RunOptions
-from pipeline.records import RunSummary, Selection, exit_code_for
+from pipeline.records import RunSummary, Selection, StopReason, exit_code_for
 from pipeline.spec import JobSpec, ModelSection, PromptSection, output_format
 from pipeline.votes import EscalationSection, VotesSection, majority, sample_overrides, voting_key
 from pipeline.votes import uses_stages as _named_stages
@@ -311,7 +311,10 @@ def run_stages(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
         samples = [_derived(spec, stage_dir(spec) / "sample-0.parquet", {}, {}, "votes")]
     outputs: list[pl.DataFrame] = []
     for sample in samples:
-        part = run_job(sample, options)
+        budgeted = _budgeted(sample, spec, total)
+        if budgeted is None:
+            return _finish(spec, total, write_manifest)
+        part = run_job(budgeted, options)
         _add(total, part)
         total.rows_total = part.rows_total
         total.rows_from_ledger = max(total.rows_from_ledger, part.rows_from_ledger)
@@ -326,7 +329,10 @@ def run_stages(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
             first_answer = frame.columns.index("content")
             chosen = frame[positions].select(frame.columns[:first_answer])
             write_frame(chosen, esc_spec.job.input)
-            part = run_job(esc_spec, replace(options, selection=Selection()))
+            budgeted = _budgeted(esc_spec, spec, total)
+            if budgeted is None:
+                return _finish(spec, total, write_manifest)
+            part = run_job(budgeted, replace(options, selection=Selection()))
             _add(total, part)
             if total.stopped_by is not None or part.rows_by_status.get("pending"):
                 return _finish(spec, total, write_manifest)
@@ -338,6 +344,22 @@ def run_stages(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
     total.output_action = "rebuilt"
     total.rows_by_status = dict(frame.get_column("status").value_counts().iter_rows())
     return _finish(spec, total, write_manifest)
+
+
+def _budgeted(stage: JobSpec, spec: JobSpec, total: RunSummary) -> JobSpec | None:
+    """The stage with what is left of the job's ``max_cost_usd`` (one budget for every stage of the run);
+    None, the run stopped as over budget, when nothing is left."""
+    cap = spec.limits.max_cost_usd
+    if cap is None:
+        return stage
+    left = cap - total.usd_spent
+    if left <= 0:
+        total.stop(StopReason.BUDGET, f"budget: ${total.usd_spent:.4f} spent of limits.max_cost_usd = {cap}")
+        total.rows_by_status["pending"] = max(total.rows_total, 1)  # the rest waits for the next run
+        return None
+    out = stage.model_copy(update={"limits": stage.limits.model_copy(update={"max_cost_usd": left})})
+    out._objects = dict(stage.objects)
+    return out
 
 
 def _finish(spec: JobSpec, total: RunSummary, write_manifest: Any) -> RunSummary:

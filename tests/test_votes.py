@@ -292,3 +292,15 @@ def test_cli_run_and_plan_of_a_voted_job(tmp_path: Path, api: LocalAPI) -> None:
     assert "escalation     4 of 5 answered rows met the conditions (80.0%)" in after.output
     again = runner.invoke(main, ["run", str(job), "--no-progress"])
     assert "requests_sent=0" in again.output
+
+
+def test_max_cost_holds_for_every_stage_together(tmp_path: Path, api: LocalAPI) -> None:
+    received = script(api)
+    one = run(spec_from_dict(voted_job(tmp_path / "one", api, TEXTS), tmp_path / "one" / "j.toml"))
+    cap = 1.5 * one.usd_spent  # room for one sample and a half, not three
+    data = voted_job(tmp_path, api, [t + " again" for t in TEXTS], votes={"samples": 3}, limits={"max_cost_usd": cap})
+    summary = run_stages(spec_from_dict(data, tmp_path / "j.toml"), quiet())
+    assert summary.exit_code == ExitCode.PARTIAL
+    assert summary.usd_spent <= cap
+    assert len(received) - 5 < 15
+    assert not (tmp_path / "out" / "result.parquet").exists()  # no majority of samples not all paid
