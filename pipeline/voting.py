@@ -90,6 +90,11 @@ def sample_specs(spec: JobSpec) -> list[JobSpec]:
         )
     if spec.job.input_format != "table":
         raise SpecError(f"{spec.source or '<job>'}: [votes] and [escalation] need job.input_format = 'table'")
+    for key in ("run_output", "batch_output"):
+        if getattr(spec.job, key) is not None:
+            raise SpecError(
+                f"{spec.source or '<job>'}: job.{key} is not written for a job with [votes] or [escalation]"
+            )
     if votes.samples == 1:
         return [spec]
     return [

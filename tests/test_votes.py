@@ -68,6 +68,10 @@ def test_bad_sections_are_one_line_errors(tmp_path: Path, api: LocalAPI) -> None
     greedy = voted_job(tmp_path, api, TEXTS, votes={"samples": 3}, model={"temperature": 0})
     with pytest.raises(SpecError, match="greedy samples agree"):
         sample_specs(spec_from_dict(greedy, tmp_path / "j.toml"))
+    with_batch = voted_job(tmp_path, api, TEXTS, votes={"samples": 3})
+    with_batch["job"]["batch_output"] = str(tmp_path / "b.jsonl")
+    with pytest.raises(SpecError, match=r"job\.batch_output is not written"):
+        sample_specs(spec_from_dict(with_batch, tmp_path / "j.toml"))
     bad_override = voted_job(
         tmp_path, api, TEXTS, escalation={"when_status": ["invalid_output"], "model": {"max_tokens": -1}}
     )
