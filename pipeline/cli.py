@@ -233,7 +233,10 @@ def run(
             raise click.UsageError("--fresh re-pays every row; add --yes to confirm when not at a terminal")
         click.confirm(f"--fresh ignores {spec.ledger_path} and pays for every row again. Continue?", abort=True)
     selection = _selection(limit, sample, sample_seed)
-    done = skip(spec, selection, fresh=fresh, retry_errors=retry_errors)  # before the runner (polars) loads
+    from pipeline.votes import uses_stages
+
+    stages = uses_stages(spec.votes, spec.escalation)  # its output is rebuilt from its stages' own runs
+    done = None if stages else skip(spec, selection, fresh=fresh, retry_errors=retry_errors)  # before polars loads
     if done is not None:
         Reporter(live=False, log_format=log_format).log("up_to_date", _up_to_date_fields(done))
         sys.exit(done.exit_code)
@@ -250,7 +253,9 @@ def run(
             log=lambda message: reporter.log("notice", {"message": message}),
         )
         with stop_on_signals(options.stop):
-            summary = run_job(spec, options)
+            from pipeline.voting import run_stages
+
+            summary = (run_stages if stages else run_job)(spec, options)
     if summary.up_to_date:  # became up to date between the two checks (another run finished)
         reporter.log("up_to_date", _up_to_date_fields(summary))
         sys.exit(summary.exit_code)
@@ -325,6 +330,13 @@ def plan(
         click.echo(f"duration       ~{p.est_minutes:.1f} min, bound by {p.binding_limit}")
     else:
         click.echo("duration       unbounded by limits (no rpm/tpm set): paced by the server's rate-limit headers")
+    from pipeline.votes import uses_stages
+
+    if uses_stages(spec.votes, spec.escalation):
+        from pipeline.planning import plan_stages, stages_lines
+
+        for line in stages_lines(plan_stages(spec, _selection(limit, sample, sample_seed), retry_errors=retry_errors)):
+            click.echo(line)
     for warning in p.warnings:
         click.echo(f"warning        {warning}")
 

@@ -368,3 +368,77 @@ def job_status(spec: JobSpec, selection: Selection | None = None) -> JobStatus:
         if ledger:
             ledger.close()
     return JobStatus(p.rows, ok, failed, pending, by_status, prompt, completion, usd, last)
+
+
+@dataclass
+class StagesPlan:
+    """What a job with ``[votes]``/``[escalation]`` would cost on top of ``plan_job``'s one-sample view.
+
+    The escalation share is unknown before the first stage has answered; after it, it is the share of
+    answered rows that meet the escalation's conditions in the first stage's outputs (a ``--limit``
+    first look measures it), applied to the cost of escalating every selected row.
+    """
+
+    samples: int
+    samples_to_send: int
+    samples_cost_usd: float | None
+    samples_max_cost_usd: float | None
+    samples_minutes: float | None = None
+    """The samples run one after the other, each paced by the job's limits: their durations add."""
+    escalation_share: tuple[int, int] | None = None
+    """(rows meeting the conditions, rows answered) in the first stage so far; None: not measured yet."""
+    escalation_cost_usd: float | None = None
+    escalation_max_cost_usd: float | None = None
+    """Every selected row escalated: the most the escalation can cost."""
+
+
+def _add_costs(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def plan_stages(spec: JobSpec, selection: Selection | None = None, *, retry_errors: bool = False) -> StagesPlan:
+    """Price every sample still to send (each a ``plan_job`` of its own seed) and the escalation."""
+    from pipeline import voting
+
+    plans = [plan_job(s, selection, retry_errors=retry_errors) for s in voting.sample_specs(spec)]
+    out = StagesPlan(
+        len(plans),
+        sum(p.to_send for p in plans),
+        _add_costs([p.est_cost_usd for p in plans]),
+        _add_costs([p.max_cost_usd for p in plans]),
+        _add_costs([p.est_minutes for p in plans]),
+    )
+    esc = voting.escalation_spec(spec, every_row=True)
+    if esc is None:
+        return out
+    every = plan_job(esc, selection, retry_errors=retry_errors)
+    out.escalation_max_cost_usd = every.est_cost_usd
+    out.escalation_share = voting.escalation_share(spec)
+    if out.escalation_share is not None and every.est_cost_usd is not None:
+        chosen, answered = out.escalation_share
+        out.escalation_cost_usd = every.est_cost_usd * chosen / answered
+    return out
+
+
+def stages_lines(sp: StagesPlan) -> list[str]:
+    """``seedbatch plan``'s lines for votes and escalation."""
+    cost = f"~${sp.samples_cost_usd:.4f} expected" if sp.samples_cost_usd is not None else "cost unknown"
+    most = f"; at most ${sp.samples_max_cost_usd:.4f}" if sp.samples_max_cost_usd is not None else ""
+    took = f", ~{sp.samples_minutes:.1f} min" if sp.samples_minutes is not None else ""
+    lines = [f"votes          {sp.samples} samples a row: {sp.samples_to_send:,} requests to send, {cost}{most}{took}"]
+    if sp.escalation_max_cost_usd is None and sp.escalation_share is None:
+        return lines
+    every = f"${sp.escalation_max_cost_usd:.4f}" if sp.escalation_max_cost_usd is not None else "unknown"
+    if sp.escalation_share is None:
+        lines.append(
+            f"escalation     share unknown until the first stage has answered (a `--limit 20` first look measures it); "
+            f"every row escalated: ~{every}"
+        )
+    else:
+        chosen, answered = sp.escalation_share
+        expected = f"~${sp.escalation_cost_usd:.4f}" if sp.escalation_cost_usd is not None else "unknown"
+        lines.append(
+            f"escalation     {chosen:,} of {answered:,} answered rows met the conditions ({chosen / answered:.1%}): "
+            f"{expected} expected; every row escalated: ~{every}"
+        )
+    return lines

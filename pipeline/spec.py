@@ -75,6 +75,7 @@ __all__ = [
     "output_format",
     "spec_from_dict",
 ]
+from pipeline.votes import EscalationSection, VotesSection
 
 #: The model name the built-in local API answers with; a ledger written before answers were keyed by
 #: endpoint knows its local answers by it.
@@ -141,6 +142,12 @@ class JobSpec(StrictModel):
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     evaluation: EvaluationSpec | None = None
     """Right answers to score the output against (``pipeline.evaluation``); printed at the end of a run."""
+    # Left out of dumps (``exclude``): the digest of a job without them stays what it was, and a job with
+    # them is never skipped as up to date (``pipeline.voting`` rebuilds its output from its stages).
+    votes: VotesSection | None = Field(default=None, exclude=True)
+    """k samples per row and their majority (``pipeline.votes``)."""
+    escalation: EscalationSection | None = Field(default=None, exclude=True)
+    """Doubtful rows sent again with stronger settings (``pipeline.votes``, ``pipeline.voting``)."""
 
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""

@@ -15,7 +15,10 @@ PACKAGE = ROOT / "pipeline"
 
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("data, and imports deferred to first use", {"errors", "records", "lazy", "evaluation", "evaluation.settings"}),
+    (
+        "data, and imports deferred to first use",
+        {"errors", "records", "lazy", "evaluation", "evaluation.settings", "votes"},
+    ),
     (
         "what the job builds on: objects' local copies, the job file's sections, JSON Schema checks",
         {"storage", "job_sections", "schema_checks"},
@@ -59,7 +62,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("one request, one job's checks", {"prepare", "attempts", "uptodate", "evaluation.evaluate"}),
     ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning", "starter"}),
+    ("composers", {"runner", "planning", "starter", "voting"}),
     ("the command", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]
@@ -74,6 +77,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("grammar", "schema_types"): "the grammar rewrite walks schemas with schema_types' $ref resolution",
     ("tools", "schema_types"): "a function's parameters are JSON Schemas, checked and compiled like output.schema",
     ("tools", "validator"): "the job's functions become the validator's rules for judging calls",
+    ("voting", "runner"): "each sample and the escalation of a voted job is an ordinary run",
+    ("planning", "voting"): "plan prices each sample's requests and the escalation share the stages measured",
     ("validator", "schema_types"): "a request's own functions (a Batch line's tools) are compiled like output.schema",
 }
 #: The built-in server imitates the API: it may use the constants of the code it imitates (and its own modules).
