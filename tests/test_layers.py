@@ -17,7 +17,20 @@ PACKAGE = ROOT / "pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("pure policy", {"pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
+    (
+        "pure policy",
+        {
+            "pacing",
+            "breaker",
+            "schema_types",
+            "grammar",
+            "costs",
+            "validator",
+            "conversations",
+            "tools",
+            "answer_record",
+        },
+    ),
     (
         "stages",
         {
@@ -32,9 +45,13 @@ LAYERS: list[tuple[str, set[str]]] = [
             "progress",
             "batch_output",
             "storage",
+            "output_tables",
+            "runs_log",
+            "job_lock",
+            "seen_hashes",
         },
     ),
-    ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
+    ("one request, one job's checks", {"prepare", "attempts", "uptodate", "shard_ledger", "patching"}),
     ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
     ("composers", {"runner", "planning", "starter"}),
@@ -44,7 +61,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 #: Same-layer edges, each with its reason. Anything else sideways is a design change: say so here.
 ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline", "options"): "the package re-exports RunOptions and StopToken (its public API)",
-    ("writer", "ledger"): "the output's answer columns are the ledger's, in its order (one list)",
+    ("ledger", "runs_log"): "the runs log shares the ledger's file and connection (one state file per job)",
     ("shared_limits", "scheduler"): "a shared bucket holds the same seconds of quota as the local pacer",
     ("executors.ray", "executors.local"): "a Ray shard runs the local Dispatch: one sending code path",
     ("executors", "executors.local"): "the package picks its executors (imported on demand)",
