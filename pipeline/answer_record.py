@@ -122,12 +122,17 @@ DETAIL_COLUMNS = tuple(f.name for f in STORED_FIELDS if not f.output)
 BATCH_COLUMNS = tuple(f.name for f in ANSWER_FIELDS if f.batch)
 
 _BY_NAME = {f.name: f for f in ANSWER_FIELDS}
-_STORED_GETTERS = tuple((attrgetter(f.attribute), f.to_sql) for f in STORED_FIELDS)
+#: Every stored attribute in one C-level call: ``Ledger.add`` runs once per answer, on the event loop.
+_STORED_GETTER = attrgetter(*(f.attribute for f in STORED_FIELDS))
+_ENCODED = tuple((i, f.to_sql) for i, f in enumerate(STORED_FIELDS) if f.to_sql is not None)
 
 
-def stored_values(outcome: Outcome) -> tuple[Any, ...]:
+def stored_values(outcome: Outcome) -> list[Any]:
     """An outcome's ``STORED_FIELDS`` values, as the ledger keeps them."""
-    return tuple(get(outcome) if encode is None else encode(get(outcome)) for get, encode in _STORED_GETTERS)
+    values = list(_STORED_GETTER(outcome))
+    for i, encode in _ENCODED:
+        values[i] = encode(values[i])
+    return values
 
 
 def outcome_of(values: Mapping[str, Any]) -> Outcome:

@@ -175,9 +175,8 @@ class Ledger:
         """Fill ``temp.repeated`` (hash asked by more than one mapped row → its first row, how many rows)
         once the map is complete; False when nothing is mapped.
 
-        A table, not a dict: an input of 10M rows asking 1M requests ten times each has 1M repeated
-        hashes, ~150 MB as Python objects. One grouped scan (an index kept up to date during 1M inserts
-        cost more than the scan).
+        A table, not a dict: repeated hashes can be as many as the rows, too many to hold as Python
+        objects. One grouped scan, because an index kept up to date during every insert costs more.
         """
         if not self._mapped:
             return False
@@ -275,13 +274,14 @@ class Ledger:
         """
         self._repeated()
         out: dict[int, tuple[str, tuple[Any, ...] | None]] = {}
-        for n, h, answered, repeated, *values in self.db.execute(_ANSWERS_FOR_ROWS, (self.endpoint, lo, hi)):
-            if not answered:
+        for r in self.db.execute(_ANSWERS_FOR_ROWS, (self.endpoint, lo, hi)):
+            n, h = r[0], r[1]
+            if not r[2]:  # mapped, not answered
                 out[n] = (h, None)
-            elif repeated:  # a later row asking an earlier row's request: the answer, not its cost
-                out[n] = (h, reused(values))
+            elif r[3]:  # a later row asking an earlier row's request: the answer, not its cost
+                out[n] = (h, reused(r[4:]))
             else:
-                out[n] = (h, tuple(values))
+                out[n] = (h, r[4:])
         return out
 
     def run_answers(self, run_id: str) -> set[str]:

@@ -26,8 +26,8 @@ else:  # only a rerun patches (see lazy)
 
 
 def _parquet(source: Path | pq.ParquetFile) -> pq.ParquetFile:
-    """An open Parquet file. Opening parses the footer: a 10M-row output written in 2,000-row groups has
-    5,000 of them, a 16 MB footer that costs ~120 MB to hold, so each patch step opens the output once."""
+    """An open Parquet file. Opening parses the footer, which grows with the row groups and costs several
+    times its size to hold, so each patch step opens the output once."""
     return source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source, pre_buffer=False)
 
 
@@ -36,9 +36,8 @@ def _batches(
 ) -> Iterator[pa.RecordBatch]:
     """A Parquet file's rows in record batches, one reader per few row groups (about ``batch_size`` rows).
 
-    One ``iter_batches`` over a whole file grows the process by a few hundred MB as it goes (pyarrow 26:
-    a 10M-row output's 5,000 row groups, four columns, took 124 MB to 406 MB; a reader per window of row
-    groups stays near 210 MB), and a patch reads both the input and the output that way.
+    One ``iter_batches`` over a whole file keeps growing the process as it reads; a reader per window of
+    row groups stays bounded, and a patch reads both the input and the output that way.
     """
     source = _parquet(path)
     names = list(columns) if columns is not None else None
@@ -49,7 +48,7 @@ def _batches(
         window.append(group)
         held += meta.row_group(group).num_rows
         if held >= batch_size or group == meta.num_row_groups - 1:
-            # One thread: per-thread allocator caches held ~50 MB more when a patch read a 10M-row output.
+            # One thread: each reading thread keeps an allocator cache of its own, memory a patch does not need.
             yield from source.iter_batches(batch_size=batch_size, row_groups=window, columns=names, use_threads=False)
             window, held = [], 0
 

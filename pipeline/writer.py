@@ -1,7 +1,8 @@
 """Input rows + ledger answers → one output file (Parquet, CSV or JSONL), written atomically, chunk by chunk.
 
-The output is rebuilt from the input and the ledger at the end of every run, so it always matches
-the ledger; a crash mid-write leaves the previous output untouched (temp file, then ``os.replace``).
+A run that does not patch (``patching``) writes its output whole from the input and the ledger, so it
+always matches the ledger; a crash mid-write leaves the previous output untouched (temp file, then
+``os.replace``). The answer columns and their types are ``answer_record``'s.
 The format follows the file's extension (``spec.OUTPUT_FORMATS``): Parquet keeps every type; CSV has
 no nested values, so list and struct columns are written there as JSON text (``json.loads`` gives the
 value back); JSONL keeps nesting. Binary cells (images read from a Parquet input) are base64 text in
@@ -98,7 +99,7 @@ _DECODED = [pl.col(f.name).str.json_decode(f.dtype) for f in ANSWER_FIELDS if f.
 
 
 def _answer_frame(row_numbers: Sequence[int], answers: dict[int, tuple[str, tuple[Any, ...] | None]]) -> pl.DataFrame:
-    # Row tuples into polars in one call: a per-cell Python loop here cost 5 s of a 1M-row rewrite.
+    # Row tuples into polars in one call: a per-cell Python loop would be most of a large output's write.
     rows = []
     for n in row_numbers:
         request_hash, answer = answers.get(n, (None, None))
@@ -122,10 +123,9 @@ def _as_text(frame: pl.DataFrame, nested_as_json: bool) -> pl.DataFrame:
 
 #: A Parquet output's row groups hold at least this many rows (or ``ROW_GROUP_BYTES``), whatever the chunk size.
 #: pyarrow's writer keeps every row group's metadata (each column's offsets and statistics) until it closes
-#: the file, and serializes it all then (~47 KB a row group of the benchmark's 26 columns): with one row
-#: group per 2,000-row chunk (``job.chunk_rows``) the output pass grew ~24 bytes a row, ~240 MB at 10M rows
-#: (5,000 row groups, a 16 MB footer every later reader parses). Larger groups cost their buffered rows:
-#: a 1M-row rerun peaked at 298 MB with 16,384 rows (as with 2,000), 337 MB with 32,768, 345 MB with 65,536.
+#: the file, and serializes it all then: one row group per chunk (``job.chunk_rows``) would make the write's
+#: memory and the footer every later reader parses grow with the row count. Larger groups cost their
+#: buffered rows; at this size the buffer is no larger than a chunked write's other working memory.
 ROW_GROUP_ROWS = 16_384
 #: ... or as soon as the chunks buffered for one row group hold this many bytes (wide rows, images).
 ROW_GROUP_BYTES = 16 * 1024 * 1024
