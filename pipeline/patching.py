@@ -1,8 +1,9 @@
-"""Patching an output in place of rebuilding it: find the input rows that changed since the output was
-written, the rows sharing their requests, and rewrite only those rows, copying every other row as it is.
+"""Patching an output rather than rebuilding it: find the input rows that changed since the output was
+written and the rows sharing their requests, then rewrite only those rows, copying every other row as it is.
 
-``incremental`` decides when a run patches; this module does the reading and rewriting of the Parquet
-output (only Parquet outputs are patched: they can be read back row group by row group, typed).
+``uptodate.patchable`` says whether a run may patch, ``incremental.changed_rows`` which rows, with the two
+readers here (``changed_positions``, ``sharing_rows``); ``patch_output`` rewrites the output. Only Parquet
+outputs are patched: they are read back typed, a window of row groups at a time.
 """
 
 from __future__ import annotations
