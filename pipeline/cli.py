@@ -224,6 +224,10 @@ def run(
     for name in ("httpx", "httpcore", "aiohttp"):
         logging.getLogger(name).setLevel(logging.WARNING)
     spec = _spec(job, **overrides)
+    if spec.evaluation is not None:  # a gold column or file that is not there stops the run before it pays
+        from pipeline.evaluation.gold import check
+
+        check(spec)
     if fresh and not yes:
         if not sys.stdin.isatty():
             raise click.UsageError("--fresh re-pays every row; add --yes to confirm when not at a terminal")
@@ -273,6 +277,10 @@ def run(
         reporter.log("errors", {"kind": kind, "count": n, "example": summary.error_examples.get(kind, "")})
     if summary.stop_reason:
         reporter.log("stopped", {"reason": summary.stop_reason})
+    if spec.evaluation is not None:
+        from pipeline.evaluation.evaluate import after_run
+
+        after_run(spec, reporter.log, log_format == "json")
     sys.exit(summary.exit_code)
 
 
@@ -446,6 +454,13 @@ def init(input_path: Path, job_path: Path | None, schema: bool, force: bool, deb
     multiple=True,
     help="Also serve this model id (repeatable); any model not served is a 404 model_not_found.",
 )
+@click.option(
+    "--error-rate",
+    "error_rates",
+    multiple=True,
+    metavar="FIELD=RATE",
+    help="Answer FIELD wrong in this share of answers (repeatable; 'text' for text answers). See README.",
+)
 @debug_opt
 @guarded
 def serve(
@@ -471,12 +486,14 @@ def serve(
     advertised_rpm: float | None,
     burst_s: float,
     models: tuple[str, ...],
+    error_rates: tuple[str, ...],
     debug: bool,
 ) -> None:
     """Run the built-in local API (OpenAI/AIML-compatible) for dry runs, tests and benchmarks."""
 
     from pipeline.errors import SpecError
     from pipeline.localapi import KNOWN_MODELS, ServerConfig, run_server
+    from pipeline.localapi.truth import parse_error_rates
 
     if require_key_env and not os.environ.get(require_key_env):
         raise SpecError(f"--require-key-env {require_key_env}: that environment variable is not set")
@@ -501,6 +518,7 @@ def serve(
         advertised_rpm=advertised_rpm,
         burst_s=burst_s,
         models=tuple(dict.fromkeys((*KNOWN_MODELS, *models))),
+        field_error_rates=parse_error_rates(error_rates),
     )
     run_server(config, host, port, ready=lambda url: click.echo(f"seedbatch local API on {url}", err=True))
 
@@ -538,3 +556,37 @@ def entry() -> None:
             with contextlib.suppress(Exception):
                 stream.flush()
     os._exit(code)
+
+
+@main.command("eval")
+@click.argument("output")
+@click.option("--job", default=None, help="The job file (default: the one OUTPUT's manifest records).")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write one self-contained HTML page with the confusion heat maps and per-class bars.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+@debug_opt
+@guarded
+def evaluate(output: str, job: str | None, report_path: Path | None, as_json: bool, debug: bool) -> None:
+    """Score OUTPUT against the right answers the job's [evaluation] names. Sends no request."""
+    from pipeline.evaluation.evaluate import evaluate_output
+
+    document = evaluate_output(output, job)
+    if report_path is not None:
+        from pipeline.evaluation import report
+
+        report.write(document, report_path)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return
+    from pipeline.evaluation.tables import print_document
+
+    print_document(document)
+    if report_path is not None:
+        click.echo(f"wrote {report_path}")

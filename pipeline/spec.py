@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from pipeline.errors import SpecError
+from pipeline.evaluation.settings import EvaluationSpec
 
 DEFAULT_MODEL = "bytedance/dola-seed-2-0-lite"
 #: The model name the built-in local API answers with; a ledger written before answers were keyed by
@@ -352,6 +353,8 @@ class JobSpec(_Strict):
     pricing: PricingSection | None = None
     """Price table override; a bundled table is used for known models."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    evaluation: EvaluationSpec | None = None
+    """Right answers to score the output against (``pipeline.evaluation``); printed at the end of a run."""
 
     source: Path | None = Field(default=None, exclude=True)
     """The job file this spec came from (not a TOML key)."""

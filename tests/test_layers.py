@@ -15,7 +15,7 @@ PACKAGE = ROOT / "pipeline"
 
 #: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
+    ("data, and imports deferred to first use", {"errors", "records", "lazy", "evaluation", "evaluation.settings"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
     (
         "pure policy",
@@ -29,6 +29,9 @@ LAYERS: list[tuple[str, set[str]]] = [
             "conversations",
             "tools",
             "answer_record",
+            "evaluation.metrics",
+            "evaluation.tables",
+            "evaluation.report",
         },
     ),
     (
@@ -49,9 +52,13 @@ LAYERS: list[tuple[str, set[str]]] = [
             "runs_log",
             "job_lock",
             "seen_hashes",
+            "evaluation.gold",
         },
     ),
-    ("one request, one job's checks", {"prepare", "attempts", "uptodate", "shard_ledger", "patching"}),
+    (
+        "one request, one job's checks",
+        {"prepare", "attempts", "uptodate", "shard_ledger", "patching", "evaluation.evaluate"},
+    ),
     ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
     ("composers", {"runner", "planning", "starter"}),

@@ -24,12 +24,12 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-from pipeline.localapi import streaming
+from pipeline.localapi import streaming, truth
 from pipeline.localapi.answers import Answer, Answerer, completion, refusal, truncate, usd_for
 from pipeline.localapi.faults import Fault, Faults, Hangs, Systematic, marker_status, wants_refusal
 from pipeline.localapi.limits import Clock, RateLimits, Verdict, request_tokens
@@ -96,6 +96,8 @@ class ServerConfig:
     """Headers claim this request limit instead of the enforced one (a gateway passing its upstream's headers)."""
     models: tuple[str, ...] = KNOWN_MODELS
     """The model ids requests may name (``/v1/models`` lists them); any other is a 404 ``model_not_found``."""
+    field_error_rates: dict[str, float] = field(default_factory=dict)
+    """Field → share of answers whose field is wrong (``truth``): a known error rate for evaluations."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +339,7 @@ class Handler:
         else:
             if answer is None:
                 answer = self.answerer.answer(parsed)
+            truth.apply(answer, parsed, body_hash, cfg.field_error_rates)
             if parsed.fmt != "text" and cfg.invalid_json_rate > 0:
                 broken = self.faults.corrupt(answer.content or "", parsed.schema, body_hash, cfg.invalid_json_rate)
                 if broken is not None:
