@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from pipeline.answer_record import BATCH_COLUMNS
 from pipeline.lazy import lazy
 
 if TYPE_CHECKING:
@@ -37,24 +38,7 @@ else:  # only openai_batch jobs write Batch files (see lazy)
 
 #: Statuses of rows the server answered with a 200.
 ANSWERED = frozenset({"ok", "invalid_output", "refused", "truncated"})
-_COLUMNS = (
-    "content",
-    "reasoning_content",
-    "finish_reason",
-    "model",
-    "response_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "status",
-    "error",
-    "error_kind",
-    "request_hash",
-    "tool_calls",
-)
-#: ``created``, ``refusal``, ``request_id``, ``server_error`` of an answer (the ledger's ``DETAIL_COLUMNS``).
+#: ``created``, ``refusal``, ``request_id``, ``server_error`` of an answer (``answer_record.DETAIL_COLUMNS``).
 Details = tuple[int | None, str | None, str | None, str | None]
 #: Request hashes → the details of those answered (``Ledger.details``).
 DetailLookup = Callable[[Sequence[str]], dict[str, Details]]
@@ -114,7 +98,7 @@ def completion(row: dict[str, Any], details: Details = _NO_DETAILS) -> dict[str,
 def _batches(output: Path, id_column: str | None) -> Iterator[list[tuple[Any, dict[str, Any]]]]:
     """(id, row) pairs, 2,000 rows at a time: one ledger lookup per batch."""
     source = pq.ParquetFile(output, pre_buffer=False)  # pre-buffering caches every row group read
-    names = [*_COLUMNS, *([id_column] if id_column and id_column not in _COLUMNS else [])]
+    names = [*BATCH_COLUMNS, *([id_column] if id_column and id_column not in BATCH_COLUMNS else [])]
     for batch in source.iter_batches(batch_size=2_000, columns=names):
         yield [((row.get(id_column) if id_column else None), row) for row in batch.to_pylist()]
 

@@ -376,8 +376,8 @@ def show(output: str, n: int, only_status: str | None, width: int, debug: bool) 
     import tempfile
 
     from pipeline.errors import InputError
+    from pipeline.output_tables import read_output
     from pipeline.spec import expand_home, is_object_uri
-    from pipeline.writer import read_output
 
     output = expand_home(output)
     with tempfile.TemporaryDirectory(prefix="seedbatch-show-") as tmp:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pipeline.patching import changed_positions, sharing_rows
 from pipeline.prepare import Prepared, iter_requests
 from pipeline.reader import ROW_NUMBER, read_frames
-from pipeline.writer import changed_positions, sharing_rows
 
 #: Rows per frame when comparing and patching: vectorized work, so large frames (memory: a few tens of MB).
 PATCH_CHUNK_ROWS = 16_384

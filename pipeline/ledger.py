@@ -1,16 +1,15 @@
-"""The SQLite ledger: every paid answer by request hash, every run, and the job lock.
+"""The answer store: every paid answer by endpoint and request hash, in one SQLite file.
 
-It is the one source of truth for paid work: the output Parquet is rebuilt from it at the end of
-every run. WAL mode with ``synchronous=NORMAL`` survives a killed process (SIGKILL, OOM) without
-losing a committed answer; answers are committed in batches by the runner's flusher, and a row counts
-as done only once its batch is committed.
+It is the one source of truth for paid work: the output is rebuilt (or patched) from it at the end of
+every run. WAL mode with ``synchronous=NORMAL`` survives a killed process (SIGKILL, OOM) without losing
+a committed answer. Answers are buffered by ``add`` and committed by ``flush``, which the local executor
+calls once per event-loop turn; a row counts as done only once its answer is committed. What an answer
+holds is ``answer_record``'s; the runs log in the same file is ``runs_log``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import shutil
 import sqlite3
 import time
@@ -18,62 +17,36 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from pipeline.errors import LockedError, SpecError
-from pipeline.records import Outcome, ToolCall, Usage
+from pipeline.answer_record import (
+    ANSWER_COLUMNS,
+    DETAIL_COLUMNS,
+    KEY,
+    STORED_FIELDS,
+    outcome_of,
+    reused,
+    stored_values,
+)
+from pipeline.errors import SpecError
+from pipeline.records import Outcome
+from pipeline.runs_log import RunsLog
 from pipeline.spec import LOCAL_ENDPOINT, LOCAL_MODEL
 
-ANSWER_COLUMNS = (
-    "status",
-    "content",
-    "reasoning_content",
-    "finish_reason",
-    "model",
-    "response_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "credits_used",
-    "usd_spent",
-    "error",
-    "error_kind",
-    "attempts",
-    "unconfirmed_attempts",
-    "latency_ms",
-    "tool_calls",
-)
-#: What the server said beyond the output's columns, kept so an OpenAI Batch output line can carry it as
-#: sent: the answer's ``created`` and ``message.refusal``, the response's ``x-request-id``, and an HTTP
-#: error's ``error`` object (JSON text). Not output columns: only ``job.batch_output`` reads them.
-DETAIL_COLUMNS = ("created", "refusal", "request_id", "server_error")
+__all__ = ["ALL_COLUMNS", "ANSWER_COLUMNS", "DETAIL_COLUMNS", "Ledger", "row_outcome"]
 
-#: In ``answers_for_rows``' rows: row number, request hash, the answer columns, then the "repeated" flag here.
-_END = 2 + len(ANSWER_COLUMNS)
-
+#: Columns of ``answers`` typed as ``answer_record`` says; a ledger from before the types has them untyped.
+_TYPED = ",\n    ".join(f"{f.name} {f.sql}" for f in STORED_FIELDS)
 _ANSWERS = f"""
 CREATE TABLE IF NOT EXISTS answers (
     endpoint TEXT NOT NULL,
-    request_hash TEXT NOT NULL,
-    {", ".join(ANSWER_COLUMNS)},
-    {", ".join(DETAIL_COLUMNS)},
+    {KEY} TEXT NOT NULL,
+    {_TYPED},
     run_id TEXT,
     answered_at REAL,
-    PRIMARY KEY (endpoint, request_hash)
+    PRIMARY KEY (endpoint, {KEY})
 ) WITHOUT ROWID;"""
-#: Every column of ``answers`` in table order (a merge copies them all).
-ALL_COLUMNS = ("endpoint", "request_hash", *ANSWER_COLUMNS, *DETAIL_COLUMNS, "run_id", "answered_at")
+#: Every column of ``answers`` (a merge copies them all; SQL names them, never relies on their order).
+ALL_COLUMNS = ("endpoint", KEY, *(f.name for f in STORED_FIELDS), "run_id", "answered_at")
 _SCHEMA = f"""{_ANSWERS}
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    job TEXT,
-    started_at REAL,
-    ended_at REAL,
-    exit_code INTEGER,
-    summary TEXT
-);
 CREATE TABLE IF NOT EXISTS ledger_state (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     ledger_id TEXT NOT NULL,
@@ -88,66 +61,17 @@ CREATE TRIGGER IF NOT EXISTS answers_deleted AFTER DELETE ON answers
     BEGIN UPDATE ledger_state SET generation = generation + 1; END;
 """
 
+#: Hashes per ``IN (…)`` lookup: SQLite's bound-parameter limit is 32,766.
 _IN_BATCH = 5000
-#: Usage columns (prompt_tokens … usd_spent) of a row that reused an identical earlier row's answer.
-_REUSED_USAGE = (0, 0, 0, 0, 0, 0.0, 0.0)
+_STORED_NAMES = tuple(f.name for f in STORED_FIELDS)
+#: A detail read with a stand-in when an older seedbatch did not keep it.
+_DETAIL_SQL = {"created": "coalesce(created, CAST(answered_at AS INTEGER))"}
+_INSERT = f"INSERT OR REPLACE INTO answers ({', '.join(ALL_COLUMNS)}) VALUES ({','.join('?' * len(ALL_COLUMNS))})"
 
 
-def calls_text(calls: tuple[ToolCall, ...] | None) -> str | None:
-    """Function calls as the ledger keeps them: JSON ``[{id, name, arguments}]`` (the output column's fields)."""
-    if calls is None:
-        return None
-    return orjson.dumps([{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]).decode()
-
-
-def calls_of(text: str | None) -> tuple[ToolCall, ...] | None:
-    if text is None:
-        return None
-    return tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in orjson.loads(text))
-
-
-def outcome_row(o: Outcome) -> tuple[Any, ...]:
-    """An outcome's ``ANSWER_COLUMNS`` then ``DETAIL_COLUMNS`` values."""
-    u = o.usage
-    return (
-        o.status,
-        o.content,
-        o.reasoning_content,
-        o.finish_reason,
-        o.model,
-        o.response_id,
-        *u.astuple(),
-        o.error,
-        o.error_kind,
-        o.attempts,
-        o.unconfirmed_attempts,
-        o.latency_ms,
-        calls_text(o.tool_calls),
-        o.created,
-        o.refusal,
-        o.request_id,
-        o.server_error,
-    )
-
-
-def row_outcome(request_hash: str, r: Sequence[Any]) -> Outcome:
-    """Rebuild an ``Outcome`` from ``ANSWER_COLUMNS`` values."""
-    return Outcome(
-        request_hash=request_hash,
-        status=r[0],
-        content=r[1],
-        reasoning_content=r[2],
-        finish_reason=r[3],
-        model=r[4],
-        response_id=r[5],
-        usage=Usage(*r[6:13]),
-        error=r[13],
-        error_kind=r[14],
-        attempts=r[15] or 0,
-        unconfirmed_attempts=r[16] or 0,
-        latency_ms=r[17],
-        tool_calls=calls_of(r[18]),
-    )
+def row_outcome(request_hash: str, values: Sequence[Any]) -> Outcome:
+    """An ``Outcome`` from ``ANSWER_COLUMNS`` values (what ``answers_for_rows`` hands the writer)."""
+    return outcome_of({KEY: request_hash, **dict(zip(ANSWER_COLUMNS, values, strict=True))})
 
 
 def _migrate_unkeyed(db: sqlite3.Connection, endpoint: str) -> None:
@@ -183,9 +107,9 @@ def _add_missing_columns(db: sqlite3.Connection, schema: str) -> None:
     """A ledger from before a column existed (``tool_calls``, ``created``, …) gets it, empty: its old
     answers had none (``details`` stands in ``answered_at`` for a missing ``created``)."""
     have = {r[1] for r in db.execute(f"PRAGMA {schema}.table_info(answers)")}
-    for column in (*ANSWER_COLUMNS, *DETAIL_COLUMNS):
-        if have and column not in have:
-            db.execute(f"ALTER TABLE {schema}.answers ADD COLUMN {column}")
+    for field in STORED_FIELDS:
+        if have and field.name not in have:
+            db.execute(f"ALTER TABLE {schema}.answers ADD COLUMN {field.name} {field.sql}")
 
 
 class Ledger:
@@ -207,6 +131,7 @@ class Ledger:
             _migrate_unkeyed(self.db, endpoint)
             self.db.executescript(_SCHEMA)
             _add_missing_columns(self.db, "main")
+            self.runs = RunsLog(self.db)
         except sqlite3.DatabaseError as exc:
             raise SpecError(f"{path}: cannot open ledger ({exc}); move it away or set job.ledger") from None
         except OSError as exc:
@@ -250,9 +175,8 @@ class Ledger:
         """Fill ``temp.repeated`` (hash asked by more than one mapped row → its first row, how many rows)
         once the map is complete; False when nothing is mapped.
 
-        A table, not a dict: an input of 10M rows asking 1M requests ten times each has 1M repeated
-        hashes, ~150 MB as Python objects. One grouped scan (an index kept up to date during 1M inserts
-        cost more than the scan).
+        A table, not a dict: repeated hashes can be as many as the rows, too many to hold as Python
+        objects. One grouped scan, because an index kept up to date during every insert costs more.
         """
         if not self._mapped:
             return False
@@ -283,19 +207,20 @@ class Ledger:
     def details(self, hashes: Sequence[str]) -> dict[str, tuple[int | None, str | None, str | None, str | None]]:
         """``DETAIL_COLUMNS`` of each answered hash; an answer from before ``created`` was kept has the
         second it was answered in its place (the server's own ``created`` is within its latency of it)."""
-        columns = "coalesce(created, CAST(answered_at AS INTEGER)), refusal, request_id, server_error"
+        columns = ", ".join(_DETAIL_SQL.get(c, c) for c in DETAIL_COLUMNS)
         return {r[0]: (r[1], r[2], r[3], r[4]) for r in self._lookup(hashes, columns)}
 
     def get(self, request_hash: str) -> Outcome | None:
+        """The answer to ``request_hash`` as it was added, details included."""
         row = self.db.execute(
-            f"SELECT {', '.join(ANSWER_COLUMNS)} FROM answers WHERE endpoint = ? AND request_hash = ?",
+            f"SELECT {', '.join(_STORED_NAMES)} FROM answers WHERE endpoint = ? AND request_hash = ?",
             (self.endpoint, request_hash),
         ).fetchone()
-        return row_outcome(request_hash, row) if row else None
+        return outcome_of({KEY: request_hash, **dict(zip(_STORED_NAMES, row, strict=True))}) if row else None
 
     def add(self, outcome: Outcome, run_id: str) -> None:
         """Buffer an answer; ``flush`` commits it. Nothing is counted done before that."""
-        self._buffer.append((self.endpoint, outcome.request_hash, *outcome_row(outcome), run_id, time.time()))
+        self._buffer.append((self.endpoint, outcome.request_hash, *stored_values(outcome), run_id, time.time()))
 
     @property
     def buffered(self) -> int:
@@ -305,10 +230,8 @@ class Ledger:
         if not self._buffer:
             return 0
         rows, self._buffer = self._buffer, []
-        marks = ",".join("?" * len(ALL_COLUMNS))
-        sql = f"INSERT OR REPLACE INTO answers ({', '.join(ALL_COLUMNS)}) VALUES ({marks})"  # columns by name:
-        with self._transaction():  # a migrated ledger has its added columns last
-            self.db.executemany(sql, rows)
+        with self._transaction():  # columns by name: a migrated ledger has its added columns last
+            self.db.executemany(_INSERT, rows)
         return len(rows)
 
     @contextlib.contextmanager
@@ -350,23 +273,15 @@ class Ledger:
         sum to what was paid.
         """
         self._repeated()
-        cur = self.db.execute(
-            f"SELECT r.row_number, r.request_hash, a.status, {', '.join('a.' + c for c in ANSWER_COLUMNS[1:])}, "
-            "coalesce(u.first_row, r.row_number) != r.row_number "
-            "FROM temp.row_map r LEFT JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash "
-            "LEFT JOIN temp.repeated u ON u.request_hash = r.request_hash "
-            "WHERE r.row_number BETWEEN ? AND ?",
-            (self.endpoint, lo, hi),
-        )
         out: dict[int, tuple[str, tuple[Any, ...] | None]] = {}
-        for r in cur:
+        for r in self.db.execute(_ANSWERS_FOR_ROWS, (self.endpoint, lo, hi)):
             n, h = r[0], r[1]
-            if r[2] is None:
+            if not r[2]:  # mapped, not answered
                 out[n] = (h, None)
-            elif r[_END]:  # a later row asking an earlier row's request: the answer, not its cost
-                out[n] = (h, (*r[2:8], *_REUSED_USAGE, *r[15:17], 0, 0, *r[19:_END]))
+            elif r[3]:  # a later row asking an earlier row's request: the answer, not its cost
+                out[n] = (h, reused(r[4:]))
             else:
-                out[n] = (h, r[2:_END])
+                out[n] = (h, r[4:])
         return out
 
     def run_answers(self, run_id: str) -> set[str]:
@@ -374,21 +289,15 @@ class Ledger:
         cur = self.db.execute(sql, (self.endpoint, run_id))
         return {r[0] for r in cur}
 
-    # Runs ------------------------------------------------------------------------------------------
+    # Runs: the runs log shares the file (``self.runs``); these keep one handle for the runner ----------
     def start_run(self, run_id: str, job: str, started_at: float) -> None:
-        self.db.execute("INSERT INTO runs (run_id, job, started_at) VALUES (?, ?, ?)", (run_id, job, started_at))
+        self.runs.start(run_id, job, started_at)
 
     def end_run(self, run_id: str, ended_at: float, exit_code: int, summary_json: str) -> None:
-        self.db.execute(
-            "UPDATE runs SET ended_at = ?, exit_code = ?, summary = ? WHERE run_id = ?",
-            (ended_at, exit_code, summary_json, run_id),
-        )
+        self.runs.end(run_id, ended_at, exit_code, summary_json)
 
     def last_run(self) -> tuple[str, float, float | None, int | None] | None:
-        row = self.db.execute(
-            "SELECT run_id, started_at, ended_at, exit_code FROM runs ORDER BY started_at DESC LIMIT 1"
-        ).fetchone()
-        return (str(row[0]), float(row[1]), row[2], row[3]) if row else None
+        return self.runs.last()
 
     # Merging another ledger (a Ray shard's) ----------------------------------------------------------
     def merge(self, path: Path, *, rows: bool) -> int:
@@ -431,107 +340,13 @@ _MERGE_SQL = (
     + " WHERE excluded.answered_at >= answers.answered_at"
 )
 
-
-class SeenHashes:
-    """A set of request hashes on disk (SQLite's private temporary database): memory stays at its page
-    cache whatever the number of rows, so ``plan`` counts duplicates over 10M rows in bounded memory."""
-
-    def __init__(self) -> None:
-        self.db = sqlite3.connect("", isolation_level=None)
-        self.db.execute("CREATE TABLE seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
-
-    def add_new(self, hashes: Sequence[str]) -> set[str]:
-        """Add ``hashes``; return those not seen before (in this call or an earlier one)."""
-        distinct = list(dict.fromkeys(hashes))
-        old: set[str] = set()
-        for i in range(0, len(distinct), _IN_BATCH):
-            part = [bytes.fromhex(h) for h in distinct[i : i + _IN_BATCH]]
-            marks = ",".join("?" * len(part))
-            old.update(r[0].hex() for r in self.db.execute(f"SELECT h FROM seen WHERE h IN ({marks})", part))
-        new = [h for h in distinct if h not in old]
-        with contextlib.suppress(sqlite3.Error):
-            self.db.execute("BEGIN")
-        self.db.executemany("INSERT INTO seen VALUES (?)", [(bytes.fromhex(h),) for h in new])
-        self.db.execute("COMMIT")
-        return set(new)
-
-    def close(self) -> None:
-        self.db.close()
-
-
-class ShardLedger(Ledger):
-    """One Ray shard's own ledger file; answers in the job's main ledger count as already known.
-
-    One writer per file, so shards on many nodes never contend for a lock. The row map is a real table
-    here (not a temp one): the driver merges it to write the output.
-    """
-
-    def __init__(self, path: Path, main_path: Path, endpoint: str) -> None:
-        super().__init__(path, endpoint)
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS shard_rows (row_number INTEGER PRIMARY KEY, request_hash TEXT) WITHOUT ROWID"
-        )
-        self.main = Ledger(main_path, endpoint)  # read only here: the driver writes it after every shard ended
-
-    def known_runs(self, hashes: Sequence[str], run_id: str | None = None) -> dict[str, tuple[str, str | None, str]]:
-        found = self.main.known_runs(hashes, run_id)
-        found.update(super().known_runs(hashes, run_id))  # the shard's answers are newer
-        return found
-
-    def get(self, request_hash: str) -> Outcome | None:
-        return super().get(request_hash) or self.main.get(request_hash)
-
-    def map_rows(self, pairs: Sequence[tuple[int, str]]) -> None:
-        with self._transaction():
-            self.db.executemany("INSERT OR REPLACE INTO shard_rows VALUES (?, ?)", pairs)
-
-    def close(self) -> None:
-        super().close()
-        self.main.close()
-
-
-class JobLock:
-    """An exclusive ``flock`` on a file beside the ledger.
-
-    The kernel drops the lock when its process dies, however it dies, so a stale lock from a killed
-    run is simply taken over by the next one: no PID guessing, no cleanup step in cron.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise SpecError(
-                f"{self.path}: cannot create the job's lock file ({exc.strerror}); make its folder writable "
-                "or set job.ledger to a writable place"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise LockedError(
-                f"{self.path}: job is already running (pid {holder}); this run exits without sending"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> JobLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+#: Each mapped row's number and request hash, whether that request is answered, whether an earlier row
+#: asks it too, then the answer's ``ANSWER_COLUMNS``.
+_ANSWERS_FOR_ROWS = (
+    "SELECT r.row_number, r.request_hash, a.request_hash IS NOT NULL, "
+    "coalesce(u.first_row, r.row_number) != r.row_number, "
+    + ", ".join(f"a.{c}" for c in ANSWER_COLUMNS)
+    + " FROM temp.row_map r LEFT JOIN answers a ON a.endpoint = ? AND a.request_hash = r.request_hash "
+    "LEFT JOIN temp.repeated u ON u.request_hash = r.request_hash "
+    "WHERE r.row_number BETWEEN ? AND ?"
+)

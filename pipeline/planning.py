@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pipeline import uptodate
 from pipeline.costs import Price
 from pipeline.grammar import enforceable, fit_warnings
-from pipeline.ledger import Ledger, SeenHashes
+from pipeline.ledger import Ledger
+from pipeline.output_tables import output_totals
 from pipeline.prepare import Prepared, iter_requests, prepare
 from pipeline.records import Request, Selection, needs_sending
+from pipeline.seen_hashes import SeenHashes
 from pipeline.spec import JobSpec
-from pipeline.writer import output_totals
 
 #: Answers measured at most: enough for stable means, and a plan of a 10M-row job that is mostly
 #: answered stops looking up usage (and remembering hashes) after them.

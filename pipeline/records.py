@@ -1,4 +1,5 @@
-"""Small frozen values passed between stages. Data only: no I/O, no behaviour beyond derived fields.
+"""The values passed between stages, and the pure rules over them (which answers are sent again,
+which exit code a run maps to, how errors are counted). No I/O.
 
 One name per concept, shared with the output columns and the README: ``request_hash`` is the identity
 of paid work, ``row_key`` the identity of an input row, ``status`` one of ``STATUSES``.
@@ -218,7 +219,11 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The final, ledger-worthy result of one request (all attempts folded in)."""
+    """The final, ledger-worthy result of one request (all attempts folded in).
+
+    ``answer_record.ANSWER_FIELDS`` maps each field to its ledger and output column: a new field is added
+    there too, or it is neither kept nor written.
+    """
 
     request_hash: str
     status: str

@@ -27,14 +27,16 @@ from pipeline import __version__, incremental, schema_types, storage, uptodate
 from pipeline.batch_output import write_batch_output
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
-from pipeline.ledger import JobLock, Ledger
+from pipeline.job_lock import JobLock
+from pipeline.ledger import Ledger
 from pipeline.options import RunOptions, StopToken
+from pipeline.patching import patch_output
 from pipeline.prepare import Prepared, prepare, read_all
 from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
 from pipeline.records import NOT_SENT, ExitCode, RunSummary, RunTally, Selection, exit_code_for
 from pipeline.spec import JobSpec
 from pipeline.validator import parse_document
-from pipeline.writer import patch_output, write_atomic, write_output
+from pipeline.writer import write_atomic, write_output
 
 __all__ = ["ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "arun_job", "run_job"]
 

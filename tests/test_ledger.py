@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -14,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import writer
+from pipeline.answer_record import ANSWER_COLUMNS, DETAIL_COLUMNS
 from pipeline.errors import LockedError, SpecError
-from pipeline.ledger import ANSWER_COLUMNS, DETAIL_COLUMNS, JobLock, Ledger, row_outcome
+from pipeline.job_lock import JobLock
+from pipeline.ledger import Ledger, row_outcome
 from pipeline.records import STATUSES, Outcome, ToolCall, Usage
 
 FULL = Outcome(
@@ -327,7 +330,7 @@ def test_lock_held_by_another_process_is_refused(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from pipeline.ledger import JobLock
+        from pipeline.job_lock import JobLock
         lock = JobLock(Path({str(path)!r}))
         lock.acquire()
         print("locked", flush=True)
@@ -371,9 +374,33 @@ def test_lock_creates_its_folder(tmp_path: Path) -> None:
         assert path.exists()
 
 
+#: The ``answers`` columns of the ledgers seedbatch wrote before ``answer_record`` (untyped, in this order).
+_PREVIOUS_ANSWER_COLUMNS = (
+    "status",
+    "content",
+    "reasoning_content",
+    "finish_reason",
+    "model",
+    "response_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "credits_used",
+    "usd_spent",
+    "error",
+    "error_kind",
+    "attempts",
+    "unconfirmed_attempts",
+    "latency_ms",
+    "tool_calls",
+)
+
+
 def _old_ledger(path: Path) -> None:
     """A ledger as written before the ``tool_calls`` column existed, holding one answer."""
-    old_columns = [c for c in ANSWER_COLUMNS if c != "tool_calls"]
+    old_columns = [c for c in _PREVIOUS_ANSWER_COLUMNS if c != "tool_calls"]
     db = sqlite3.connect(path)
     db.execute(
         f"CREATE TABLE answers (endpoint TEXT NOT NULL, request_hash TEXT NOT NULL, {', '.join(old_columns)}, "
@@ -439,3 +466,47 @@ def test_a_shard_ledger_from_before_tool_calls_merges(tmp_path: Path) -> None:
         assert merged is not None and merged.content == "old answer" and merged.tool_calls is None
     finally:
         led.close()
+
+
+def test_a_ledger_written_by_the_previous_schema_reads_back_every_field_by_name(tmp_path: Path) -> None:
+    """The previous schema had untyped columns in another order: every field is still read by its name,
+    for the run (``get``), the output (``answers_for_rows``) and Batch lines (``details``)."""
+    path = tmp_path / "previous.sqlite"
+    columns = ["endpoint", "request_hash", *_PREVIOUS_ANSWER_COLUMNS, "created", "refusal", "request_id"]
+    columns += ["server_error", "run_id", "answered_at"]
+    db = sqlite3.connect(path)
+    db.execute(f"CREATE TABLE answers ({', '.join(columns)}, PRIMARY KEY (endpoint, request_hash)) WITHOUT ROWID")
+    calls = '[{"id":"call_1","name":"record","arguments":"{}"}]'
+    values = ["test", FULL.request_hash, "ok", FULL.content, FULL.reasoning_content, "stop", FULL.model]
+    values += [FULL.response_id, 57, 1272, 1329, 877, 0, 6653.0, 0.0033265, None, None, 2, 1, 1234.5, calls]
+    values += [1767225700, None, "req_9", None, "r0", 1767225701.5]
+    db.execute(f"INSERT INTO answers VALUES ({','.join('?' * len(values))})", values)
+    db.commit()
+    db.close()
+    led = Ledger(path, "test")
+    try:
+        expected = dataclasses.replace(
+            FULL, tool_calls=(ToolCall("call_1", "record", "{}"),), created=1767225700, request_id="req_9"
+        )
+        assert led.get(FULL.request_hash) == expected
+        led.map_rows([(0, FULL.request_hash)])
+        ((request_hash, answer),) = led.answers_for_rows(0, 0).values()
+        assert answer is not None and row_outcome(request_hash, answer) == dataclasses.replace(
+            expected, created=None, request_id=None
+        )
+        assert led.details([FULL.request_hash]) == {FULL.request_hash: (1767225700, None, "req_9", None)}
+    finally:
+        led.close()
+
+
+def test_a_row_reusing_an_earlier_rows_answer_shows_it_at_no_cost(tmp_path: Path) -> None:
+    """Two rows asking one request: the first carries what it cost, the second the same answer at zero."""
+    ledger = Ledger(tmp_path / "l.sqlite", "test")
+    ledger.add(FULL, "r")
+    ledger.flush()
+    ledger.map_rows([(0, FULL.request_hash), (1, FULL.request_hash)])
+    rows = ledger.answers_for_rows(0, 1)
+    first, second = (row_outcome(*rows[n]) for n in (0, 1))  # type: ignore[arg-type]
+    assert first == FULL
+    assert second == dataclasses.replace(FULL, usage=Usage(0, 0, 0, 0, 0, 0.0, 0.0), attempts=0, unconfirmed_attempts=0)
+    ledger.close()

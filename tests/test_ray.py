@@ -94,7 +94,7 @@ def test_missing_ray_is_a_one_line_spec_error(tmp_path: Path, api: LocalAPI, mon
 def test_answers_left_in_shard_ledgers_are_merged_by_the_next_run(tmp_path: Path, api: LocalAPI) -> None:
     """A Ray driver that died before merging: the next run (here a local one) pays none of those rows again."""
     from pipeline.executors.ray import shard_path
-    from pipeline.ledger import ShardLedger
+    from pipeline.shard_ledger import ShardLedger
 
     frame = reviews(10)
     spec = make_spec(tmp_path, api, frame)

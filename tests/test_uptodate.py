@@ -17,10 +17,11 @@ import polars as pl
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
-from pipeline.ledger import Ledger, SeenHashes
+from pipeline.ledger import Ledger
 from pipeline.localapi import LocalAPI
 from pipeline.planning import job_status, plan_job
 from pipeline.records import ExitCode
+from pipeline.seen_hashes import SeenHashes
 from pipeline.spec import load_spec
 from tests.helpers import reviews, write_job
 

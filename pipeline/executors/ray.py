@@ -40,11 +40,12 @@ from typing import Any
 from pipeline.attempts import Budget
 from pipeline.errors import SpecError
 from pipeline.executors.local import Dispatch
-from pipeline.ledger import Ledger, ShardLedger
+from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, prepare
 from pipeline.records import RunTally, Selection, StopReason
 from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.shard_ledger import ShardLedger
 from pipeline.shared_limits import ReservationBucket, ReservingQuota, reserve
 
 INSTALL_HINT = "pip install 'seedbatch[ray]'"
