@@ -98,6 +98,8 @@ ANSWER_FIELDS: tuple[AnswerField, ...] = (
     AnswerField("attempts", _I, "INTEGER", "attempts", paid=True, from_sql=_count),
     AnswerField("unconfirmed_attempts", _I, "INTEGER", "unconfirmed_attempts", paid=True, from_sql=_count),
     AnswerField("latency_ms", _F, "REAL", "latency_ms"),
+    # The answer's mean token probability from the server's log-probabilities (``validator.confidence_of``).
+    AnswerField("confidence", _F, "REAL", "confidence"),
     AnswerField("request_hash", _S, "TEXT", "request_hash", batch=True),
     # What the server said beyond the output's columns, kept so a Batch output line can carry it as sent:
     # the answer's ``created`` and ``message.refusal``, the response's ``x-request-id``, an HTTP error's

@@ -443,6 +443,7 @@ class Attempts:
             created=j.created,
             refusal=j.refusal,
             request_id=j.request_id,
+            confidence=j.confidence,
         )
 
     def _count_paid(self, paid: Usage) -> None:

@@ -23,7 +23,8 @@ from pipeline.reader import InputTable, check_ids, open_input, read_frames, read
 from pipeline.records import Request, Selection
 from pipeline.spec import JobSpec
 from pipeline.tools import Tools, answer_tool, job_tools
-from pipeline.writer import OUTPUT_COLUMNS, check_output_path
+from pipeline.votes import asks_logprobs
+from pipeline.writer import CEDED_COLUMNS, OUTPUT_COLUMNS, check_output_path
 
 
 @dataclass
@@ -170,13 +171,16 @@ def _prepare(
             size = min(spec.job.chunk_rows, media.CHUNK_ROWS)
             builder.require_clean(read_rows(table, selection, size, builder.column_names, spec.job.id_column))
     check_distinct_files(spec)
-    check_output_path(spec.job.output, table.columns)
+    # ``confidence`` is seedbatch's only when the job asks for the log-probabilities that fill it; else an
+    # input column or a schema field of that name keeps it (``writer.CEDED_COLUMNS``).
+    ours = CEDED_COLUMNS if asks_logprobs(spec.model.extra) else ()
+    check_output_path(spec.job.output, table.columns, kept=ours)
     storage.check_output(spec)
     if schema is not None:
         schema_types.check_column_clash(
             schema,
             spec.output.column_prefix,
-            [*table.columns, *OUTPUT_COLUMNS],
+            [*table.columns, *(c for c in OUTPUT_COLUMNS if c not in CEDED_COLUMNS or c in ours)],
             schema_source,
         )
     price = price_for(spec)

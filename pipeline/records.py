@@ -248,6 +248,8 @@ class Outcome:
     """The server's ``x-request-id`` header on the last response, answer or error."""
     server_error: str | None = None
     """An HTTP error's ``error`` object as the server sent it (JSON text, API key masked)."""
+    confidence: float | None = None
+    """The last answer's mean token probability (``validator.confidence_of``); None without log-probs."""
 
 
 #: What a run did to its output: nothing (it was ``up_to_date``), ``patched`` (the rows to redo rewritten,

@@ -75,7 +75,7 @@ __all__ = [
     "output_format",
     "spec_from_dict",
 ]
-from pipeline.votes import EscalationSection, VotesSection
+from pipeline.votes import EscalationSection, VotesSection, asks_logprobs
 
 #: The model name the built-in local API answers with; a ledger written before answers were keyed by
 #: endpoint knows its local answers by it.
@@ -167,6 +167,12 @@ class JobSpec(StrictModel):
                     f"job.{key} {shown!r}: unknown output format {Path(str(value)).suffix or '(none)'!r}; "
                     f"end the name in {', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}"
                 )
+        esc = self.escalation
+        if esc is not None and esc.when_confidence_below is not None and not asks_logprobs(self.model.extra):
+            raise ValueError(
+                "escalation.when_confidence_below needs [model.extra] logprobs = true: confidence comes from "
+                "the token log-probabilities the server returns only when asked"
+            )
         if self.output.format == "json_schema" and self.output.schema_ is None:
             raise ValueError("output.format = 'json_schema' needs output.schema (a file path or a table)")
         if self.job.run_output is not None:

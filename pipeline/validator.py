@@ -7,12 +7,17 @@ document goes, so typed columns and re-asks work the same for both.
 
 A request may also carry its own functions (an OpenAI Batch line's ``tools`` and ``tool_choice``): its
 answer is judged against those (``request_rules``), and a call is the answer, kept as the server sent it.
+
+Where the server returns token log-probabilities (``choices[0].logprobs.content[*].logprob``, OpenAI's
+shape, sent when the job asks with ``[model.extra] logprobs = true``), the answer's ``confidence`` is
+the mean token probability ``exp(logprob)`` over its content tokens (``confidence_of``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -43,6 +48,7 @@ class Judgement:
     created: int | None = None
     refusal: str | None = None
     request_id: str | None = None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +157,26 @@ def _float(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
 
+def confidence_of(choice: Mapping[str, Any]) -> float | None:
+    """The mean probability of the answer's content tokens, from ``logprobs.content[*].logprob``.
+
+    The mean of the probabilities, not their product (the probability of the whole answer): the product
+    falls with every token, so a long right answer would score below a short wrong one and no single
+    threshold (``when_confidence_below``) would fit rows of different lengths. The mean stays in [0, 1]
+    whatever the length, and a few unsure tokens pull it down. ``logprobs.refusal`` (a refusal's tokens)
+    is not the answer's content and is not counted. None when the server sent no content token log-probs.
+    """
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(tokens, list):
+        return None
+    values = [_float(t.get("logprob")) for t in tokens if isinstance(t, dict)]
+    probabilities = [math.exp(min(v, 0.0)) for v in values if v is not None and not math.isnan(v)]
+    if not probabilities:
+        return None
+    return sum(probabilities) / len(probabilities)
+
+
 def parse_usage(data: dict[str, Any]) -> Usage:
     """Usage as reported; fields a server leaves out stay ``None`` (never guessed here)."""
     u = data.get("usage") or {}
@@ -232,6 +258,7 @@ def judge(reply: Reply, *, expects_json: bool, check: SchemaCheck | None, calls:
         created=_int(data.get("created")),
         refusal=refusal if isinstance(refusal, str) else None,
         request_id=reply.request_id,
+        confidence=confidence_of(choice),
     )
 
     def verdict(status: str, error: str | None = None) -> Judgement:

@@ -18,13 +18,21 @@ The majority rule, per field (the whole stripped answer for text jobs):
 * ``agreement`` of a field is the share of the row's k samples whose value equals the majority's; a
   schema job's row ``agreement`` is the minimum over its fields (a row is as doubtful as its most doubtful
   field), each field's own is ``agreement_<field>``.
+* ``confidence`` (a job asking for log-probabilities) of a field is the mean of the ``confidence`` of
+  the samples that voted for its majority (samples without one are left out; none: null); a schema
+  job's row ``confidence`` is the minimum over its fields, as ``agreement`` is. The samples that voted
+  otherwise do not lower it: ``agreement`` already says how many there were.
+
+A job that asks for log-probabilities is one whose ``[model.extra]`` sets ``logprobs = true``
+(``asks_logprobs``); only then may ``[escalation] when_confidence_below`` be set (a load error
+otherwise: without them no row has a confidence, and every row, or none, would be escalated).
 
 This module imports nothing of seedbatch's: the job file (``spec``) and the runs (``voting``) import it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -48,6 +56,9 @@ class VotesSection(_Strict):
 class EscalationSection(_Strict):
     when_agreement_below: float | None = Field(default=None, gt=0, le=1)
     """Escalate rows whose ``agreement`` is below this (1.0: every row where any sample disagrees)."""
+    when_confidence_below: float | None = Field(default=None, gt=0, le=1)
+    """Escalate rows whose ``confidence`` (mean token probability) is below this, or who have none
+    although the job asked for log-probabilities (the server sent none, or the row has no valid answer)."""
     when_status: list[str] = Field(default_factory=list)
     """Escalate rows that ended with one of these statuses (``invalid_output``, ``truncated``, …)."""
     when_field: str | None = None
@@ -63,11 +74,25 @@ class EscalationSection(_Strict):
         unknown = [s for s in self.when_status if s not in ESCALATION_STATUSES]
         if unknown:
             raise ValueError(f"when_status {unknown[0]!r} is not one of {list(ESCALATION_STATUSES)}")
-        if self.when_agreement_below is None and not self.when_status and self.when_field is None:
-            raise ValueError("names no condition: set when_agreement_below, when_status or when_field")
+        conditions = (self.when_agreement_below, self.when_confidence_below, self.when_field)
+        if all(c is None for c in conditions) and not self.when_status:
+            raise ValueError(
+                "names no condition: set when_agreement_below, when_confidence_below, when_status or when_field"
+            )
         if not self.model and not self.prompt:
             raise ValueError("names no stronger setting: set [escalation.model] or [escalation.prompt] keys")
         return self
+
+
+def asks_logprobs(extra: Mapping[str, Any]) -> bool:
+    """Whether a job's ``[model.extra]`` asks the server for token log-probabilities (``logprobs = true``)."""
+    return extra.get("logprobs") is True
+
+
+def mean_confidence(confidences: Sequence[float | None], voted: Sequence[bool]) -> float | None:
+    """The mean ``confidence`` of the samples that ``voted`` for the majority; None when none of them has one."""
+    chosen = [c for c, v in zip(confidences, voted, strict=True) if v and c is not None]
+    return sum(chosen) / len(chosen) if chosen else None
 
 
 def uses_stages(votes: VotesSection | None, escalation: EscalationSection | None) -> bool:

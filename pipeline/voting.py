@@ -27,7 +27,7 @@ from pipeline.errors import SpecError
 from pipeline.options import RunOptions
 from pipeline.records import RunSummary, RunTally, Selection, Status, StopReason, exit_code_for
 from pipeline.spec import JobSpec, ModelSection, PromptSection, output_format
-from pipeline.votes import EscalationSection, VotesSection, majority, sample_overrides, voting_key
+from pipeline.votes import EscalationSection, VotesSection, majority, mean_confidence, sample_overrides, voting_key
 from pipeline.votes import uses_stages as _named_stages
 from pipeline.writer import atomic_path
 
@@ -161,14 +161,21 @@ def combine(frames: list[pl.DataFrame]) -> pl.DataFrame:
     out: dict[str, list[Any]] = {c: [] for c in answer_cols}
     agreement: list[float] = []
     by_field: dict[str, list[float]] = {f: [] for f in fields}
+    # seedbatch's ``confidence`` (a schema field of that name is voted on as a field instead).
+    confidence: list[float | None] | None = [] if "confidence" in answer_cols and "confidence" not in fields else None
     for r in range(n):
         valid = [d["status"][r] == "ok" for d in data]
         winners: dict[str, tuple[int | None, float]] = {}  # field -> (sample holding its majority, share)
+        sure: list[float | None] = []  # per field (or the text): the mean confidence of its majority's voters
         if fields:
             for name in fields:
-                _, share, holder = majority([voting_key(d[name][r]) for d in data], valid)
+                keys = [voting_key(d[name][r]) for d in data]
+                _, share, holder = majority(keys, valid)
                 winners[name] = (holder, share)
                 by_field[name].append(share)
+                if confidence is not None and holder is not None:
+                    voters = [valid[i] and keys[i] == keys[holder] for i in range(k)]
+                    sure.append(mean_confidence([d["confidence"][r] for d in data], voters))
             # The row's other columns come from the earliest sample agreeing on every field, else the
             # earliest valid one; its fields are the majority's whichever sample holds them.
             agreeing = [
@@ -184,12 +191,21 @@ def combine(frames: list[pl.DataFrame]) -> pl.DataFrame:
             src = agreeing[0] if agreeing else next((i for i in range(k) if valid[i]), 0)
             agreement.append(min((s for _, s in winners.values()), default=0.0))
         else:
-            _, share, holder = majority([voting_key(d["content"][r]) for d in data], valid)
+            keys = [voting_key(d["content"][r]) for d in data]
+            _, share, holder = majority(keys, valid)
             src = holder if holder is not None else 0
             agreement.append(share)
+            if confidence is not None and holder is not None:
+                voters = [valid[i] and keys[i] == keys[holder] for i in range(k)]
+                sure.append(mean_confidence([d["confidence"][r] for d in data], voters))
+        if confidence is not None:
+            known = [c for c in sure if c is not None]
+            confidence.append(min(known) if known else None)  # as doubtful as its most doubtful field
         for c in answer_cols:
             if c in SUMMED:
                 out[c].append(_sum([d[c][r] for d in data]))
+            elif c == "confidence" and confidence is not None:
+                out[c].append(confidence[r])
             elif c in winners:
                 holder = winners[c][0]
                 out[c].append(data[holder if holder is not None else src][c][r])
@@ -211,10 +227,15 @@ def doubtful(frame: pl.DataFrame, esc: EscalationSection, prefix: str = "") -> l
     """Positions of the rows the escalation sends again: any one of its conditions (``when_*``) holds.
 
     ``when_field`` names a top-level field of the schema: rows where it is null or false (a row without
-    a valid answer has every field null, so it is chosen too).
+    a valid answer has every field null, so it is chosen too). ``when_confidence_below``: rows whose
+    ``confidence`` is below it or null (no log-probabilities, or no valid answer).
     """
     chosen: list[int] = []
     agreement = frame.get_column("agreement").to_list() if "agreement" in frame.columns else [1.0] * frame.height
+    below = esc.when_confidence_below
+    if below is not None and "confidence" not in frame.columns:
+        raise SpecError("escalation.when_confidence_below: the first stage's output has no confidence column")
+    confidence = frame.get_column("confidence").to_list() if below is not None else []
     status = frame.get_column("status").to_list()
     field_values: list[Any] | None = None
     if esc.when_field is not None:
@@ -227,6 +248,7 @@ def doubtful(frame: pl.DataFrame, esc: EscalationSection, prefix: str = "") -> l
             continue
         if (
             (esc.when_agreement_below is not None and agreement[r] < esc.when_agreement_below - 1e-9)
+            or (below is not None and (confidence[r] is None or confidence[r] < below - 1e-9))
             or status[r] in esc.when_status
             or (field_values is not None and (field_values[r] is None or field_values[r] is False))
         ):

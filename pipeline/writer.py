@@ -31,6 +31,7 @@ else:  # a small output is written by polars alone; pyarrow loads for chunked wr
     pa, pq = lazy("pyarrow"), lazy("pyarrow.parquet")
 
 __all__ = [
+    "CEDED_COLUMNS",
     "OUTPUT_COLUMNS",
     "TOOL_CALLS_DTYPE",
     "AnswerLookup",
@@ -46,9 +47,18 @@ AnswerLookup = Callable[[int, int], dict[int, tuple[str, tuple[Any, ...] | None]
 TypedColumns = Callable[[Sequence[str | None], Sequence[str]], list[pl.Series]]
 
 
-def check_output_path(path: Path, input_columns: Iterable[str]) -> None:
-    """Fail before sending when the output cannot be written or would hide an input column."""
-    clash = [c for c in input_columns if c in OUTPUT_COLUMNS]
+#: seedbatch's columns that an input column or a schema field of the same name takes over, unless the job
+#: asks for what fills them (``confidence``: ``[model.extra] logprobs = true``). A column users commonly
+#: have already (a model's self-rated ``confidence``) keeps its name in every job that does not need ours.
+CEDED_COLUMNS = ("confidence",)
+
+
+def check_output_path(path: Path, input_columns: Iterable[str], *, kept: Iterable[str] = CEDED_COLUMNS) -> None:
+    """Fail before sending when the output cannot be written or would hide an input column.
+
+    ``kept``: the ``CEDED_COLUMNS`` an input column may not take (those the job fills itself)."""
+    ceded = set(CEDED_COLUMNS) - set(kept)
+    clash = [c for c in input_columns if c in OUTPUT_COLUMNS and c not in ceded]
     if clash:
         raise SpecError(
             f"input column(s) {', '.join(map(repr, clash))} clash with seedbatch's output columns; rename them"
@@ -216,13 +226,21 @@ class _Sink:
 def answered_rows(
     frame: pl.DataFrame, row_number_column: str, answers_for: AnswerLookup, typed: TypedColumns | None
 ) -> pl.DataFrame:
-    """Input rows joined with their answers: the output's rows (a chunk of them)."""
+    """Input rows joined with their answers: the output's rows (a chunk of them).
+
+    ``confidence`` yields to an input column or a typed field of that name (``CEDED_COLUMNS``): a job
+    that asks for log-probabilities has such a clash refused before anything is sent
+    (``prepare``), so the column a job without them drops is seedbatch's empty one.
+    """
     numbers = frame.get_column(row_number_column).to_list()
     answer = _answer_frame(numbers, answers_for(min(numbers), max(numbers)))
     parts = [frame.drop(row_number_column), answer]
     if typed is not None:
         contents = answer.get_column("content").to_list()
         parts.append(pl.DataFrame(typed(contents, answer.get_column("status").to_list())))
+    ceded = [c for c in CEDED_COLUMNS if c in parts[0].columns or (len(parts) > 2 and c in parts[2].columns)]
+    if ceded:
+        parts[1] = answer.drop(ceded)
     return pl.concat(parts, how="horizontal")
 
 
