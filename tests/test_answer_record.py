@@ -29,6 +29,7 @@ EVERY_FIELD_SET = Outcome(
     refusal="no",
     request_id="req_1",
     server_error='{"message": "x"}',
+    confidence=0.875,
 )
 
 
@@ -75,6 +76,7 @@ def test_the_output_columns_keep_their_order_and_types() -> None:
         "attempts",
         "unconfirmed_attempts",
         "latency_ms",
+        "confidence",
         "request_hash",
     ]
     assert writer.OUTPUT_COLUMNS is OUTPUT_COLUMNS
@@ -83,6 +85,7 @@ def test_the_output_columns_keep_their_order_and_types() -> None:
         "credits_used",
         "usd_spent",
         "latency_ms",
+        "confidence",
     }
 
 

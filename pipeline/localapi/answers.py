@@ -57,6 +57,8 @@ class Answer:
     reasoning_tokens: int = 0
     tool_calls: list[dict[str, str]] | None = None
     """``{id, name, arguments}`` per function call; their arguments are the completion's text."""
+    erred: bool = False
+    """A field was made wrong on purpose (``truth.apply``): its token log-probabilities are low."""
 
     def set_content(self, text: str) -> None:
         self.content = text

@@ -398,6 +398,8 @@ class Handler:
         usd = usd_for(prompt, completion_tokens, cfg.input_per_million, cfg.output_per_million)
         response_id = f"chatcmpl-local-{self._id_prefix}{next(self._ids):016x}"
         data = completion(response_id, cfg.model_name, prompt, answer, usd)
+        if parsed.logprobs:
+            data["choices"][0]["logprobs"] = truth.logprobs(answer, body_hash, parsed.top_logprobs)
         self._count(200)
         self.answered_ok += 1
         self.prompt_tokens += prompt

@@ -12,6 +12,12 @@ measured against. Two things give it one:
   a ``maximum``), or ``"not VALUE"`` for free text. A field with no truth marker is wrong against the
   answer the server would otherwise give.
 
+Asked for them (``logprobs: true``, ``top_logprobs: n``), the server returns each content token's
+log-probability in OpenAI's shape (``choices[0].logprobs.content[*]``; a refusal's tokens under
+``logprobs.refusal``). Each token's probability is drawn from the request body and the token's place:
+in [0.80, 1.0) for an answer it did not make wrong, in [0.25, 0.60) for one it did, so the mean token
+probability (seedbatch's ``confidence``) is below 0.6 exactly for the answers the error rates spoiled.
+
 Whether an answer errs is drawn from the SHA-256 of the whole request body and the field name, so it
 is the same for the same request every time (resume and dedup see one answer), independent between
 fields, and may differ for a request that differs in anything else, such as its ``seed`` (votes rely on
@@ -21,6 +27,7 @@ that). Over n answers the measured accuracy is 1 - rate within binomial noise.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,7 +36,7 @@ import orjson
 
 from pipeline.errors import SpecError
 from pipeline.localapi.answers import Answer
-from pipeline.localapi.validation import Parsed
+from pipeline.localapi.validation import TOKEN_RE, Parsed
 
 TRUTH_MARKER = re.compile(r"\[\[truth:([A-Za-z0-9_.-]+)=([^\]]*)\]\]")
 #: The field name a truth marker and an error rate use for a text answer's whole content.
@@ -90,6 +97,7 @@ def apply(answer: Answer, parsed: Parsed, body_hash: bytes, error_rates: Mapping
             return
         content = marked.get(TEXT_FIELD, answer.content or "")
         if draw(body_hash, TEXT_FIELD) < error_rates.get(TEXT_FIELD, 0.0):
+            answer.erred = True
             content = wrong(content, {"enum": list(_TEXT_LABELS)} if content in _TEXT_LABELS else {}, body_hash)
         answer.set_content(content)
         return
@@ -112,9 +120,56 @@ def apply(answer: Answer, parsed: Parsed, body_hash: bytes, error_rates: Mapping
             changed = True
         if field in document and draw(body_hash, field) < error_rates.get(field, 0.0):
             document[field] = wrong(document[field], schema, body_hash)
-            changed = True
+            answer.erred = changed = True
     if changed:
         answer.set_content(orjson.dumps(document).decode())
+
+
+#: Token probabilities of a right answer and of one made wrong on purpose: [low, high).
+SURE, UNSURE = (0.80, 1.0), (0.25, 0.60)
+
+
+def _tokens(text: str) -> list[str]:
+    """``text`` cut at each billed token's start, so the pieces join back into ``text`` (spaces included)."""
+    starts = [m.start() for m in TOKEN_RE.finditer(text)]
+    if not starts:
+        return [text] if text else []
+    starts[0] = 0
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+
+
+def _token_logprobs(
+    text: str | None, body_hash: bytes, low: float, high: float, top: int
+) -> list[dict[str, Any]] | None:
+    if text is None:
+        return None
+    out: list[dict[str, Any]] = []
+    for i, token in enumerate(_tokens(text)):
+        p = low + (high - low) * draw(body_hash, f"logprob:{i}")
+        # The alternatives share what the token left: halves, quarters… each one a placeholder token.
+        alternatives = [(f"<alt{j}>", (1 - p) / 2 ** (j + 1)) for j in range(max(top - 1, 0))]
+        ranked = sorted([(token, p), *alternatives], key=lambda a: -a[1])[:top]
+        out.append(
+            {
+                "token": token,
+                "logprob": math.log(p),
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": math.log(q) if q > 0 else -9999.0, "bytes": list(t.encode())}
+                    for t, q in ranked
+                ],
+            }
+        )
+    return out
+
+
+def logprobs(answer: Answer, body_hash: bytes, top_logprobs: int) -> dict[str, Any]:
+    """``choices[0].logprobs`` of ``answer``: its content tokens (its refusal's when it refused)."""
+    low, high = UNSURE if answer.erred else SURE
+    return {
+        "content": _token_logprobs(answer.content, body_hash, low, high, top_logprobs),
+        "refusal": _token_logprobs(answer.refusal, body_hash, low, high, top_logprobs),
+    }
 
 
 def parse_error_rates(items: Iterable[str]) -> dict[str, float]:

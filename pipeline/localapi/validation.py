@@ -75,6 +75,9 @@ class Parsed:
     tool_choice: str = "none"  # "none" | "auto" | "required" | "function"
     forced: str | None = None
     parallel: bool = True
+    logprobs: bool = False
+    """``logprobs: true``: the answer carries its tokens' log-probabilities."""
+    top_logprobs: int = 0
 
 
 def count_tokens(text: str) -> int:
@@ -222,6 +225,17 @@ def parse(body: Any) -> Parsed:
         if not stream:
             raise BadRequest("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         include_usage = options["include_usage"]
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise BadRequest("Invalid 'logprobs': expected a boolean.", "logprobs")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+        if type(top_logprobs) is not int or not 0 <= top_logprobs <= 20:
+            raise BadRequest(
+                f"Invalid 'top_logprobs': {top_logprobs!r}; expected an integer between 0 and 20.", "top_logprobs"
+            )
+        if logprobs is not True:
+            raise BadRequest("'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
     fmt, schema = response_format(body.get("response_format"))
     _pass_through(body)
     tools = _tools(body.get("tools"))
@@ -253,6 +267,8 @@ def parse(body: Any) -> Parsed:
         tool_choice=choice,
         forced=forced,
         parallel=parallel_ok,
+        logprobs=bool(logprobs),
+        top_logprobs=top_logprobs or 0,
     )
 
 
