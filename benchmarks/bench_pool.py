@@ -12,7 +12,6 @@ own (``wait4``); the most requests in flight is the largest ``in_flight`` of its
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 from common import (

@@ -14,7 +14,7 @@ import pytest
 from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
-from pipeline.shared_limits import ReservationBucket, SqliteQuota, reserve
+from pipeline.sending.shared_limits import ReservationBucket, SqliteQuota, reserve
 from tests.helpers import Poller, make_spec, reviews, start, write_job
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import SpecError
-from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.buckets import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
 
 #: Furthest ahead a reservation may reach; beyond it a taker sleeps and asks again.
 HORIZON_S = 0.5
@@ -81,7 +81,7 @@ def reserve(
 
 
 class ReservingQuota:
-    """``scheduler.Quota`` over a bucket held elsewhere: reserve ahead, sleep until the reservation is due.
+    """``buckets.Quota`` over a bucket held elsewhere: reserve ahead, sleep until the reservation is due.
 
     Subclasses say where the bucket lives (``_reserve``); the waiting is the same for all. One coroutine
     per process reserves at a time, so takers queue FIFO here instead of racing for the bucket.
