@@ -3,10 +3,10 @@
 With no RPM/TPM known the in-flight cap is all that shapes the run. On a fast server more requests in
 flight only queue in the client (memory, CPU), so the pool must stop growing when throughput does: the
 defaults should finish within 5% of the best hand-set cap's wall time, in at most 150 MB peak RSS.
-The server is the built-in local API in the client's process (``preset = "local"``, no limits, no added
-latency), as ``--endpoint local`` runs it. Wall time is the client process's, spawn to exit; peak RSS its
-own (``wait4``); the most requests in flight is the largest ``in_flight`` of its progress lines (one every
-0.1 s).
+The server is ``seedbatch serve`` (the local API over a socket, no limits, 5 ms latency): in the
+client's process (``preset = "local"``) an answer is ready at once and nothing stays in flight. Wall
+time is the client process's, spawn to exit; peak RSS its own (``wait4``); the most requests in flight
+is the largest ``in_flight`` of its progress lines (one every 0.1 s).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from common import (
     OUT,
     BenchResult,
     ClientRun,
+    Server,
     _job_file,
     clean_job,
     client_cmd,
@@ -32,13 +33,14 @@ TITLE = "Worker pool with no rate known (fast server): defaults vs hand-set caps
 CAPS = (64, 128, 256, 512)
 WALL_SLACK = 1.05
 RSS_TARGET_MB = 150.0
+LATENCY_MS = 5.0
 
 
-def _run(name: str, job_cap: int | None, data: Path) -> tuple[ClientRun, int]:
+def _run(server: Server, name: str, job_cap: int | None, data: Path) -> tuple[ClientRun, int]:
     clean_job(name)
     limits = [] if job_cap is None else [f"concurrency = {job_cap}"]
-    job = _job_file(name, data, 16, limits, "local")
-    cmd = [a for a in client_cmd("run", job) if a != "--no-progress"]
+    job = _job_file(name, data, 16, limits, "vllm")
+    cmd = [a for a in client_cmd("run", job, "--base-url", server.base_url) if a != "--no-progress"]
     cmd[-1] = "0.1"  # --progress-interval: the progress lines carry in_flight (stderr is not a terminal)
     run = run_client(cmd)
     require_ok(run, name)
@@ -55,15 +57,17 @@ def run(quick: bool) -> BenchResult:
     result.settings.update(
         {
             "rows": f"{rows:,}",
-            "server": "the built-in local API in the client's process (preset local), no limits, no latency added",
+            "server": f"seedbatch serve, latency {LATENCY_MS:g} ms, no limits",
             "client": "defaults (no rpm, tpm or concurrency) vs limits.concurrency = " + ", ".join(map(str, CAPS)),
         }
     )
     data = make_reviews(OUT / f"reviews_{rows}.parquet", rows)
     runs: dict[str, tuple[ClientRun, int]] = {}
-    for cap in CAPS:
-        runs[f"cap {cap}"] = _run(f"bench_pool_{cap}", cap, data)
-    runs["defaults"] = _run("bench_pool_defaults", None, data)
+    with Server(latency_ms=LATENCY_MS) as server:
+        for cap in CAPS:
+            runs[f"cap {cap}"] = _run(server, f"bench_pool_{cap}", cap, data)
+        runs["defaults"] = _run(server, "bench_pool_defaults", None, data)
+        result.commands.append(f"server: {server.command}")
     result.commands.append(f"client: {runs['defaults'][0].command}")
     for label, (r, peak) in runs.items():
         result.add(

@@ -17,8 +17,9 @@ import pytest
 from pipeline.errors import RetryableError, RowError
 from pipeline.records import Reply, Request, RunSummary
 from pipeline.schema_types import compile_validator
-from pipeline.sending.attempts import AnswerPolicy, Attempts, Budget
+from pipeline.sending.attempts import AnswerPolicy, Attempts
 from pipeline.sending.buckets import Pacer
+from pipeline.sending.budget import Budget
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.retries import RetryPolicy
 from pipeline.validator import judge

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy", "sending"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("parts of pure policy", {"sending.rates", "sending.inflight"}),
+    ("parts of pure policy", {"sending.rates", "sending.inflight", "sending.budget"}),
     (
         "pure policy",
         {

@@ -19,9 +19,10 @@ from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, iter_requests
 from pipeline.records import NOT_SENT, Outcome, Reply, Request, RunSummary, StopReason, count_error, needs_sending
-from pipeline.sending.attempts import AnswerPolicy, Attempts, Budget, Send
+from pipeline.sending.attempts import AnswerPolicy, Attempts, Send
 from pipeline.sending.breaker import Circuit, SameRefusal
 from pipeline.sending.buckets import Pacer, Quota
+from pipeline.sending.budget import Budget
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.pool import run_all
 from pipeline.sending.retries import RetryPolicy

@@ -43,8 +43,8 @@ from pipeline.ledger import Ledger, ShardLedger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, prepare
 from pipeline.records import RunSummary, Selection, StopReason
-from pipeline.sending.attempts import Budget
 from pipeline.sending.buckets import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.budget import Budget
 from pipeline.sending.shared_limits import ReservationBucket, ReservingQuota, reserve
 
 INSTALL_HINT = "pip install 'seedbatch[ray]'"

@@ -42,6 +42,7 @@ from pipeline.prompts import vary_sampling, with_changes
 from pipeline.records import Outcome, Reply, Request, RunSummary, Usage, count_error
 from pipeline.sending.breaker import Circuit, SameRefusal, about_the_row
 from pipeline.sending.buckets import Pacer
+from pipeline.sending.budget import Budget
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.retries import RetryPolicy, call_paced
 from pipeline.validator import Judgement
@@ -51,32 +52,6 @@ from pipeline.validator import Judgement
 #: silent for longer than it, however long the whole answer runs.
 Send = Callable[[bytes, float | None], Awaitable[Reply]]
 Judge = Callable[[Reply], Judgement]
-
-
-class Budget:
-    """Spent plus the worst case of attempts in flight never exceeds ``limit``.
-
-    ``reserve`` is async so that a budget held elsewhere (a Ray actor leasing to shards) can ask for
-    more without blocking the event loop.
-    """
-
-    def __init__(self, limit: float | None) -> None:
-        self.limit = limit
-        self.spent = 0.0
-        self.reserved = 0.0
-
-    def _fits(self, amount: float) -> bool:
-        return self.limit is None or self.spent + self.reserved + amount <= self.limit
-
-    async def reserve(self, amount: float) -> bool:
-        if not self._fits(amount):
-            return False
-        self.reserved += amount
-        return True
-
-    def settle(self, reserved: float, actual: float) -> None:
-        self.reserved = max(0.0, self.reserved - reserved)
-        self.spent += actual
 
 
 @dataclass(frozen=True, slots=True)
