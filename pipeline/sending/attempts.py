@@ -418,8 +418,8 @@ class Attempts:
     async def _send_watched(self, body: bytes, max_tokens: int, started: float) -> Reply:
         """``send``, abandoned when the deadline learned *while it waits* passes.
 
-        The first requests of a run go out before any latency is known, with the ceiling as their timeout;
-        one of them hanging for 120 s held a 20 s run for 120 s. Until the deadline has settled, each
+        The first requests of a run go out before any latency is known, with the ceiling as their timeout,
+        and one of them hanging would hold the whole run for that long. Until the deadline has settled, each
         request re-reads it twice a second (later requests take the cheap path: one fixed timeout).
         """
 

@@ -159,5 +159,5 @@ class InFlightLimit:
             age = self.clock() - self.first_send + 1.0
             return min(self.ceiling, max(self.grown, math.ceil(target_rps * age * self.headroom)))
         # A slot is held from the pacer's wait to the answer, not only for the server's latency: the
-        # quarter second covers that queueing (at 50/s and 100 ms, 8 slots held the run to 0.63 of the rate).
+        # quarter second covers that queueing (without it, a fast model's few slots hold the run below the rate).
         return min(self.ceiling, max(self.floor, math.ceil(target_rps * (q + self.queueing_s) * self.headroom)))

@@ -230,7 +230,7 @@ class Pacing:
     ) -> None:
         if self._answered_at is None:
             # A 200 shows the setup works: the ramp goes on from where time has taken it, even if a random
-            # fault came first (a 5xx among the first four requests held a run at 4 in flight until then).
+            # fault came first (a lone 5xx among the first requests says nothing about the setup).
             self._answered_at = self.clock()
         self.rates.on_admitted()
         self.rates.on_headers(ratelimit)

@@ -48,7 +48,7 @@ class RunSignals(Protocol):
         """Whether failures are common across recent requests (the server is failing, not this request)."""
 
 
-#: One generator for jitter: seeding a new ``random.Random()`` per request showed up in profiles.
+#: One generator for jitter: seeding a new ``random.Random()`` per request costs CPU a fast run needs.
 _JITTER = random.Random()
 
 
