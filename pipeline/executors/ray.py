@@ -37,16 +37,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.attempts import Budget
 from pipeline.errors import SpecError
 from pipeline.executors.local import Dispatch
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, prepare
 from pipeline.records import RunTally, Selection, StopReason
-from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.buckets import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.budget import Budget
+from pipeline.sending.shared_limits import ReservationBucket, ReservingQuota, reserve
 from pipeline.shard_ledger import ShardLedger
-from pipeline.shared_limits import ReservationBucket, ReservingQuota, reserve
 
 INSTALL_HINT = "pip install 'seedbatch[ray]'"
 #: Ray retries of a shard whose worker died (killed, OOM, node lost); each resumes from the shard ledger.
@@ -153,7 +153,7 @@ class ClusterLimits:
 
 
 class RayQuota(ReservingQuota):
-    """``scheduler.Quota`` backed by the ``ClusterLimits`` actor: one reservation in flight per shard."""
+    """``buckets.Quota`` backed by the ``ClusterLimits`` actor: one reservation in flight per shard."""
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor
