@@ -22,6 +22,7 @@ import bench_inflight
 import bench_memory
 import bench_overhead
 import bench_pacing
+import bench_pool
 import bench_ray
 import bench_ray_nodes
 import bench_resume
@@ -33,6 +34,7 @@ from common import BENCH, OUT, ROOT, BenchResult, machine
 BENCHMARKS: list[ModuleType] = [
     bench_throughput,
     bench_inflight,
+    bench_pool,
     bench_overhead,
     bench_memory,
     bench_resume,

@@ -14,12 +14,14 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.attempts import AnswerPolicy, Attempts, Budget
 from pipeline.errors import RetryableError, RowError
-from pipeline.pacing import Pacing
 from pipeline.records import Reply, Request, RunTally
-from pipeline.scheduler import Pacer, RetryPolicy
 from pipeline.schema_types import compile_validator
+from pipeline.sending.attempts import AnswerPolicy, Attempts
+from pipeline.sending.buckets import Pacer
+from pipeline.sending.budget import Budget
+from pipeline.sending.pacing import Pacing
+from pipeline.sending.retries import RetryPolicy
 from pipeline.validator import judge
 
 SCHEMA = {
@@ -86,7 +88,7 @@ def make(
     check = compile_validator(schema) if schema is not None else None
     attempts = Attempts(
         send=send,
-        pacer=Pacer(None, None, control=pacing, sleep=sleep),
+        pacer=Pacer(None, None, control=pacing, clock=clock, sleep=sleep),
         pacing=pacing,
         budget=Budget(budget),
         judge=partial(judge, expects_json=schema is not None, check=check),
@@ -229,7 +231,7 @@ def test_sampling_step_moves_the_seed_when_the_temperature_cannot_rise(temperatu
 
 def test_a_request_sent_before_latencies_were_known_is_abandoned_when_they_are() -> None:
     """The first requests go out with no deadline known; one that hangs is cut once answers set one."""
-    from pipeline.pacing import Deadline
+    from pipeline.sending.pacing import Deadline
 
     pacing = Pacing(None, None, deadline=Deadline(5.0, floor_s=0.2, min_samples=2))
 

@@ -17,18 +17,20 @@ PACKAGE = ROOT / "pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "data, and imports deferred to first use",
-        {"errors", "records", "lazy", "evaluation", "evaluation.settings", "votes"},
+        {"errors", "records", "lazy", "evaluation", "evaluation.settings", "votes", "sending"},
     ),
     (
         "what the job builds on: objects' local copies, the job file's sections, JSON Schema checks",
         {"storage", "job_sections", "schema_checks"},
     ),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
+    ("parts of pure policy", {"sending.rates", "sending.inflight", "sending.budget"}),
     (
         "pure policy",
         {
-            "pacing",
-            "breaker",
+            "sending.pacing",
+            "sending.retries",
+            "sending.breaker",
             "schema_types",
             "grammar",
             "costs",
@@ -50,11 +52,13 @@ LAYERS: list[tuple[str, set[str]]] = [
             "reader",
             "prompts",
             "client",
-            "scheduler",
+            "sending.retries",
+            "sending.buckets",
+            "sending.pool",
             "ledger",
             "writer",
             "media",
-            "shared_limits",
+            "sending.shared_limits",
             "progress",
             "batch_output",
             "output_tables",
@@ -66,7 +70,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "one request, one job's checks",
-        {"prepare", "attempts", "uptodate", "shard_ledger", "patching", "evaluation.evaluate"},
+        {"prepare", "sending.attempts", "uptodate", "shard_ledger", "patching", "evaluation.evaluate"},
     ),
     ("what changed since the last output", {"incremental"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
@@ -78,7 +82,7 @@ LAYERS: list[tuple[str, set[str]]] = [
 ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline", "options"): "the package re-exports RunOptions and StopToken (its public API)",
     ("ledger", "runs_log"): "the runs log shares the ledger's file and connection (one state file per job)",
-    ("shared_limits", "scheduler"): "a shared bucket holds the same seconds of quota as the local pacer",
+    ("sending.shared_limits", "sending.buckets"): "a shared bucket holds the same seconds of quota as the local pacer",
     ("executors.ray", "executors.local"): "a Ray shard runs the local Dispatch: one sending code path",
     ("executors", "executors.local"): "the package picks its executors (imported on demand)",
     ("executors", "executors.ray"): "the package picks its executors (imported on demand)",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 
 import pytest
 
 from pipeline.client import RateLimits
-from pipeline.pacing import Deadline, InFlightLimit, Pacing, RateControl, Window, retry_delay
+from pipeline.sending.pacing import Deadline, InFlightLimit, Pacing, RateControl, Window
 
 
 class Clock:
@@ -253,31 +252,16 @@ def test_timeouts_widen_the_deadline() -> None:
     assert pacing.timeout_s() == pytest.approx(30.0)
 
 
-def test_quick_first_retry_then_exponential() -> None:
-    rng = random.Random(7)
-    waits = [retry_delay(n, initial_s=1.0, max_s=60.0, jitter_s=0.0, rng=rng) for n in (1, 2, 3, 4, 5)]
-    assert 0.05 <= waits[0] <= 0.25
-    assert waits[1:] == [1.0, 2.0, 4.0, 8.0]
-    # While failures are common across requests, backoff starts at once.
-    persistent = [retry_delay(n, persistent=True, jitter_s=0.0, rng=rng) for n in (1, 2, 3)]
-    assert persistent == [1.0, 2.0, 4.0]
-    assert retry_delay(1, retry_after=3.0, jitter_s=0.0, rng=rng) == 3.0
-    # While failures are rare across requests, one request failing again is bad luck: soon again, a step later.
-    isolated = [retry_delay(n, persistent=False, jitter_s=0.0, rng=rng) for n in (1, 2, 3, 4)]
-    assert all(0.05 * n <= wait <= 0.25 * n for n, wait in zip((1, 2, 3, 4), isolated, strict=True))
-
-
 def test_pacing_backs_off_from_the_first_retry_when_many_requests_fail() -> None:
     pacing = Pacing(None, None, clock=Clock())
-    rng = random.Random(1)
     for _ in range(20):
         pacing.on_reply(1.0)
     pacing.on_error()
-    assert pacing.retry_delay(1, jitter_s=0.0, rng=rng) <= 0.25  # isolated
+    assert not pacing.failures_persist()  # one failure among answers: bad luck, retried quickly
     for _ in range(10):
         pacing.on_error()
     assert pacing.failure_rate() == pytest.approx(11 / 31)
-    assert pacing.retry_delay(1, jitter_s=0.0, rng=rng) == 1.0
+    assert pacing.failures_persist()  # the server is failing: retries back off from the first
 
 
 def test_pacing_in_flight_cap_uses_the_learned_rate() -> None:

@@ -71,7 +71,7 @@ def test_a_key_revoked_mid_run_keeps_every_paid_answer_and_the_rerun_pays_none_t
     ("fault", "words"),
     [
         ({"fail_status": 500}, "HTTP 500: The local API is failing every request"),
-        ({"fail_status": 200, "fail_body": "html"}, "200 with a body that is not JSON (text/html: \"<!DOCTYPE html>"),
+        ({"fail_status": 200, "fail_body": "html"}, '200 with a body that is not JSON (text/html: "<!DOCTYPE html>'),
         ({"fail_status": 200, "fail_body": "no_choices"}, "200 without choices"),
     ],
 )
@@ -203,7 +203,6 @@ def test_a_job_limit_four_times_the_servers_draws_few_refusals(tmp_path: Path) -
         summary = run(make_spec(tmp_path, api, n=200, limits={"rpm": 12_000, "concurrency": 4096}))
     assert summary.rows_by_status == {"ok": 200}
     assert summary.http_429 <= 0.02 * summary.requests_sent, summary.http_429
-
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])

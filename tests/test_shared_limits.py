@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import time
 from pathlib import Path
 
 import polars as pl
@@ -14,7 +13,8 @@ import pytest
 from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
-from pipeline.shared_limits import ReservationBucket, SqliteQuota, reserve
+from pipeline.sending.shared_limits import ReservationBucket, SqliteQuota, reserve
+from tests.fake_time import FakeTime
 from tests.helpers import Poller, make_spec, reviews, start, write_job
 
 
@@ -37,13 +37,16 @@ def test_reservations_hold_the_rate_and_reach_no_further_than_the_horizon() -> N
 def test_two_quotas_on_one_file_share_the_rate(tmp_path: Path) -> None:
     rpm, n = 1200.0, 40  # 20/s: two takers of 40 each need ~4 s together, 2 s each alone
 
+    t = FakeTime()
+    t.now = 1_000.0
+
     async def main() -> float:
-        quotas = [SqliteQuota("k", tmp_path / "limits.sqlite", rpm, None) for _ in range(2)]
-        t0 = time.monotonic()
+        quotas = [SqliteQuota("k", tmp_path / "limits.sqlite", rpm, None, clock=t, sleep=t.sleep) for _ in range(2)]
+        t0 = t.now
         await asyncio.gather(*(q.take(0) for q in quotas for _ in range(n)))
         for q in quotas:
             q.close()
-        return time.monotonic() - t0
+        return t.now - t0
 
     took = asyncio.run(main())
     assert took == pytest.approx((2 * n) / (rpm / 60), rel=0.1)

@@ -14,15 +14,18 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from pipeline import schema_types
-from pipeline.attempts import AnswerPolicy, Attempts, Budget, Send
-from pipeline.breaker import Circuit, SameRefusal
 from pipeline.client import FEW_REQUESTS, Client
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
-from pipeline.pacing import Pacing
 from pipeline.prepare import Prepared, iter_requests
 from pipeline.records import NOT_SENT, Outcome, Reply, Request, RunTally, StopReason, count_error, needs_sending
-from pipeline.scheduler import Pacer, Quota, RetryPolicy, run_all
+from pipeline.sending.attempts import AnswerPolicy, Attempts, Send
+from pipeline.sending.breaker import Circuit, SameRefusal
+from pipeline.sending.buckets import Pacer, Quota
+from pipeline.sending.budget import Budget
+from pipeline.sending.pacing import Pacing
+from pipeline.sending.pool import run_all
+from pipeline.sending.retries import RetryPolicy
 from pipeline.spec import JobSpec
 from pipeline.validator import judge
 
@@ -36,7 +39,7 @@ def make_pacing(spec: JobSpec, quota: Quota | None = None) -> tuple[Pacer, Pacin
     """The job's pacer (its own buckets, or a quota shared with other processes) and its closed loop."""
     limits = spec.limits
     if quota is None and limits.shared_limiter is not None:
-        from pipeline.shared_limits import SqliteQuota, default_limits_file
+        from pipeline.sending.shared_limits import SqliteQuota, default_limits_file
 
         path = limits.shared_limiter_file or default_limits_file()
         quota = SqliteQuota(limits.shared_limiter, path, limits.rpm, limits.tpm)
@@ -243,6 +246,7 @@ class Dispatch:
                 # A worker per row at most: 10 rows need not start 4,096 idle tasks (0.2 s of start-up).
                 concurrency=max(1, min(spec.limits.concurrency, self.p.rows)),
                 limit=self.pacing.in_flight_limit,
+                changes=self.pacing,
             )
         )
 

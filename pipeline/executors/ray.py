@@ -37,16 +37,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.attempts import Budget
 from pipeline.errors import SpecError
 from pipeline.executors.local import Dispatch
 from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
 from pipeline.prepare import Prepared, prepare
 from pipeline.records import RunTally, Selection, StopReason
-from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.buckets import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.budget import Budget
+from pipeline.sending.shared_limits import ReservationBucket, ReservingQuota, reserve
 from pipeline.shard_ledger import ShardLedger
-from pipeline.shared_limits import ReservationBucket, ReservingQuota, reserve
 
 INSTALL_HINT = "pip install 'seedbatch[ray]'"
 #: Ray retries of a shard whose worker died (killed, OOM, node lost); each resumes from the shard ledger.
@@ -153,7 +153,7 @@ class ClusterLimits:
 
 
 class RayQuota(ReservingQuota):
-    """``scheduler.Quota`` backed by the ``ClusterLimits`` actor: one reservation in flight per shard."""
+    """``buckets.Quota`` backed by the ``ClusterLimits`` actor: one reservation in flight per shard."""
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor
@@ -361,19 +361,11 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, 
     shards_dir = spec.shards_dir.resolve()
     shutil.rmtree(shards_dir, ignore_errors=True)  # run_job merged any leftovers before
     shards_dir.mkdir(parents=True, exist_ok=True)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # On the driver's node: a lost worker node must not take the cluster's buckets and budget with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    limits: Any = (
-        ray.remote(num_cpus=0)(ClusterLimits)
-        .options(max_concurrency=1, scheduling_strategy=here)
-        .remote(spec.limits.rpm, spec.limits.tpm, spec.limits.max_cost_usd)
-    )
+    limits = _limits_actor(spec)
+    shards = shard_count(p.rows, spec.executor.workers)
     shard_remote = ray.remote(max_retries=SHARD_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD")(
         run_shard
     )
-    shards = shard_count(p.rows, spec.executor.workers)
     cwd = os.getcwd()
     refs = {
         shard_remote.remote(
@@ -384,6 +376,50 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, 
     }
     results: dict[int, RunTally] = {}
     failures: list[str] = []
+    try:
+        _wait_for_shards(refs, limits, options, summary, results, failures)
+    finally:
+        _count_shards(summary, results, limits)
+        for k in range(shards):
+            path = shard_path(shards_dir, k)
+            if path.exists():
+                ledger.merge(path, rows=True)
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        ray.kill(limits)
+        if started_ray:
+            ray.shutdown()
+    _why_stopped(summary, results, failures, spec.limits.max_cost_usd)
+
+
+def _limits_actor(spec: Any) -> Any:
+    """The cluster's one ``ClusterLimits``, on the driver's node: a lost worker node must not take the
+    cluster's buckets and budget with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return (
+        ray.remote(num_cpus=0)(ClusterLimits)
+        .options(max_concurrency=1, scheduling_strategy=here)
+        .remote(spec.limits.rpm, spec.limits.tpm, spec.limits.max_cost_usd)
+    )
+
+
+def _wait_for_shards(
+    refs: dict[Any, int],
+    limits: Any,
+    options: RunOptions,
+    summary: RunSummary,
+    results: dict[int, RunSummary],
+    failures: list[str],
+) -> None:
+    """Collect each shard's summary as it ends (into ``results``, or its error into ``failures``).
+
+    A shard stopped by a fatal answer or the budget, or a stop request here, asks every shard to stop;
+    shards still running ``options.grace_s`` later (or at once on a hard stop) are cancelled.
+    """
+    import ray
+
     stop_deadline: float | None = None
     hard_stop = False
 
@@ -416,27 +452,31 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, 
                 for ref in pending:
                     ray.cancel(ref, force=True)
                 ray.wait(pending, num_returns=len(pending), timeout=10)
-                break
+                return
             now = time.monotonic()
             if options.progress and now - last_progress >= options.progress_interval_s:
                 last_progress = now
                 _report(options, summary, ray.get(limits.all_progress.remote()))
     finally:
         unlisten()
-        for part in results.values():
-            _add_into(summary, part.as_dict())
-        with contextlib.suppress(Exception):  # what lost attempts sent, as far as their heartbeats told
-            for lost in ray.get(limits.lost_attempts.remote(), timeout=10):
-                _add_into(summary, {key: lost.get(key) for key in _SPENT})
-        summary.rows_by_status = {}  # counted again from the output by run_job
-        for k in range(shards):
-            path = shard_path(shards_dir, k)
-            if path.exists():
-                ledger.merge(path, rows=True)
-        shutil.rmtree(shards_dir, ignore_errors=True)
-        ray.kill(limits)
-        if started_ray:
-            ray.shutdown()
+
+
+def _count_shards(summary: RunSummary, results: dict[int, RunSummary], limits: Any) -> None:
+    """Add the finished shards' counters, and what lost attempts sent as far as their heartbeats told."""
+    import ray
+
+    for part in results.values():
+        _add_into(summary, part.as_dict())
+    with contextlib.suppress(Exception):
+        for lost in ray.get(limits.lost_attempts.remote(), timeout=10):
+            _add_into(summary, {key: lost.get(key) for key in _SPENT})
+    summary.rows_by_status = {}  # counted again from the output by run_job
+
+
+def _why_stopped(
+    summary: RunSummary, results: dict[int, RunSummary], failures: list[str], max_cost_usd: float | None
+) -> None:
+    """The run's stop reason from its shards': a fatal answer, then the budget, then failed shards."""
     stopped = [r for r in results.values() if r.stopped_by]
     fatal = next((r for r in stopped if r.stopped_by is StopReason.FATAL), None)
     if fatal is not None:
@@ -445,8 +485,7 @@ def _drive(p: Prepared, ledger: Ledger, options: RunOptions, summary: RunTally, 
     elif any(r.stopped_by is StopReason.BUDGET for r in stopped):
         summary.stop(
             StopReason.BUDGET,
-            f"budget: stopped issuing at ${summary.usd_spent:.4f} spent of limits.max_cost_usd = "
-            f"{spec.limits.max_cost_usd}",
+            f"budget: stopped issuing at ${summary.usd_spent:.4f} spent of limits.max_cost_usd = {max_cost_usd}",
         )
     elif failures:
         summary.stop(StopReason.SHARDS_FAILED, f"ray: {len(failures)} shard(s) failed: {failures[0]}")

@@ -32,17 +32,19 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.breaker import Circuit, SameRefusal, about_the_row
 from pipeline.client import ratelimit_of, wait_until
 from pipeline.costs import Price, fill_cost, worst_case_usd
 from pipeline.errors import FatalAPIError, RetryableError, RowError
-from pipeline.pacing import Pacing
 from pipeline.prompts import vary_sampling, with_changes
 from pipeline.records import Outcome, Reply, Request, RunTally, Usage, count_error
-from pipeline.scheduler import Pacer, RetryPolicy, call_paced
+from pipeline.sending.breaker import Circuit, SameRefusal, about_the_row
+from pipeline.sending.buckets import Pacer
+from pipeline.sending.budget import Budget
+from pipeline.sending.pacing import Pacing
+from pipeline.sending.retries import RetryPolicy, call_paced
 from pipeline.validator import Judgement
 
 #: POST one body. The second argument is the deadline learned from observed latency (None: the ceiling):
@@ -50,32 +52,6 @@ from pipeline.validator import Judgement
 #: silent for longer than it, however long the whole answer runs.
 Send = Callable[[bytes, float | None], Awaitable[Reply]]
 Judge = Callable[[Reply], Judgement]
-
-
-class Budget:
-    """Spent plus the worst case of attempts in flight never exceeds ``limit``.
-
-    ``reserve`` is async so that a budget held elsewhere (a Ray actor leasing to shards) can ask for
-    more without blocking the event loop.
-    """
-
-    def __init__(self, limit: float | None) -> None:
-        self.limit = limit
-        self.spent = 0.0
-        self.reserved = 0.0
-
-    def _fits(self, amount: float) -> bool:
-        return self.limit is None or self.spent + self.reserved + amount <= self.limit
-
-    async def reserve(self, amount: float) -> bool:
-        if not self._fits(amount):
-            return False
-        self.reserved += amount
-        return True
-
-    def settle(self, reserved: float, actual: float) -> None:
-        self.reserved = max(0.0, self.reserved - reserved)
-        self.spent += actual
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +74,39 @@ class _Stopped(Exception):
 
 def _digest(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class _Row:
+    """One row's request as its attempts go: what was paid, tried and answered so far."""
+
+    body: bytes
+    max_tokens: int
+    usage: Usage
+    attempts: int
+    unconfirmed: int
+    invalid_left: int
+    truncated_left: int
+    tried: set[bytes] = field(default_factory=set)
+    last: Judgement | None = None
+    latency: float | None = None
+
+    @classmethod
+    def start(cls, req: Request, prior: Outcome | None, policy: AnswerPolicy) -> _Row:
+        return cls(
+            body=req.body,
+            max_tokens=req.max_tokens,
+            usage=prior.usage if prior else Usage(),
+            attempts=prior.attempts if prior else 0,
+            unconfirmed=prior.unconfirmed_attempts if prior else 0,
+            invalid_left=policy.invalid_retries,
+            truncated_left=policy.truncated_retries,
+            tried={_digest(req.body)},
+        )
+
+    def next_body(self, body: bytes) -> None:
+        self.body = body
+        self.tried.add(_digest(body))
 
 
 async def _first(*waits: Awaitable[Any]) -> None:
@@ -218,179 +227,199 @@ class Attempts:
         if self._verdict is None:
             self._verdict = asyncio.get_running_loop().create_future()
         held = self._verdict
-        try:
-            async with asyncio.timeout(self.hold_s):
-                return await asyncio.shield(held)
-        except TimeoutError:
-            return False
+        await _first(asyncio.shield(held), self.sleep(self.hold_s))
+        return held.done() and not held.cancelled() and held.result()
 
     async def answer(self, req: Request, prior: Outcome | None = None) -> Outcome | None:
         """The row's outcome, all attempts folded in; None when it was never sent (it stays pending).
 
         ``prior`` is the row's earlier failed answer in the ledger: its usage and attempts add up.
         """
-        usage = prior.usage if prior else Usage()
-        attempts = prior.attempts if prior else 0
-        unconfirmed = prior.unconfirmed_attempts if prior else 0
-        pol = self.policy
-        body, max_tokens = req.body, req.max_tokens
-        tried = {_digest(body)}
-        invalid_left, truncated_left = pol.invalid_retries, pol.truncated_retries
-        last: Judgement | None = None
-        latency: float | None = None
-        summary = self.summary
-
-        async def attempt() -> tuple[Reply, float]:
-            nonlocal attempts, unconfirmed
-            if self.stop.is_set():
-                raise _Stopped
-            probe = await self._admit()
-            worst = worst_case_usd(req.est_prompt_tokens, max_tokens, self.price)
-            if not await self.budget.reserve(worst):
-                self.budget_hit = True
-                self.stop.set()
-                if probe:
-                    self.circuit.probe_abandoned()
-                raise _Stopped
-            try:
-                await self.pacer.acquire(self.pacer.estimate(req.est_prompt_tokens, max_tokens))
-                if self.stop.is_set():  # stopped while it waited for its turn: nothing new is sent
-                    raise _Stopped
-            except BaseException:
-                self.budget.settle(worst, 0.0)
-                if probe:
-                    self.circuit.probe_abandoned()
-                raise
-            attempts += 1
-            summary.requests_sent += 1
-            self.in_flight += 1
-            self.idle.clear()
-            timeout = self.pacing.timeout_s(max_tokens)
-            started = time.monotonic()
-            try:
-                if pol.streaming or self.pacing.deadline.settled():
-                    reply = await self.send(body, timeout)
-                else:
-                    reply = await self._send_watched(body, max_tokens, started)
-            except RetryableError as exc:
-                self.budget.settle(worst, 0.0)
-                if not exc.sent:  # never reached the server (refused, name not found): not a request it received
-                    summary.requests_sent -= 1
-                # Only a request whose fate is unknown (a timeout, a dropped connection) may have been billed:
-                # a 429 or a 5xx is the server's answer that it did not do the work.
-                unconfirmed += exc.sent and exc.status_code is None
-                if exc.status_code == 429:
-                    summary.http_429 += 1
-                    self.pacer.on_rate_limited(exc.retry_after, ratelimit_of(exc))
-                    if probe:
-                        self._on_answered()  # a rate limit is a server that is up
-                else:
-                    timed_out = time.monotonic() - started if exc.kind == "timeout" else None
-                    self.pacing.on_error(ratelimit_of(exc), timed_out_s=timed_out)
-                    self.circuit.on_failure(req.request_hash, str(exc), probe=probe)
-                    exc.during_outage = self.circuit.is_open()
-                count_error(summary, exc.kind, str(exc))
-                raise
-            except BaseException:
-                self.budget.settle(worst, 0.0)
-                if probe:
-                    self.circuit.probe_abandoned()
-                raise
-            finally:
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self.idle.set()
-            return reply, worst
+        row = _Row.start(req, prior, self.policy)
 
         def on_retry(exc: BaseException, wait: float) -> None:
-            summary.retries += 1
+            self.summary.retries += 1
 
         async def nap(seconds: float) -> None:  # a wait between tries ends early when the run stops
             await _first(self.sleep(seconds), self.stop.wait())
 
-        def so_far() -> Outcome | None:
-            return None if last is None else self._outcome(req, last, usage, attempts, unconfirmed, latency)
+        async def attempt() -> tuple[Reply, float]:  # tenacity runs coroutine functions, not lambdas
+            return await self._attempt(req, row)
 
         while True:
             try:
-                reply, worst = await call_paced(attempt, pol.retry, self.pacing, sleep=nap, on_retry=on_retry)
+                reply, worst = await call_paced(attempt, self.policy.retry, self.pacing, sleep=nap, on_retry=on_retry)
             except _Stopped:
-                return so_far()
+                return self._so_far(req, row)
             except FatalAPIError as exc:
                 self.pacing.on_refusal()
                 self._stop_fatal(exc)
-                return so_far()
+                return self._so_far(req, row)
             except asyncio.CancelledError:
-                kept = so_far()  # a re-ask cancelled by a hard stop: its earlier answer was paid for
+                kept = self._so_far(req, row)  # a re-ask cancelled by a hard stop: its earlier answer was paid for
                 if kept is not None:
                     self.abandoned.append(kept)
                 raise
-            except (RetryableError, RowError) as exc:
-                if isinstance(exc, RowError):
-                    self.pacing.on_refusal()
-                    if await self._is_setup_error(req, exc):
-                        self._stop_fatal(
-                            FatalAPIError(
-                                f"every row gets the same refusal, so the request itself is wrong, not a row: {exc} "
-                                "(check model.name, endpoint.base_url, the API key and [model.extra])",
-                                status_code=exc.status_code,
-                            )
-                        )
-                        return so_far()
-                    count_error(summary, exc.kind, str(exc))
-                    error = str(exc)
-                else:
-                    error = f"{exc} (attempt {attempts}, gave up; the next run sends it again)"
-                return Outcome(
-                    req.request_hash,
-                    "error",
-                    error=error,
-                    error_kind=exc.kind,
-                    usage=usage,
-                    attempts=attempts,
-                    unconfirmed_attempts=unconfirmed,
-                    latency_ms=latency,
-                    request_id=exc.request_id,
-                    server_error=exc.server_error,
+            except RowError as exc:
+                return await self._refused(req, row, exc)
+            except RetryableError as exc:
+                return self._error_outcome(
+                    req, row, exc, f"{exc} (attempt {row.attempts}, gave up; the next run sends it again)"
                 )
-            self._on_answered()
-            latency = reply.latency_ms
-            last = self.judge(reply)
-            paid = fill_cost(last.usage, self.price)
-            usage = usage + paid
-            self._count_paid(paid)
-            self.budget.settle(worst, paid.usd_spent or 0.0)
-            self.pacer.observe(req.est_prompt_tokens, max_tokens, paid.prompt_tokens, paid.completion_tokens)
-            self.pacing.on_reply(latency / 1000.0, reply.ratelimit, paid.completion_tokens, paid.total_tokens)
-            over_budget = pol.row_token_budget is not None and (usage.total_tokens or 0) >= pol.row_token_budget
-            if last.status == "invalid_output" and invalid_left > 0 and not over_budget:
-                retry_body = self._reask(req, body, max_tokens, last, tried)
-                if retry_body is not None:
-                    invalid_left -= 1
-                    count_error(summary, "invalid_output", last.error or "")
-                    body = retry_body
-                    tried.add(_digest(body))
-                    continue
-            if (
-                last.status == "truncated"
-                and truncated_left > 0
-                and max_tokens < pol.max_tokens_cap
-                and not over_budget
-            ):
-                truncated_left -= 1
-                max_tokens = min(pol.max_tokens_cap, max_tokens * 2)
-                body = with_changes(body, max_tokens=max_tokens)
-                tried.add(_digest(body))
+            judgement = self._take_reply(req, row, reply, worst)
+            if self._try_again(req, row, judgement):
                 continue
-            if last.status != "ok":
-                count_error(summary, last.status, last.error or "")
-            return self._outcome(req, last, usage, attempts, unconfirmed, latency)
+            if judgement.status != "ok":
+                count_error(self.summary, judgement.status, judgement.error or "")
+            return self._outcome(req, judgement, row)
+
+    # -- one attempt
+
+    async def _attempt(self, req: Request, row: _Row) -> tuple[Reply, float]:
+        """Admit, reserve the worst case, wait for the buckets, send: one try of ``row``'s current body."""
+        if self.stop.is_set():
+            raise _Stopped
+        probe = await self._admit()
+        worst = await self._reserve(req, row, probe)
+        self.summary.requests_sent += 1
+        row.attempts += 1
+        self.in_flight += 1
+        self.idle.clear()
+        started = time.monotonic()
+        try:
+            reply = await self._send(row, started)
+        except RetryableError as exc:
+            self.budget.settle(worst, 0.0)
+            self._on_retryable(req, row, exc, probe, started)
+            raise
+        except BaseException:
+            self.budget.settle(worst, 0.0)
+            if probe:
+                self.circuit.probe_abandoned()
+            raise
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        return reply, worst
+
+    async def _reserve(self, req: Request, row: _Row, probe: bool) -> float:
+        """Reserve the attempt's worst-case cost and wait for its turn; the amount reserved. Raises ``_Stopped``."""
+        worst = worst_case_usd(req.est_prompt_tokens, row.max_tokens, self.price)
+        if not await self.budget.reserve(worst):
+            self.budget_hit = True
+            self.stop.set()
+            if probe:
+                self.circuit.probe_abandoned()
+            raise _Stopped
+        try:
+            await self.pacer.acquire(self.pacer.estimate(req.est_prompt_tokens, row.max_tokens))
+            if self.stop.is_set():  # stopped while it waited for its turn: nothing new is sent
+                raise _Stopped
+        except BaseException:
+            self.budget.settle(worst, 0.0)
+            if probe:
+                self.circuit.probe_abandoned()
+            raise
+        return worst
+
+    async def _send(self, row: _Row, started: float) -> Reply:
+        if self.policy.streaming or self.pacing.deadline.settled():
+            return await self.send(row.body, self.pacing.timeout_s(row.max_tokens))
+        return await self._send_watched(row.body, row.max_tokens, started)
+
+    def _on_retryable(self, req: Request, row: _Row, exc: RetryableError, probe: bool, started: float) -> None:
+        """Count a retryable failure and tell pacing and the circuit what it says about the server."""
+        summary = self.summary
+        if not exc.sent:  # never reached the server (refused, name not found): not a request it received
+            summary.requests_sent -= 1
+        # Only a request whose fate is unknown (a timeout, a dropped connection) may have been billed:
+        # a 429 or a 5xx is the server's answer that it did not do the work.
+        row.unconfirmed += exc.sent and exc.status_code is None
+        if exc.status_code == 429:
+            summary.http_429 += 1
+            self.pacer.on_rate_limited(exc.retry_after, ratelimit_of(exc))
+            if probe:
+                self._on_answered()  # a rate limit is a server that is up
+        else:
+            timed_out = time.monotonic() - started if exc.kind == "timeout" else None
+            self.pacing.on_error(ratelimit_of(exc), timed_out_s=timed_out)
+            self.circuit.on_failure(req.request_hash, str(exc), probe=probe)
+            exc.during_outage = self.circuit.is_open()
+        count_error(summary, exc.kind, str(exc))
+
+    # -- what came back
+
+    def _take_reply(self, req: Request, row: _Row, reply: Reply, worst: float) -> Judgement:
+        """Judge an answer, pay for it, and tell pacing what it says."""
+        self._on_answered()
+        row.latency = reply.latency_ms
+        judgement = row.last = self.judge(reply)
+        paid = fill_cost(judgement.usage, self.price)
+        row.usage = row.usage + paid
+        self._count_paid(paid)
+        self.budget.settle(worst, paid.usd_spent or 0.0)
+        self.pacer.observe(req.est_prompt_tokens, row.max_tokens, paid.prompt_tokens, paid.completion_tokens)
+        self.pacing.on_reply(row.latency / 1000.0, reply.ratelimit, paid.completion_tokens, paid.total_tokens)
+        return judgement
+
+    def _try_again(self, req: Request, row: _Row, judgement: Judgement) -> bool:
+        """Whether to ask again (an invalid answer re-asked, a truncated one with more max_tokens): sets the body."""
+        pol = self.policy
+        if pol.row_token_budget is not None and (row.usage.total_tokens or 0) >= pol.row_token_budget:
+            return False
+        if judgement.status == "invalid_output" and row.invalid_left > 0:
+            retry_body = self._reask(req, row.body, row.max_tokens, judgement, row.tried)
+            if retry_body is not None:
+                row.invalid_left -= 1
+                count_error(self.summary, "invalid_output", judgement.error or "")
+                row.next_body(retry_body)
+                return True
+        if judgement.status == "truncated" and row.truncated_left > 0 and row.max_tokens < pol.max_tokens_cap:
+            row.truncated_left -= 1
+            row.max_tokens = min(pol.max_tokens_cap, row.max_tokens * 2)
+            row.next_body(with_changes(row.body, max_tokens=row.max_tokens))
+            return True
+        return False
+
+    async def _refused(self, req: Request, row: _Row, exc: RowError) -> Outcome | None:
+        """A 4xx: the row's error, unless every row gets it (a setup error stops the run)."""
+        self.pacing.on_refusal()
+        if await self._is_setup_error(req, exc):
+            self._stop_fatal(
+                FatalAPIError(
+                    f"every row gets the same refusal, so the request itself is wrong, not a row: {exc} "
+                    "(check model.name, endpoint.base_url, the API key and [model.extra])",
+                    status_code=exc.status_code,
+                )
+            )
+            return self._so_far(req, row)
+        count_error(self.summary, exc.kind, str(exc))
+        return self._error_outcome(req, row, exc, str(exc))
+
+    def _error_outcome(self, req: Request, row: _Row, exc: RetryableError | RowError, error: str) -> Outcome:
+        return Outcome(
+            req.request_hash,
+            "error",
+            error=error,
+            error_kind=exc.kind,
+            usage=row.usage,
+            attempts=row.attempts,
+            unconfirmed_attempts=row.unconfirmed,
+            latency_ms=row.latency,
+            request_id=exc.request_id,
+            server_error=exc.server_error,
+        )
+
+    def _so_far(self, req: Request, row: _Row) -> Outcome | None:
+        """The last answer received, when the row stops before its attempts are done (None: never answered)."""
+        return None if row.last is None else self._outcome(req, row.last, row)
 
     async def _send_watched(self, body: bytes, max_tokens: int, started: float) -> Reply:
         """``send``, abandoned when the deadline learned *while it waits* passes.
 
-        The first requests of a run go out before any latency is known, with the ceiling as their timeout;
-        one of them hanging for 120 s held a 20 s run for 120 s. Until the deadline has settled, each
+        The first requests of a run go out before any latency is known, with the ceiling as their timeout,
+        and one of them hanging would hold the whole run for that long. Until the deadline has settled, each
         request re-reads it twice a second (later requests take the cheap path: one fixed timeout).
         """
 
@@ -419,12 +448,10 @@ class Attempts:
             candidate = vary_sampling(candidate)
         return None
 
-    def _outcome(
-        self, req: Request, j: Judgement, usage: Usage, attempts: int, unconfirmed: int, latency: float | None
-    ) -> Outcome:
+    def _outcome(self, req: Request, j: Judgement, row: _Row) -> Outcome:
         error = j.error
-        if error and attempts > 1:
-            error = f"{error} (attempt {attempts})"
+        if error and row.attempts > 1:
+            error = f"{error} (attempt {row.attempts})"
         return Outcome(
             req.request_hash,
             j.status,
@@ -433,12 +460,12 @@ class Attempts:
             j.finish_reason,
             j.model,
             j.response_id,
-            usage,
+            row.usage,
             error,
             j.status if j.status != "ok" else None,
-            attempts,
-            unconfirmed,
-            latency,
+            row.attempts,
+            row.unconfirmed,
+            row.latency,
             j.tool_calls,
             created=j.created,
             refusal=j.refusal,

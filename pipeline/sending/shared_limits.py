@@ -19,12 +19,13 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import SpecError
-from pipeline.scheduler import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
+from pipeline.sending.buckets import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
 
 #: Furthest ahead a reservation may reach; beyond it a taker sleeps and asks again.
 HORIZON_S = 0.5
@@ -81,7 +82,7 @@ def reserve(
 
 
 class ReservingQuota:
-    """``scheduler.Quota`` over a bucket held elsewhere: reserve ahead, sleep until the reservation is due.
+    """``buckets.Quota`` over a bucket held elsewhere: reserve ahead, sleep until the reservation is due.
 
     Subclasses say where the bucket lives (``_reserve``); the waiting is the same for all. One coroutine
     per process reserves at a time, so takers queue FIFO here instead of racing for the bucket.
@@ -89,6 +90,8 @@ class ReservingQuota:
 
     factor: float = 1.0
     _turn: asyncio.Lock | None = None
+    _sleep: Callable[[float], Awaitable[Any]] | None = None
+    """How a taker waits (``asyncio.sleep`` unless a subclass was given another)."""
 
     async def _reserve(self, tokens: float) -> tuple[bool, float]:
         raise NotImplementedError
@@ -97,14 +100,15 @@ class ReservingQuota:
         """Wait until one request of ``tokens`` tokens may be sent under the shared limits."""
         if self._turn is None:
             self._turn = asyncio.Lock()  # made inside the running loop, never at import or in another loop
+        sleep = self._sleep or asyncio.sleep
         async with self._turn:
             while True:
                 ok, wait = await self._reserve(tokens)
                 if ok:
                     break
-                await asyncio.sleep(wait)
+                await sleep(wait)
         if wait > 0:
-            await asyncio.sleep(wait)
+            await sleep(wait)
 
     def set_factor(self, factor: float) -> None:
         """After 429s this process refills at ``factor`` × the limit (see ``Pacer.on_rate_limited``)."""
@@ -128,8 +132,10 @@ class SqliteQuota(ReservingQuota):
         tpm: float | None,
         *,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[Any]] | None = None,
     ) -> None:
         self.name = name
+        self._sleep = sleep
         self.path = path
         self.rpm = rpm
         self.tpm = tpm
