@@ -409,8 +409,8 @@ def _wait_for_shards(
     refs: dict[Any, int],
     limits: Any,
     options: RunOptions,
-    summary: RunSummary,
-    results: dict[int, RunSummary],
+    summary: RunTally,
+    results: dict[int, RunTally],
     failures: list[str],
 ) -> None:
     """Collect each shard's summary as it ends (into ``results``, or its error into ``failures``).
@@ -461,7 +461,7 @@ def _wait_for_shards(
         unlisten()
 
 
-def _count_shards(summary: RunSummary, results: dict[int, RunSummary], limits: Any) -> None:
+def _count_shards(summary: RunTally, results: dict[int, RunTally], limits: Any) -> None:
     """Add the finished shards' counters, and what lost attempts sent as far as their heartbeats told."""
     import ray
 
@@ -474,7 +474,7 @@ def _count_shards(summary: RunSummary, results: dict[int, RunSummary], limits: A
 
 
 def _why_stopped(
-    summary: RunSummary, results: dict[int, RunSummary], failures: list[str], max_cost_usd: float | None
+    summary: RunTally, results: dict[int, RunTally], failures: list[str], max_cost_usd: float | None
 ) -> None:
     """The run's stop reason from its shards': a fatal answer, then the budget, then failed shards."""
     stopped = [r for r in results.values() if r.stopped_by]
