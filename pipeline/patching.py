@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from pipeline.lazy import lazy
-from pipeline.writer import AnswerLookup, TypedColumns, answered_rows, atomic_path
+from pipeline.writer import OUTPUT_COLUMNS, AnswerLookup, TypedColumns, answered_rows, atomic_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -102,6 +102,8 @@ def changed_positions(
         output = pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError):
         return None
+    if not set(OUTPUT_COLUMNS) <= set(output.schema_arrow.names):
+        return None  # written before an answer column was added: rewritten whole, with it
     output_rows = output.metadata.num_rows
     changed: list[int] = []
     seen = 0

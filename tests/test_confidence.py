@@ -16,6 +16,7 @@ from pipeline.errors import SpecError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.localapi.handler import Handler, Reply
 from pipeline.localapi.truth import SURE, UNSURE
+from pipeline.patching import changed_positions
 from pipeline.records import ExitCode
 from pipeline.spec import LOCAL_MODEL, spec_from_dict
 from pipeline.validator import confidence_of
@@ -233,3 +234,13 @@ def test_an_input_column_named_confidence_is_kept_unless_the_job_asks_for_logpro
     data["model"]["extra"] = {"logprobs": True}
     with pytest.raises(SpecError, match="'confidence' clash with seedbatch's output columns"):
         run(spec_from_dict(data, tmp_path / "j.toml"))
+
+
+def test_an_output_written_before_the_column_existed_is_rewritten_not_patched(tmp_path: Path, api: LocalAPI) -> None:
+    data = _job(tmp_path, api, n=4)
+    run(spec_from_dict(data, tmp_path / "j.toml"))
+    path = tmp_path / "out" / "result.parquet"
+    frames = [pl.read_csv(tmp_path / "input.csv").with_row_index("__row").with_columns(pl.col("__row").cast(pl.Int64))]
+    assert changed_positions(path, frames, "__row", 100, 100) == []
+    pl.read_parquet(path).drop("confidence").write_parquet(path)
+    assert changed_positions(path, frames, "__row", 100, 100) is None
