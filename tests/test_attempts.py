@@ -149,6 +149,23 @@ def test_row_error_is_final_at_once() -> None:
     assert (out.status, out.error_kind, out.attempts) == ("error", "http_400", 1)
 
 
+def test_a_refusal_no_other_row_can_settle_is_a_row_error_without_the_hold() -> None:
+    """A refusal is held until it is known whether every row gets it; with no other row left to send or in
+    flight, nothing can tell, so the row ends at once (a ``--retry-errors`` rerun of two rows waited 10 s)."""
+    refused = RowError("HTTP 400: bad", status_code=400, kind="http_400")
+    sleeps: list[float] = []
+    attempts, _ = make(Script(refused), sleeps=sleeps)
+    out = answer(attempts)
+    assert out.status == "error" and sleeps == [attempts.hold_s], "while more rows may come, it is held"
+
+    sleeps.clear()
+    attempts, _ = make(Script(RowError("HTTP 400: bad", status_code=400, kind="http_400")), sleeps=sleeps)
+    attempts.no_more_rows()
+    out = answer(attempts)
+    assert (out.status, out.error_kind) == ("error", "http_400")
+    assert attempts.hold_s not in sleeps
+
+
 def test_reask_carries_the_error_and_differs() -> None:
     send = Script(reply('{"label": "maybe"}'), reply('{"label": "pos"}'))
     attempts, _ = make(send, invalid_retries=2, reask_with_error=True)

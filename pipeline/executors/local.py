@@ -148,6 +148,8 @@ class Dispatch:
                     if prior is not None and req.not_sent is None and prior[0] not in NOT_SENT:
                         self.resending.add(h)
                     yield req
+        if self.attempts is not None:
+            self.attempts.no_more_rows()
 
     async def answer(self, req: Request) -> Outcome | None:
         ns = req.not_sent
