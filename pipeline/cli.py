@@ -215,8 +215,8 @@ def run(
     **overrides: Any,
 ) -> None:
     """Run JOB (a TOML file): send what the ledger lacks, write the output Parquet and manifest."""
+    from pipeline.decision import UpToDate, decide
     from pipeline.progress import Reporter
-    from pipeline.uptodate import skip
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr)
     # httpx logs one INFO line per request: noise at 10k rows, and its transport's debug lines can
@@ -229,10 +229,10 @@ def run(
             raise click.UsageError("--fresh re-pays every row; add --yes to confirm when not at a terminal")
         click.confirm(f"--fresh ignores {spec.ledger_path} and pays for every row again. Continue?", abort=True)
     selection = _selection(limit, sample, sample_seed)
-    done = skip(spec, selection, fresh=fresh, retry_errors=retry_errors)  # before the runner (polars) loads
-    if done is not None:
-        Reporter(live=False, log_format=log_format).log("up_to_date", _up_to_date_fields(done))
-        sys.exit(done.exit_code)
+    decision = decide(spec, selection, fresh=fresh, retry_errors=retry_errors)  # polars loads only for work
+    if isinstance(decision, UpToDate):
+        Reporter(live=False, log_format=log_format).log("up_to_date", _up_to_date_fields(decision.summary))
+        sys.exit(decision.summary.exit_code)
     from pipeline.runner import RunOptions, run_job
 
     live = sys.stderr.isatty() if progress is None else progress
@@ -246,10 +246,7 @@ def run(
             log=lambda message: reporter.log("notice", {"message": message}),
         )
         with stop_on_signals(options.stop):
-            summary = run_job(spec, options)
-    if summary.up_to_date:  # became up to date between the two checks (another run finished)
-        reporter.log("up_to_date", _up_to_date_fields(summary))
-        sys.exit(summary.exit_code)
+            summary = run_job(spec, options, decision)
     fields = {
         "job": summary.job,
         "run_id": summary.run_id,

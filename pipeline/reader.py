@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 import polars as pl
+import xxhash
 
 from pipeline.errors import InputError
 from pipeline.lazy import lazy
@@ -103,6 +104,11 @@ class InputTable:
     json_columns: tuple[str, ...] = ()
     #: CSV: the field separator (``job.delimiter``; a tab for .tsv, else a comma).
     delimiter: str = ","
+    #: The file's (size, mtime_ns), taken before ``open_input`` opened it.
+    stat: tuple[int, int] | None = field(default=None, compare=False)
+    #: xxh3-128 of the file's bytes as stored (compressed or not), from ``open_input``'s pass over them;
+    #: None when that pass did not read the whole file (Parquet: its footer only). See ``uptodate``.
+    digest: str | None = field(default=None, compare=False)
 
 
 class DelimiterGuess(InputError):
@@ -153,15 +159,17 @@ def open_input(
         kind = "JSONL" if fmt == "ndjson" else "Parquet"
         raise InputError(f"{path}: job.delimiter is for CSV and TSV input; remove it for a {kind} file")
     codec = _codec(path, encoding)
+    st = path.stat()
+    digest = InputDigest()
     if fmt == "parquet":
         table = _open_parquet(path)
     elif path.stat().st_size == 0:
         raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
     elif fmt == "csv":
         sep = delimiter if delimiter is not None else ("\t" if inner == ".tsv" else ",")
-        table = _open_csv(path, codec, sep, sniff=delimiter is None)
+        table = _open_csv(path, codec, sep, sniff=delimiter is None, digest=digest)
     else:
-        table = _open_jsonl(path, codec, tuple(json_columns))
+        table = _open_jsonl(path, codec, tuple(json_columns), digest)
     if table.rows == 0 and fmt == "ndjson":
         raise InputError(f"{path}: input is empty (only blank lines)")
     if table.rows == 0:
@@ -179,6 +187,8 @@ def open_input(
         table.block_size,
         table.json_columns,
         table.delimiter,
+        (st.st_size, st.st_mtime_ns),
+        digest.hexdigest(),
     )
 
 
@@ -529,17 +539,65 @@ def read_rows(
 # ----------------------------------------------------------------- bytes and text
 
 
-def _open_bytes(path: Path) -> BinaryIO:
+def _open_bytes(path: Path, digest: InputDigest | None = None) -> BinaryIO:
     """The one place input files are opened for streaming (tests wrap it to watch what is read): a .gz or
-    .zst file decompressed as it is read, so every reader and every line number sees the text."""
+    .zst file decompressed as it is read, so every reader and every line number sees the text. With
+    ``digest``, the bytes as stored feed it as they are read (``open_input``'s pass)."""
     compression = input_format(path)[1]
+    raw: io.RawIOBase = open(path, "rb", buffering=0)  # noqa: SIM115 (returned open: the caller closes it)
+    if digest is not None:
+        raw = _Digesting(raw, digest)
     if compression is None:
-        return open(path, "rb")
+        return io.BufferedReader(raw)
     try:
-        stream = pa.input_stream(str(path), compression=compression)
+        stream = pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
     except (pa.ArrowException, OSError) as exc:
+        raw.close()
         raise InputError(f"{path}: cannot open the {compression} file: {str(exc).splitlines()[0]}") from None
     return io.BufferedReader(_Decompressed(stream, path, compression), buffer_size=1 << 16)
+
+
+class InputDigest:
+    """xxh3-128 of a file's bytes, fed by the pass that reads them; known once that pass reached the end."""
+
+    def __init__(self) -> None:
+        self._hash = xxhash.xxh3_128()
+        self.complete = False
+
+    def reset(self) -> None:
+        """For a pass that starts over from the file's first byte."""
+        self._hash.reset()
+        self.complete = False
+
+    def update(self, data: memoryview) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str | None:
+        return self._hash.hexdigest() if self.complete else None
+
+
+class _Digesting(io.RawIOBase):
+    """A file whose bytes feed an ``InputDigest`` as they are read."""
+
+    def __init__(self, raw: io.RawIOBase, digest: InputDigest) -> None:
+        self._raw = raw
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer) or 0
+        if n:
+            self._digest.update(memoryview(buffer)[:n])
+        else:
+            self._digest.complete = True
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 class _Decompressed(io.RawIOBase):
@@ -577,7 +635,7 @@ class _Tracked:
     accepts silently as one long last value; that is when the slow, exact check runs.
     """
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO | _Replay) -> None:
         self._raw = raw
         self.quotes = 0
         self.closed = False
@@ -596,6 +654,50 @@ class _Tracked:
     def close(self) -> None:
         self.closed = True
         self._raw.close()
+
+
+class _Replay:
+    """A binary file whose first bytes read are kept, to be read again after ``rewind``: the CSV header is
+    parsed from them, then the pass over the rows starts from the first byte without opening the file again.
+    ``close`` before ``rewind`` keeps the file open (the header's reader closes its source)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._kept: bytearray | None = bytearray()
+        self._replay = b""
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self._replay:
+            take = len(self._replay) if size < 0 else size
+            data, self._replay = self._replay[:take], self._replay[take:]
+            if size < 0:
+                data += self._raw.read()
+            return data
+        data = self._raw.read(size)
+        if self._kept is not None:
+            self._kept += data
+        return data
+
+    def rewind(self) -> None:
+        if self._kept is not None:
+            self._replay, self._kept = bytes(self._kept), None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._kept is None:
+            self.closed = True
+            self._raw.close()
+
+    def release(self) -> None:
+        """Close the file, whoever else holds it."""
+        self._kept = None
+        self.close()
 
 
 class _Undecodable(Exception):
@@ -617,12 +719,12 @@ def _decode_message(path: Path, codec: str, line: int, byte: int) -> str:
     )
 
 
-def _text_lines(path: Path, codec: str) -> Iterator[tuple[int, str]]:
+def _text_lines(path: Path, codec: str, digest: InputDigest | None = None) -> Iterator[tuple[int, str]]:
     """Decoded physical lines (with their ``\\n``) and their 1-based numbers; ``_Undecodable`` on bad bytes."""
     decoder = codecs.getincrementaldecoder(codec)("strict")
     line = 1
     pending = ""
-    with _open_bytes(path) as f:
+    with _open_bytes(path, digest) as f:
         for raw in f:
             try:
                 pending += decoder.decode(raw)
@@ -648,8 +750,11 @@ class _BlockTooSmall(Exception):
     """One row is longer than the read block: read again with a larger one."""
 
 
-def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
-    """One streamed pass over the whole file: header, row count, bad lines, and each column's type.
+def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool, digest: InputDigest) -> InputTable:
+    """One streamed pass over the whole file: header, row count, bad lines, each column's type, the digest.
+
+    The header is parsed from the first bytes read, which are then read again from memory by the pass
+    over the rows (``_Replay``): one open of the file.
 
     With ``sniff`` (no ``job.delimiter``), a header that reads as one column holding a tab, a semicolon, a
     comma or a bar is refused before any row is parsed: its rows would fail with a misleading field count,
@@ -657,13 +762,16 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
     """
     block = CSV_BLOCK
     while True:
+        digest.reset()
+        source = _Replay(_open_bytes(path, digest))
         try:
-            names = _csv_names(path, codec, block, sep)
+            names = _csv_names(path, source, codec, block, sep)
             if sniff and len(names) == 1:
                 _check_separator(path, names[0], sep)
             seen: dict[str, set[str] | None] = dict.fromkeys(names)
             rows = 0
-            for batch in _csv_batches(path, codec, block, names, None, sep):
+            source.rewind()
+            for batch in _csv_batches(path, codec, block, names, None, sep, source):
                 rows += batch.num_rows
                 for name, column in zip(names, batch.columns, strict=True):
                     seen[name] = _narrow(seen[name], column)
@@ -674,6 +782,8 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
                     f"{path}: a row is longer than {CSV_BLOCK_CAP >> 20} MB; split the file or convert it to Parquet"
                 ) from None
             block *= 4
+        finally:
+            source.release()
     schema: dict[str, pl.DataType] = {}
     for name, kinds in seen.items():
         kind = next((k for k in _CSV_TYPES if kinds and k in kinds), None)
@@ -719,23 +829,22 @@ def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
     return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
 
 
-def _csv_names(path: Path, codec: str, block: int, sep: str) -> list[str]:
-    """The header's column names (pyarrow parses the first block to find them)."""
-    with _open_bytes(path) as raw:
-        try:
-            reader = pcsv.open_csv(
-                raw,
-                read_options=_csv_read_options(codec, block),
-                parse_options=pcsv.ParseOptions(
-                    delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
-                ),
-            )
-            names = list(reader.schema.names)
-            reader.close()
-        except (pa.ArrowException, UnicodeError) as exc:
-            if "Empty CSV file" in str(exc):
-                raise InputError(f"{path}: input is empty (no header, no rows)") from None
-            raise _csv_error(path, codec, sep, None, exc) from None
+def _csv_names(path: Path, raw: _Replay, codec: str, block: int, sep: str) -> list[str]:
+    """The header's column names (pyarrow parses the first block of ``raw`` to find them)."""
+    try:
+        reader = pcsv.open_csv(
+            raw,
+            read_options=_csv_read_options(codec, block),
+            parse_options=pcsv.ParseOptions(
+                delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
+            ),
+        )
+        names = list(reader.schema.names)
+        reader.close()
+    except (pa.ArrowException, UnicodeError) as exc:
+        if "Empty CSV file" in str(exc):
+            raise InputError(f"{path}: input is empty (no header, no rows)") from None
+        raise _csv_error(path, codec, sep, None, exc) from None
     for i, name in enumerate(names):
         if not name.strip():
             raise InputError(
@@ -749,16 +858,23 @@ def _csv_names(path: Path, codec: str, block: int, sep: str) -> list[str]:
 
 
 def _csv_batches(
-    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None, sep: str
+    path: Path,
+    codec: str,
+    block: int,
+    names: Sequence[str],
+    columns: Sequence[str] | None,
+    sep: str,
+    source: _Replay | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """The file as record batches of text columns, one block at a time; bad lines are InputErrors."""
+    """The file (or ``source``, the file opened already) as record batches of text columns, one block at a
+    time; bad lines are InputErrors."""
     bad: list[pcsv.InvalidRow] = []
 
     def on_invalid(row: pcsv.InvalidRow) -> str:
         bad.append(row)
         return "error"
 
-    raw = _Tracked(_open_bytes(path))
+    raw = _Tracked(source if source is not None else _open_bytes(path))
     reader: pcsv.CSVStreamingReader | None = None
     try:
         reader = pcsv.open_csv(
@@ -924,11 +1040,13 @@ def _row_lines(table: InputTable, numbers: Collection[int]) -> dict[int, int]:
 # ----------------------------------------------------------------- JSONL
 
 
-def _open_jsonl(path: Path, codec: str, json_columns: tuple[str, ...] = ()) -> InputTable:
-    """One pass over every line: row count, bad lines, and the column types of the whole file."""
+def _open_jsonl(
+    path: Path, codec: str, json_columns: tuple[str, ...] = (), digest: InputDigest | None = None
+) -> InputTable:
+    """One pass over every line: row count, bad lines, the column types of the whole file, the digest."""
     schema: dict[str, pl.DataType] = {}
     rows = 0
-    for lines, records in _jsonl_batches(path, codec, json_columns):
+    for lines, records in _jsonl_batches(path, codec, json_columns, digest):
         rows += len(records)
         frame = _jsonl_frame(path, lines, records, None)
         _check_lossless(path, lines, records, frame)
@@ -1001,13 +1119,13 @@ def _conflict_message(path: Path, line: int, name: str, value: object) -> str:
 
 
 def _jsonl_batches(
-    path: Path, codec: str, json_columns: tuple[str, ...] = ()
+    path: Path, codec: str, json_columns: tuple[str, ...] = (), digest: InputDigest | None = None
 ) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
     """Objects of a JSONL file, ``JSONL_BATCH`` lines at a time, with their line numbers."""
     lines: list[int] = []
     records: list[dict[str, Any]] = []
     source: Iterator[tuple[int, bytes | str]]
-    source = _byte_lines(path) if codec in _UTF8 else iter(_text_lines(path, codec))
+    source = _byte_lines(path, digest) if codec in _UTF8 else iter(_text_lines(path, codec, digest))
     try:
         for line, text in source:
             if not text.strip():
@@ -1036,8 +1154,8 @@ def _jsonl_batches(
         yield lines, records
 
 
-def _byte_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with _open_bytes(path) as f:
+def _byte_lines(path: Path, digest: InputDigest | None = None) -> Iterator[tuple[int, bytes]]:
+    with _open_bytes(path, digest) as f:
         for line, raw in enumerate(f, 1):
             yield line, raw[3:] if line == 1 and raw.startswith(codecs.BOM_UTF8) else raw
 

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("one request, one job's checks", {"prepare", "attempts", "uptodate"}),
     ("what changed since the last output", {"incremental"}),
+    ("what a run has to do, where it sends", {"decision", "local_endpoint"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
     ("composers", {"runner", "planning", "starter"}),
     ("the command", {"cli"}),

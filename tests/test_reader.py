@@ -546,7 +546,7 @@ def test_chunks_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         def close(self) -> None:
             self.raw.close()
 
-    monkeypatch.setattr(reader, "_open_bytes", lambda path: Counting(opened(path)))
+    monkeypatch.setattr(reader, "_open_bytes", lambda path, *more: Counting(opened(path, *more)))
     chunks = read_rows(table, Selection(), 100, ["text"], "id")
     first = next(chunks)
     assert [r.key for r in first] == [f"id-{i}" for i in range(100)]
