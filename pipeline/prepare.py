@@ -148,7 +148,11 @@ def _prepare(
         schema_types.check_schema(schema, strict=bool(fn.get("strict")), source=schema_source)
     messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
     table = open_input(
-        spec.job.input, spec.job.encoding, [messages_column] if messages_column else [], spec.job.delimiter
+        spec.job.input,
+        spec.job.encoding,
+        [messages_column] if messages_column else [],
+        spec.job.delimiter,
+        spec.job.id_column if read_everything else None,
     )
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
     # Media inside message lists follow the [media] rules (size, formats), whatever columns are named.

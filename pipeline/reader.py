@@ -32,6 +32,7 @@ import polars as pl
 import xxhash
 
 from pipeline.errors import InputError
+from pipeline.ids import SHOWN_ROWS, IdScan
 from pipeline.lazy import lazy
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ class InputTable:
     delimiter: str = ","
     #: The file's (size, mtime_ns), taken before ``open_input`` opened it.
     stat: tuple[int, int] | None = field(default=None, compare=False)
+    #: The id column's empty rows and hashes, when ``open_input`` was given it (``check_ids`` judges them).
+    ids: IdScan | None = field(default=None, compare=False, repr=False)
     #: xxh3-128 of the file's bytes as stored (compressed or not), from ``open_input``'s pass over them;
     #: None when that pass did not read the whole file (Parquet: its footer only). See ``uptodate``.
     digest: str | None = field(default=None, compare=False)
@@ -132,7 +135,11 @@ def input_format(path: Path) -> tuple[str | None, str | None, str]:
 
 
 def open_input(
-    path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = (), delimiter: str | None = None
+    path: Path,
+    encoding: str = "utf-8",
+    json_columns: Sequence[str] = (),
+    delimiter: str | None = None,
+    id_column: str | None = None,
 ) -> InputTable:
     """Check the input exists, has a known format, parses, and has rows; return its shape.
 
@@ -140,7 +147,8 @@ def open_input(
     line before anything is sent; Parquet's shape comes from its footer. ``json_columns`` of a JSONL
     file are read as JSON text (see ``InputTable.json_columns``). ``delimiter`` is ``job.delimiter``: unset,
     a .tsv file is tab-separated and any other CSV comma-separated, and a header that reads as one column
-    holding another separator is refused with the setting to use (``DelimiterGuess``).
+    holding another separator is refused with the setting to use (``DelimiterGuess``). ``id_column``'s
+    empty rows and hashes are gathered by the same pass (``InputTable.ids``, for ``check_ids``).
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
@@ -167,9 +175,9 @@ def open_input(
         raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
     elif fmt == "csv":
         sep = delimiter if delimiter is not None else ("\t" if inner == ".tsv" else ",")
-        table = _open_csv(path, codec, sep, sniff=delimiter is None, digest=digest)
+        table = _open_csv(path, codec, sep, sniff=delimiter is None, digest=digest, id_column=id_column)
     else:
-        table = _open_jsonl(path, codec, tuple(json_columns), digest)
+        table = _open_jsonl(path, codec, tuple(json_columns), digest, id_column)
     if table.rows == 0 and fmt == "ndjson":
         raise InputError(f"{path}: input is empty (only blank lines)")
     if table.rows == 0:
@@ -188,6 +196,7 @@ def open_input(
         table.json_columns,
         table.delimiter,
         (st.st_size, st.st_mtime_ns),
+        table.ids,
         digest.hexdigest(),
     )
 
@@ -217,8 +226,6 @@ def _open_parquet(path: Path) -> InputTable:
     return InputTable(path, "parquet", tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
 
 
-#: Rows named in an id error, at most.
-SHOWN_ROWS = 3
 #: Repeated id hashes whose rows are read again to compare their values, and rows read per hash, at most.
 SUSPECT_HASHES = 64
 ROWS_PER_HASH = 16
@@ -228,28 +235,20 @@ def check_ids(table: InputTable, column: str, why: str = " (each id names one ro
     """Every row has an id of its own: ids are how answers are joined back to rows, so a repeated or empty
     one stops the run before anything is sent, naming the first rows (lines) and values.
 
-    One streamed pass over the id column keeps a 64-bit hash per row (16 bytes a row with its sorted copy,
-    not the ids); rows whose hashes repeat are read again to compare their values, so a hash collision is
-    never an error.
+    A 64-bit hash per row is kept (16 bytes a row with its sorted copy, not the ids), taken by
+    ``open_input``'s pass when it was given the column (``ids``), else by a pass over the id column; rows
+    whose hashes repeat are read again to compare their values, so a hash collision is never an error.
     """
-    empty: list[int] = []
-    n_empty = 0
-    hashes: list[pl.Series] = []
-    for frame in _id_frames(table, column):
-        ids = frame.get_column(column)
-        blank = ids.is_null()
-        if ids.dtype == pl.String:
-            blank = blank | (ids.str.strip_chars() == "")
-        n = int(blank.sum())
-        if n:
-            n_empty += n
-            if len(empty) < SHOWN_ROWS:
-                empty += frame.get_column(ROW_NUMBER).filter(blank).head(SHOWN_ROWS - len(empty)).to_list()
-        if not n_empty:
-            hashes.append(ids.hash(seed=0))
-    if n_empty:
-        where = _where(table, empty)
-        more = f" ({n_empty:,} rows)" if n_empty > len(empty) else ""
+    scan = table.ids if table.ids is not None and table.ids.column == column else None
+    hashes = scan.hashes((table.schema or {}).get(column)) if scan is not None else None
+    if scan is None or hashes is None:
+        scan = IdScan(column)
+        for frame in _id_frames(table, column):
+            scan.add_typed(int(frame.get_column(ROW_NUMBER)[0]), frame.get_column(column))
+        hashes = scan.hashes(None)
+    if scan.n_empty:
+        where = _where(table, scan.empty)
+        more = f" ({scan.n_empty:,} rows)" if scan.n_empty > len(scan.empty) else ""
         raise InputError(
             f"{table.path}: job.id_column {column!r} is empty on {where}{more}; every row needs an id{why}"
         )
@@ -750,7 +749,9 @@ class _BlockTooSmall(Exception):
     """One row is longer than the read block: read again with a larger one."""
 
 
-def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool, digest: InputDigest) -> InputTable:
+def _open_csv(
+    path: Path, codec: str, sep: str, *, sniff: bool, digest: InputDigest, id_column: str | None = None
+) -> InputTable:
     """One streamed pass over the whole file: header, row count, bad lines, each column's type, the digest.
 
     The header is parsed from the first bytes read, which are then read again from memory by the pass
@@ -770,8 +771,11 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool, digest: InputDig
                 _check_separator(path, names[0], sep)
             seen: dict[str, set[str] | None] = dict.fromkeys(names)
             rows = 0
+            ids = IdScan(id_column) if id_column in names else None
             source.rewind()
             for batch in _csv_batches(path, codec, block, names, None, sep, source):
+                if ids is not None:
+                    _scan_csv_ids(ids, rows, batch.column(id_column))
                 rows += batch.num_rows
                 for name, column in zip(names, batch.columns, strict=True):
                     seen[name] = _narrow(seen[name], column)
@@ -789,7 +793,17 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool, digest: InputDig
         kind = next((k for k in _CSV_TYPES if kinds and k in kinds), None)
         schema[name] = _CSV_TYPES[kind] if kind else pl.String()
     dtypes = {k: str(v) for k, v in schema.items()}
-    return InputTable(path, "csv", tuple(names), dtypes, rows, codec, schema, block, delimiter=sep)
+    return InputTable(path, "csv", tuple(names), dtypes, rows, codec, schema, block, delimiter=sep, ids=ids)
+
+
+def _scan_csv_ids(ids: IdScan, first_row: int, column: pa.Array) -> None:
+    """One batch of a CSV id column (text) into ``ids``, with its integers while every value is one."""
+    text = pl.Series(ids.column, column)
+    try:
+        integers: pl.Series | None = pl.Series(ids.column, pc.cast(column, pa.int64()))
+    except pa.ArrowInvalid:
+        integers = None
+    ids.add(first_row, text, integers)
 
 
 def _check_separator(path: Path, header: str, sep: str) -> None:
@@ -1041,12 +1055,19 @@ def _row_lines(table: InputTable, numbers: Collection[int]) -> dict[int, int]:
 
 
 def _open_jsonl(
-    path: Path, codec: str, json_columns: tuple[str, ...] = (), digest: InputDigest | None = None
+    path: Path,
+    codec: str,
+    json_columns: tuple[str, ...] = (),
+    digest: InputDigest | None = None,
+    id_column: str | None = None,
 ) -> InputTable:
     """One pass over every line: row count, bad lines, the column types of the whole file, the digest."""
     schema: dict[str, pl.DataType] = {}
     rows = 0
+    ids = IdScan(id_column) if id_column is not None else None
     for lines, records in _jsonl_batches(path, codec, json_columns, digest):
+        if ids is not None:
+            _scan_jsonl_ids(ids, rows, [r.get(ids.column) for r in records])
         rows += len(records)
         frame = _jsonl_frame(path, lines, records, None)
         _check_lossless(path, lines, records, frame)
@@ -1062,7 +1083,15 @@ def _open_jsonl(
                         raise InputError(_conflict_message(path, line, exc.name, record[exc.name])) from None
             raise InputError(_conflict_message(path, lines[0], exc.name, None)) from None
     dtypes = {k: str(v) for k, v in schema.items()}
-    return InputTable(path, "ndjson", tuple(schema), dtypes, rows, codec, schema, json_columns=json_columns)
+    return InputTable(path, "ndjson", tuple(schema), dtypes, rows, codec, schema, json_columns=json_columns, ids=ids)
+
+
+def _scan_jsonl_ids(ids: IdScan, first_row: int, values: list[Any]) -> None:
+    """One batch of a JSONL id field into ``ids``: as text (as ``_id_frames`` reads a text column), and
+    as integers when every value is one."""
+    text = pl.Series(ids.column, values, dtype=pl.String(), strict=False)
+    whole = all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values)
+    ids.add(first_row, text, pl.Series(ids.column, values, dtype=pl.Int64(), strict=False) if whole else None)
 
 
 class _Conflict(Exception):

@@ -17,7 +17,10 @@ PACKAGE = ROOT / "pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     ("data, and imports deferred to first use", {"errors", "records", "lazy"}),
     ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("pure policy", {"pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"}),
+    (
+        "pure policy",
+        {"ids", "pacing", "breaker", "schema_types", "grammar", "costs", "validator", "conversations", "tools"},
+    ),
     (
         "stages",
         {

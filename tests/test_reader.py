@@ -588,3 +588,40 @@ def test_a_short_first_chunk_doubles_up_to_chunk_rows_and_keeps_every_request(tm
     assert [len(c) for c in whole] == [1_000, 1_000, 500]
     assert [len(c) for c in cut] == [64, 128, 256, 512, 40, 1_000, 500]  # then whole chunks again
     assert [r.request_hash for c in cut for r in c] == [r.request_hash for c in whole for r in c]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("int_ids_one_value.csv", "id,x\n7,a\n07,b\n"),
+        ("text_ids.csv", "id,x\nr1,a\n r1,b\nr2,c\n"),
+        ("empty_id.csv", "id,x\n1,a\n,b\n3,c\n"),
+        ("blank_id.csv", 'id,x\nr1,a\n"  ",b\n'),
+        ("float_ids.csv", "id,x\n1.5,a\n1.50,b\n"),
+        ("distinct.csv", "id,x\n1,a\n2,b\n"),
+        ("mixed.jsonl", '{"id": 1, "x": "a"}\n{"id": "1", "x": "b"}\n'),
+        ("ints.jsonl", '{"id": 1, "x": "a"}\n{"id": 2, "x": "b"}\n{"id": 1, "x": "c"}\n'),
+        ("null.jsonl", '{"id": "a", "x": "a"}\n{"id": null, "x": "b"}\n'),
+        ("distinct.jsonl", '{"id": "a"}\n{"id": "b"}\n'),
+    ],
+)
+def test_ids_checked_by_the_input_pass_are_judged_as_by_a_pass_of_their_own(
+    tmp_path: Path, name: str, content: str
+) -> None:
+    """``open_input`` gathers the id column's hashes as it reads (one open of the file); the verdict, and
+    its message, are those of a separate pass over the typed column."""
+    path = tmp_path / name
+    path.write_text(content)
+
+    def verdict(table: reader.InputTable) -> str | None:
+        try:
+            check_ids(table, "id")
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    gathered = open_input(path, id_column="id")
+    assert gathered.ids is not None
+    judged_from_pass = gathered.ids.hashes((gathered.schema or {})["id"]) is not None
+    assert judged_from_pass == ("float" not in name)  # float ids are read once more, with their type
+    assert verdict(gathered) == verdict(open_input(path))
