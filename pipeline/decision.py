@@ -81,10 +81,12 @@ def decide(
     if base is None:
         return Full(prepare(spec, selection), (verdict.reason,))
     from pipeline import incremental
+    from pipeline import prepare as preparing
 
     p = prepare(spec, selection, read_everything=False)
     rows = incremental.changed_rows(p)  # the pass that parses every row, as prepare's read_all does
     if rows is None:
+        preparing.read_all(p)  # the comparison stopped early: parse every row before anything is paid for
         return Full(p, (verdict.reason, "too many rows changed (or rows removed, columns changed) to patch"))
     return Patch(p, rows, base, (verdict.reason, f"{len(rows):,} row(s) to redo"))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import os
 import random
 import re
 from bisect import bisect_left
@@ -109,9 +110,11 @@ class InputTable:
     stat: tuple[int, int] | None = field(default=None, compare=False)
     #: The id column's empty rows and hashes, when ``open_input`` was given it (``check_ids`` judges them).
     ids: IdScan | None = field(default=None, compare=False, repr=False)
-    #: xxh3-128 of the file's bytes as stored (compressed or not), from ``open_input``'s pass over them;
-    #: None when that pass did not read the whole file (Parquet: its footer only). See ``uptodate``.
+    #: xxh3-128 of the file's bytes as stored (compressed or not), from ``open_input``'s pass over them
+    #: (None: that pass did not reach the end). See ``uptodate``.
     digest: str | None = field(default=None, compare=False)
+    #: The first rows ``open_input``'s pass parsed (CSV and JSONL: every row; Parquet: ``check_rows``).
+    parsed_rows: int = field(default=0, compare=False)
 
 
 class DelimiterGuess(InputError):
@@ -140,6 +143,7 @@ def open_input(
     json_columns: Sequence[str] = (),
     delimiter: str | None = None,
     id_column: str | None = None,
+    check_rows: int | None = None,
 ) -> InputTable:
     """Check the input exists, has a known format, parses, and has rows; return its shape.
 
@@ -149,6 +153,8 @@ def open_input(
     a .tsv file is tab-separated and any other CSV comma-separated, and a header that reads as one column
     holding another separator is refused with the setting to use (``DelimiterGuess``). ``id_column``'s
     empty rows and hashes are gathered by the same pass (``InputTable.ids``, for ``check_ids``).
+    ``check_rows``: a Parquet file's rows parsed by the pass (None: all; the rest are parsed when read),
+    so a run of its first rows does not decode a large file whole.
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
@@ -170,7 +176,7 @@ def open_input(
     st = path.stat()
     digest = InputDigest()
     if fmt == "parquet":
-        table = _open_parquet(path)
+        table = _open_parquet(path, digest, id_column, check_rows)
     elif path.stat().st_size == 0:
         raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
     elif fmt == "csv":
@@ -198,6 +204,7 @@ def open_input(
         (st.st_size, st.st_mtime_ns),
         table.ids,
         digest.hexdigest(),
+        table.parsed_rows if fmt == "parquet" else table.rows,
     )
 
 
@@ -215,15 +222,86 @@ def _codec(path: Path, encoding: str) -> str:
     return info.name
 
 
-def _open_parquet(path: Path) -> InputTable:
+#: A Parquet input up to this size is read into memory once, hashed and parsed from the same bytes by
+#: polars (no pyarrow import); a larger one is hashed, then streamed a row group at a time by pyarrow
+#: from the same open file.
+PARQUET_IN_MEMORY = 64 << 20
+
+
+def _open_parquet(path: Path, digest: InputDigest, id_column: str | None, check_rows: int | None) -> InputTable:
+    """One open of the file: its digest, its shape (footer), its first ``check_rows`` rows parsed (None:
+    every row), and ``id_column``'s empty rows and hashes over every row."""
     try:
-        lf = pl.scan_parquet(path)
-        schema = lf.collect_schema()
-        rows = int(lf.select(pl.len()).collect().item())
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size <= PARQUET_IN_MEMORY:
+                data = f.read()
+                digest.update(memoryview(data))
+                digest.complete = True
+                source: Any = io.BytesIO(data)
+                schema = pl.read_parquet_schema(source)
+            else:
+                _hash_to_end(f, digest)
+                f.seek(0)
+                source = pq.ParquetFile(f, pre_buffer=False)
+                empty = pl.from_arrow(source.schema_arrow.empty_table())
+                assert isinstance(empty, pl.DataFrame)
+                schema = dict(empty.schema)
+            names = tuple(schema)
+            ids = IdScan(id_column) if id_column in names else None
+            rows, parsed = _parse_parquet(path, source, ids, check_rows)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read parquet input: {first}") from None
-    return InputTable(path, "parquet", tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
+        raise InputError(f"{path}: cannot read parquet input: {_first_line(exc)}") from None
+    dtypes = {k: str(v) for k, v in schema.items()}
+    return InputTable(path, "parquet", names, dtypes, rows, ids=ids, parsed_rows=parsed)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _hash_to_end(f: Any, digest: InputDigest) -> None:
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        digest.update(view[:n])
+    digest.complete = True
+
+
+def _parse_parquet(path: Path, source: Any, ids: IdScan | None, check_rows: int | None) -> tuple[int, int]:
+    """(rows, rows parsed): every column of the first ``check_rows`` rows, the id column of every row.
+    ``source`` is the file's bytes (``io.BytesIO``: polars reads them) or a ``pq.ParquetFile``."""
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+            rows = int(pl.scan_parquet(source).select(pl.len()).collect().item())  # the footer's count
+            wanted = rows if check_rows is None else min(check_rows, rows)
+            frame = pl.DataFrame()
+            if wanted:
+                source.seek(0)
+                frame = pl.read_parquet(source, n_rows=wanted)
+            if ids is not None:
+                if frame.height < rows:
+                    source.seek(0)
+                    frame = pl.read_parquet(source, columns=[ids.column])
+                ids.add_typed(0, frame.get_column(ids.column))
+            return rows, wanted
+        rows = int(source.metadata.num_rows)
+        wanted = rows if check_rows is None else min(check_rows, rows)
+        start = 0
+        whole = list(source.schema_arrow.names)
+        for group in range(source.metadata.num_row_groups):
+            columns = whole if start < wanted else [ids.column] if ids is not None else None
+            if columns is None:
+                break
+            for batch in source.iter_batches(batch_size=65_536, row_groups=[group], columns=columns):
+                decoded = pl.from_arrow(batch)
+                assert isinstance(decoded, pl.DataFrame)
+                if ids is not None:
+                    ids.add_typed(start, decoded.get_column(ids.column))
+                start += batch.num_rows
+        return rows, wanted
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: failed while reading: {_first_line(exc)}") from None
 
 
 #: Repeated id hashes whose rows are read again to compare their values, and rows read per hash, at most.
@@ -330,6 +408,14 @@ def selected_indices(total: int, selection: Selection) -> list[int] | None:
     return sorted(random.Random(selection.sample_seed).sample(range(total), n))
 
 
+def selected_stop(table: InputTable, selection: Selection) -> int:
+    """One past the last row number a selection keeps: the rows a pass over it reads."""
+    keep = selected_indices(table.rows, selection)
+    if keep is not None:
+        return keep[-1] + 1 if keep else 0
+    return min(selection.limit, table.rows) if selection.limit is not None else table.rows
+
+
 def selected_rows(table: InputTable, selection: Selection) -> int:
     if selection.sample is not None:
         return min(selection.sample, table.rows)
@@ -406,7 +492,11 @@ def _parquet_batches(path: Path, batch_size: int, columns: Sequence[str] | None)
     Without it, a pass holds one row group, and is no slower on a local file (inputs on object stores are
     read from a local copy).
     """
-    source = pq.ParquetFile(path, pre_buffer=False)
+    with open(path, "rb") as f:  # opened here, as every input file, so audit hooks see it
+        yield from _parquet_file_batches(pq.ParquetFile(f, pre_buffer=False), batch_size, columns)
+
+
+def _parquet_file_batches(source: pq.ParquetFile, batch_size: int, columns: Sequence[str] | None) -> Iterator[pa.Table]:
     names = list(columns) if columns is not None else None
     meta = source.metadata
     held: list[pa.RecordBatch] = []
@@ -464,7 +554,9 @@ def _parquet_chunks(
     small job never imports pyarrow (``pipeline.lazy``); a larger one streams through pyarrow's batches."""
     names = list(columns) if columns is not None else None
     if table.rows <= chunk_rows:
-        yield 0, pl.read_parquet(table.path, columns=names)
+        with open(table.path, "rb") as f:  # opened here, as every input file, so audit hooks see it
+            whole = pl.read_parquet(f, columns=names)
+        yield 0, whole
         return
     start = 0
     for batch in _parquet_batches(table.path, chunk_rows, columns):  # tables, chunk_rows rows each
@@ -478,7 +570,11 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
     """The rows numbered ``numbers`` (sorted) of a Parquet input, reading only the row groups that hold
     them: an incremental run's few changed rows cost a row group each, not a read of the whole file."""
     try:
-        source = pq.ParquetFile(table.path, pre_buffer=False)
+        f = open(table.path, "rb")  # noqa: SIM115 (held by the generator, closed below)
+    except OSError as exc:
+        raise InputError(f"{table.path}: failed while reading: {exc}") from None
+    try:
+        source = pq.ParquetFile(f, pre_buffer=False)
         start = 0
         for group in range(source.metadata.num_row_groups):
             size = source.metadata.row_group(group).num_rows
@@ -492,6 +588,8 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
             start += size
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
+    finally:
+        f.close()
 
 
 def read_rows(

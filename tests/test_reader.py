@@ -367,7 +367,10 @@ def test_corrupt_data_pages_are_an_input_error_while_reading(tmp_path: Path) -> 
     data[4:end] = b"\xff" * (end - 4)  # every page destroyed, footer (the table's shape) intact
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(bytes(data))
-    table = open_input(bad)
+    with pytest.raises(InputError) as info:
+        open_input(bad)  # its check pass parses every row
+    assert str(info.value).startswith(f"{bad}: failed while reading: ")
+    table = open_input(bad, check_rows=0)  # the footer alone
     assert table.rows == 600
     with pytest.raises(InputError) as info:
         for _ in read_rows(table, Selection(), 100, ["text"], None):
@@ -625,3 +628,25 @@ def test_ids_checked_by_the_input_pass_are_judged_as_by_a_pass_of_their_own(
     judged_from_pass = gathered.ids.hashes((gathered.schema or {})["id"]) is not None
     assert judged_from_pass == ("float" not in name)  # float ids are read once more, with their type
     assert verdict(gathered) == verdict(open_input(path))
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_parquet_input_is_opened_once_to_hash_shape_parse_and_gather_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_memory: bool
+) -> None:
+    """Small files are read into memory and parsed by polars; larger ones streamed by pyarrow from the
+    same open file. Either way: one digest of the bytes, the same shape, the same id verdict."""
+    import xxhash
+
+    if not in_memory:
+        monkeypatch.setattr(reader, "PARQUET_IN_MEMORY", 0)
+    path = tmp_path / "ids.parquet"
+    ids = [f"r{i}" for i in range(2_500)] + ["r7"]
+    pl.DataFrame({"id": ids, "n": list(range(len(ids)))}).write_parquet(path, row_group_size=500)
+    table = open_input(path, id_column="id")
+    assert (table.rows, table.columns, table.parsed_rows) == (len(ids), ("id", "n"), len(ids))
+    assert table.dtypes == {"id": "String", "n": "Int64"}
+    assert table.digest == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    with pytest.raises(InputError, match="repeats 'r7' on rows 8 and 2,501"):
+        check_ids(table, "id")
+    assert open_input(path, check_rows=10).parsed_rows == 10
