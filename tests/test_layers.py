@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("what changed since the last output", {"incremental"}),
     ("what a run has to do, where it sends", {"decision", "local_endpoint"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning", "starter"}),
+    ("composers", {"runner", "planning", "starter", "reports"}),
     ("the command", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]
