@@ -1,15 +1,21 @@
-"""Input tables in bounded chunks. Only this module and ``writer`` touch polars/pyarrow.
+"""Input tables: one pass to check, then streamed chunks, as polars frames or plain rows for the hot loop.
 
-Rows are read twice per run, once to build requests and once to write the output, instead of being
-held in memory: a 10M-row input then costs one chunk of memory, not ten million dicts.
+A run opens its input three times: ``open_input``'s check pass, the pass that builds requests, and the
+pass that writes the output. Rows are read again rather than held: a 10M-row input costs one chunk of
+memory, not ten million dicts.
+
+The check pass reads the whole file once: the xxh3-128 digest of its bytes (``uptodate``'s
+fingerprint), the header, the row count, every column's type, any bad line, and the id column's hashes
+(``check_ids``), so a bad line anywhere is found before anything is sent. A Parquet file's pass reads
+its footer and parses the rows the run will read (a small file from memory with polars, a larger one
+streamed by pyarrow from the same open file). The later passes run the same checks as they read.
 
 Every format is streamed, so memory stays at one read block plus one chunk whatever the file size (a .gz
-or .zst text file too: it is decompressed as it is read, see ``_open_bytes``):
-Parquet through pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read
-as text, then cast to the type inferred over the *whole* file by ``open_input``'s pass, so a float on
-row 900,000 of an int column widens the column instead of failing mid-run), JSONL line by line with
-orjson. ``open_input`` reads the whole file once (row count, types), so a bad line anywhere is found
-before anything is sent; the same checks run again on every later read.
+or .zst text file too: it is decompressed as it is read, see ``_open_bytes``): Parquet through
+pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read as text, then cast
+to the type inferred over the *whole* file by the check pass, so a float on row 900,000 of an int column
+widens the column instead of failing mid-run), JSONL line by line with orjson. Every input file is
+opened by Python (``open``), so an audit hook sees each pass.
 
 A parse or decode error is one ``InputError`` line: ``<path>: line N: <what is wrong>; <what to do>``,
 N being the 1-based physical line of the file (the CSV header is line 1).
