@@ -230,8 +230,9 @@ def _codec(path: Path, encoding: str) -> str:
 
 #: A Parquet input up to this size is read into memory once, hashed and parsed from the same bytes by
 #: polars (no pyarrow import); a larger one is hashed, then streamed a row group at a time by pyarrow
-#: from the same open file.
-PARQUET_IN_MEMORY = 64 << 20
+#: from the same open file. Small: the in-memory parse holds the whole table decoded, several times
+#: the file's compressed size.
+PARQUET_IN_MEMORY = 4 << 20
 
 
 def _open_parquet(path: Path, digest: InputDigest, id_column: str | None, check_rows: int | None) -> InputTable:
