@@ -228,11 +228,12 @@ def _codec(path: Path, encoding: str) -> str:
     return info.name
 
 
-#: A Parquet input up to this size is read into memory once, hashed and parsed from the same bytes by
-#: polars (no pyarrow import); a larger one is hashed, then streamed a row group at a time by pyarrow
-#: from the same open file. Small: the in-memory parse holds the whole table decoded, several times
-#: the file's compressed size.
-PARQUET_IN_MEMORY = 4 << 20
+#: A Parquet input up to this size is read into memory once, hashed and parsed from the same bytes (by
+#: polars alone when it has few rows: no pyarrow import); a larger one is hashed, then streamed a row
+#: group at a time by pyarrow from the same open file.
+PARQUET_IN_MEMORY = 16 << 20
+#: Rows of an in-memory Parquet input polars parses whole (no pyarrow import); more are streamed.
+PARQUET_POLARS_ROWS = 65_536
 
 
 def _open_parquet(path: Path, digest: InputDigest, id_column: str | None, check_rows: int | None) -> InputTable:
@@ -276,11 +277,16 @@ def _hash_to_end(f: Any, digest: InputDigest) -> None:
 
 def _parse_parquet(path: Path, source: Any, ids: IdScan | None, check_rows: int | None) -> tuple[int, int]:
     """(rows, rows parsed): every column of the first ``check_rows`` rows, the id column of every row.
-    ``source`` is the file's bytes (``io.BytesIO``: polars reads them) or a ``pq.ParquetFile``."""
+    ``source`` is the file's bytes (``io.BytesIO``) or a ``pq.ParquetFile``. Bytes of at most
+    ``PARQUET_POLARS_ROWS`` rows are parsed whole by polars; more are streamed by pyarrow, a row group at a
+    time, so memory stays bounded however well the file compressed."""
     try:
         if isinstance(source, io.BytesIO):
             source.seek(0)
             rows = int(pl.scan_parquet(source).select(pl.len()).collect().item())  # the footer's count
+            if rows > PARQUET_POLARS_ROWS:
+                source.seek(0)
+                return _parse_parquet(path, pq.ParquetFile(source, pre_buffer=False), ids, check_rows)
             wanted = rows if check_rows is None else min(check_rows, rows)
             frame = pl.DataFrame()
             if wanted:

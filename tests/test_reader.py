@@ -630,15 +630,18 @@ def test_ids_checked_by_the_input_pass_are_judged_as_by_a_pass_of_their_own(
     assert verdict(gathered) == verdict(open_input(path))
 
 
-@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("way", ["polars from memory", "pyarrow from memory", "pyarrow from the file"])
 def test_a_parquet_input_is_opened_once_to_hash_shape_parse_and_gather_ids(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_memory: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
-    """Small files are read into memory and parsed by polars; larger ones streamed by pyarrow from the
-    same open file. Either way: one digest of the bytes, the same shape, the same id verdict."""
+    """Small files are read into memory and parsed by polars (by pyarrow when they hold many rows); larger
+    ones streamed by pyarrow from the same open file. Each way: one digest of the bytes, the same shape,
+    the same id verdict."""
     import xxhash
 
-    if not in_memory:
+    if way == "pyarrow from memory":
+        monkeypatch.setattr(reader, "PARQUET_POLARS_ROWS", 100)
+    if way == "pyarrow from the file":
         monkeypatch.setattr(reader, "PARQUET_IN_MEMORY", 0)
     path = tmp_path / "ids.parquet"
     ids = [f"r{i}" for i in range(2_500)] + ["r7"]
