@@ -19,7 +19,7 @@ import click
 from pipeline import __version__
 from pipeline.errors import SeedbatchError
 from pipeline.options import StopToken
-from pipeline.records import ExitCode, RunSummary, Selection
+from pipeline.records import ExitCode, Selection
 
 EXIT_USAGE = ExitCode.BAD_INPUT
 EXIT_INTERNAL = ExitCode.INTERNAL
@@ -154,19 +154,6 @@ class _OneLineErrors(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _up_to_date_fields(summary: RunSummary) -> dict[str, Any]:
-    """The one line of a run that had nothing to do: every row reused, nothing sent, nothing rewritten."""
-    return {
-        "output_action": summary.output_action,
-        "rows": summary.rows_total,
-        "from_ledger": summary.rows_from_ledger,
-        "requests_sent": summary.requests_sent,
-        "output": summary.output_path,
-        "built_by_run": summary.run_id,
-        "exit_code": summary.exit_code,
-    }
-
-
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="seedbatch")
 def main() -> None:
@@ -215,8 +202,9 @@ def run(
     **overrides: Any,
 ) -> None:
     """Run JOB (a TOML file): send what the ledger lacks, write the output Parquet and manifest."""
+    from pipeline.decision import UpToDate, decide
     from pipeline.progress import Reporter
-    from pipeline.uptodate import skip
+    from pipeline.reports import summary_fields, up_to_date_fields
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr)
     # httpx logs one INFO line per request: noise at 10k rows, and its transport's debug lines can
@@ -236,10 +224,11 @@ def run(
     from pipeline.votes import uses_stages
 
     stages = uses_stages(spec.votes, spec.escalation)  # its output is rebuilt from its stages' own runs
-    done = None if stages else skip(spec, selection, fresh=fresh, retry_errors=retry_errors)  # before polars loads
-    if done is not None:
-        Reporter(live=False, log_format=log_format).log("up_to_date", _up_to_date_fields(done))
-        sys.exit(done.exit_code)
+    # Decided once, before polars loads: only a run with work to do pays for the imports.
+    decision = None if stages else decide(spec, selection, fresh=fresh, retry_errors=retry_errors)
+    if isinstance(decision, UpToDate):
+        Reporter(live=False, log_format=log_format).log("up_to_date", up_to_date_fields(decision.summary))
+        sys.exit(decision.summary.exit_code)
     from pipeline.runner import RunOptions, run_job
 
     live = sys.stderr.isatty() if progress is None else progress
@@ -253,30 +242,13 @@ def run(
             log=lambda message: reporter.log("notice", {"message": message}),
         )
         with stop_on_signals(options.stop):
-            from pipeline.voting import run_stages
+            if stages:
+                from pipeline.voting import run_stages
 
-            summary = (run_stages if stages else run_job)(spec, options)
-    if summary.up_to_date:  # became up to date between the two checks (another run finished)
-        reporter.log("up_to_date", _up_to_date_fields(summary))
-        sys.exit(summary.exit_code)
-    fields = {
-        "job": summary.job,
-        "run_id": summary.run_id,
-        "output_action": summary.output_action,
-        "rows": summary.rows_total,
-        **{f"rows_{k}": v for k, v in sorted(summary.rows_by_status.items())},
-        "from_ledger": summary.rows_from_ledger,
-        "requests_sent": summary.requests_sent,
-        "retries": summary.retries,
-        "http_429": summary.http_429,
-        "prompt_tokens": summary.prompt_tokens,
-        "completion_tokens": summary.completion_tokens,
-        "usd_spent": round(summary.usd_spent, 6),
-        "wall_s": round(summary.wall_s, 2),
-        "requests_per_s": round(summary.requests_sent / max(summary.wall_s, 1e-3), 1),
-        "exit_code": summary.exit_code,
-        "output": summary.output_path,
-    }
+                summary = run_stages(spec, options)
+            else:
+                summary = run_job(spec, options, decision)
+    fields = summary_fields(summary)
     reporter.log("summary", fields)
     for kind, n in sorted(summary.errors_by_kind.items()):
         reporter.log("errors", {"kind": kind, "count": n, "example": summary.error_examples.get(kind, "")})
@@ -301,35 +273,12 @@ def plan(
 ) -> None:
     """Show what JOB would send and cost, without sending anything."""
     from pipeline.planning import plan_job
+    from pipeline.reports import plan_lines
 
     spec = _spec(job, **overrides)
     p = plan_job(spec, _selection(limit, sample, sample_seed), retry_errors=retry_errors)
-    click.echo(f"job            {spec.name} ({job})")
-    click.echo(
-        f"rows           {p.rows:,} selected; {p.answered:,} already answered in the ledger; "
-        f"{p.duplicates:,} duplicates; {p.to_send:,} to send"
-    )
-    if p.too_long or p.skipped:
-        click.echo(
-            f"not sent       {p.too_long:,} too long for the context ({spec.context_tokens:,} tokens with max_tokens); "
-            f"{p.skipped:,} with every placeholder empty (prompt.send_empty = true sends them)"
-            if spec.context_tokens
-            else f"not sent       {p.skipped:,} with every placeholder empty (prompt.send_empty = true sends them)"
-        )
-    click.echo(f"basis          {p.basis}")
-    click.echo(f"input tokens   ~{p.est_prompt_tokens:,}")
-    click.echo(
-        f"output tokens  ~{p.est_completion_tokens:,} expected; "
-        f"at most {p.max_completion_tokens:,} (max_tokens {spec.model.max_tokens} x rows)"
-    )
-    if p.est_cost_usd is not None:
-        click.echo(f"cost           ~${p.est_cost_usd:.4f} expected; at most ${p.max_cost_usd:.4f}")
-    else:
-        click.echo(f"cost           unknown: no price for {spec.model.name!r} (add [pricing] to the job)")
-    if p.est_minutes is not None:
-        click.echo(f"duration       ~{p.est_minutes:.1f} min, bound by {p.binding_limit}")
-    else:
-        click.echo("duration       unbounded by limits (no rpm/tpm set): paced by the server's rate-limit headers")
+    for line in plan_lines(spec, job, p):
+        click.echo(line)
     from pipeline.votes import uses_stages
 
     if uses_stages(spec.votes, spec.escalation):
@@ -337,8 +286,6 @@ def plan(
 
         for line in stages_lines(plan_stages(spec, _selection(limit, sample, sample_seed), retry_errors=retry_errors)):
             click.echo(line)
-    for warning in p.warnings:
-        click.echo(f"warning        {warning}")
 
 
 @main.command()
@@ -350,18 +297,12 @@ def plan(
 def status(job: str, limit: int | None, sample: int | None, sample_seed: int, debug: bool, **overrides: Any) -> None:
     """Rows done / failed / pending for JOB, from the ledger and the input. Sends nothing."""
     from pipeline.planning import job_status
+    from pipeline.reports import status_lines
 
     spec = _spec(job, **overrides)
     s = job_status(spec, _selection(limit, sample, sample_seed))
-    failed = ", ".join(f"{k}={v}" for k, v in sorted(s.failed_by_status.items()))
-    click.echo(f"job       {spec.name} ({job})")
-    click.echo(
-        f"rows      {s.rows:,} total: {s.ok:,} ok, {s.failed:,} failed{f' ({failed})' if failed else ''}, "
-        f"{s.pending:,} pending"
-    )
-    click.echo(f"tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion")
-    click.echo(f"cost      ${s.usd_spent:.6f}")
-    click.echo(f"last run  {s.last_run or 'never'}")
+    for line in status_lines(spec, job, s):
+        click.echo(line)
 
 
 @main.command()

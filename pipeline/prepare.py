@@ -19,7 +19,7 @@ from pipeline import media, schema_types, storage
 from pipeline.costs import Price, price_for
 from pipeline.errors import InputError, SpecError
 from pipeline.prompts import Renderer
-from pipeline.reader import InputTable, check_ids, open_input, read_frames, read_rows, selected_rows
+from pipeline.reader import InputTable, check_ids, open_input, read_frames, read_rows, selected_rows, selected_stop
 from pipeline.records import Request, Selection
 from pipeline.spec import JobSpec
 from pipeline.tools import Tools, answer_tool, job_tools
@@ -148,7 +148,12 @@ def _prepare(
         schema_types.check_schema(schema, strict=bool(fn.get("strict")), source=schema_source)
     messages_column = "body" if spec.job.input_format == "openai_batch" else spec.prompt.messages_column
     table = open_input(
-        spec.job.input, spec.job.encoding, [messages_column] if messages_column else [], spec.job.delimiter
+        spec.job.input,
+        spec.job.encoding,
+        [messages_column] if messages_column else [],
+        spec.job.delimiter,
+        spec.job.id_column if read_everything else None,
+        _rows_to_check(selection) if read_everything else 0,
     )
     builder = media.MediaBuilder(spec.media) if (spec.media.image_columns or spec.media.video_columns) else None
     # Media inside message lists follow the [media] rules (size, formats), whatever columns are named.
@@ -194,6 +199,11 @@ def _prepare(
     return p
 
 
+def _rows_to_check(selection: Selection) -> int | None:
+    """The first rows a run reads (None: every row): those ``open_input``'s pass parses."""
+    return selection.limit if selection.sample is None else None
+
+
 def read_all(p: Prepared) -> None:
     """Parse every selected row once before anything is paid for (bounded memory: one chunk at a time).
 
@@ -202,8 +212,8 @@ def read_all(p: Prepared) -> None:
     Rendering cannot fail on a parsed row: every per-row problem (bad media, empty placeholders, over
     the context) is that row's outcome, not the run's.
     """
-    if p.table.format != "parquet":
-        return  # open_input already parsed every line of a CSV or JSONL file (types, row count, bad lines)
+    if p.table.parsed_rows >= selected_stop(p.table, p.selection):
+        return  # open_input's pass parsed them (every line of a CSV or JSONL file, the first rows of a Parquet one)
     for _ in read_frames(p.table, p.selection, p.spec.job.chunk_rows):
         pass
 

@@ -1,15 +1,21 @@
-"""Input tables in bounded chunks. Only this module and ``writer`` touch polars/pyarrow.
+"""Input tables: one pass to check, then streamed chunks, as polars frames or plain rows for the hot loop.
 
-Rows are read twice per run, once to build requests and once to write the output, instead of being
-held in memory: a 10M-row input then costs one chunk of memory, not ten million dicts.
+A run opens its input three times: ``open_input``'s check pass, the pass that builds requests, and the
+pass that writes the output. Rows are read again rather than held: a 10M-row input costs one chunk of
+memory, not ten million dicts.
+
+The check pass reads the whole file once: the xxh3-128 digest of its bytes (``uptodate``'s
+fingerprint), the header, the row count, every column's type, any bad line, and the id column's hashes
+(``check_ids``), so a bad line anywhere is found before anything is sent. A Parquet file's pass reads
+its footer and parses the rows the run will read (a small file from memory with polars, a larger one
+streamed by pyarrow from the same open file). The later passes run the same checks as they read.
 
 Every format is streamed, so memory stays at one read block plus one chunk whatever the file size (a .gz
-or .zst text file too: it is decompressed as it is read, see ``_open_bytes``):
-Parquet through pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read
-as text, then cast to the type inferred over the *whole* file by ``open_input``'s pass, so a float on
-row 900,000 of an int column widens the column instead of failing mid-run), JSONL line by line with
-orjson. ``open_input`` reads the whole file once (row count, types), so a bad line anywhere is found
-before anything is sent; the same checks run again on every later read.
+or .zst text file too: it is decompressed as it is read, see ``_open_bytes``): Parquet through
+pyarrow's batch reader, CSV through pyarrow's streaming CSV reader (every column read as text, then cast
+to the type inferred over the *whole* file by the check pass, so a float on row 900,000 of an int column
+widens the column instead of failing mid-run), JSONL line by line with orjson. Every input file is
+opened by Python (``open``), so an audit hook sees each pass.
 
 A parse or decode error is one ``InputError`` line: ``<path>: line N: <what is wrong>; <what to do>``,
 N being the 1-based physical line of the file (the CSV header is line 1).
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import os
 import random
 import re
 from bisect import bisect_left
@@ -29,8 +36,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 import polars as pl
+import xxhash
 
 from pipeline.errors import InputError
+from pipeline.ids import SHOWN_ROWS, IdScan
 from pipeline.lazy import lazy
 
 if TYPE_CHECKING:
@@ -103,6 +112,15 @@ class InputTable:
     json_columns: tuple[str, ...] = ()
     #: CSV: the field separator (``job.delimiter``; a tab for .tsv, else a comma).
     delimiter: str = ","
+    #: The file's (size, mtime_ns), taken before ``open_input`` opened it.
+    stat: tuple[int, int] | None = field(default=None, compare=False)
+    #: The id column's empty rows and hashes, when ``open_input`` was given it (``check_ids`` judges them).
+    ids: IdScan | None = field(default=None, compare=False, repr=False)
+    #: xxh3-128 of the file's bytes as stored (compressed or not), from ``open_input``'s pass over them
+    #: (None: that pass did not reach the end). See ``uptodate``.
+    digest: str | None = field(default=None, compare=False)
+    #: The first rows ``open_input``'s pass parsed (CSV and JSONL: every row; Parquet: ``check_rows``).
+    parsed_rows: int = field(default=0, compare=False)
 
 
 class DelimiterGuess(InputError):
@@ -126,7 +144,12 @@ def input_format(path: Path) -> tuple[str | None, str | None, str]:
 
 
 def open_input(
-    path: Path, encoding: str = "utf-8", json_columns: Sequence[str] = (), delimiter: str | None = None
+    path: Path,
+    encoding: str = "utf-8",
+    json_columns: Sequence[str] = (),
+    delimiter: str | None = None,
+    id_column: str | None = None,
+    check_rows: int | None = None,
 ) -> InputTable:
     """Check the input exists, has a known format, parses, and has rows; return its shape.
 
@@ -134,7 +157,10 @@ def open_input(
     line before anything is sent; Parquet's shape comes from its footer. ``json_columns`` of a JSONL
     file are read as JSON text (see ``InputTable.json_columns``). ``delimiter`` is ``job.delimiter``: unset,
     a .tsv file is tab-separated and any other CSV comma-separated, and a header that reads as one column
-    holding another separator is refused with the setting to use (``DelimiterGuess``).
+    holding another separator is refused with the setting to use (``DelimiterGuess``). ``id_column``'s
+    empty rows and hashes are gathered by the same pass (``InputTable.ids``, for ``check_ids``).
+    ``check_rows``: a Parquet file's rows parsed by the pass (None: all; the rest are parsed when read),
+    so a run of its first rows does not decode a large file whole.
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found (set job.input or pass --input)")
@@ -153,15 +179,17 @@ def open_input(
         kind = "JSONL" if fmt == "ndjson" else "Parquet"
         raise InputError(f"{path}: job.delimiter is for CSV and TSV input; remove it for a {kind} file")
     codec = _codec(path, encoding)
+    st = path.stat()
+    digest = InputDigest()
     if fmt == "parquet":
-        table = _open_parquet(path)
+        table = _open_parquet(path, digest, id_column, check_rows)
     elif path.stat().st_size == 0:
         raise InputError(f"{path}: input is empty ({'no header, no rows' if fmt == 'csv' else 'no lines'})")
     elif fmt == "csv":
         sep = delimiter if delimiter is not None else ("\t" if inner == ".tsv" else ",")
-        table = _open_csv(path, codec, sep, sniff=delimiter is None)
+        table = _open_csv(path, codec, sep, sniff=delimiter is None, digest=digest, id_column=id_column)
     else:
-        table = _open_jsonl(path, codec, tuple(json_columns))
+        table = _open_jsonl(path, codec, tuple(json_columns), digest, id_column)
     if table.rows == 0 and fmt == "ndjson":
         raise InputError(f"{path}: input is empty (only blank lines)")
     if table.rows == 0:
@@ -179,6 +207,10 @@ def open_input(
         table.block_size,
         table.json_columns,
         table.delimiter,
+        (st.st_size, st.st_mtime_ns),
+        table.ids,
+        digest.hexdigest(),
+        table.parsed_rows if fmt == "parquet" else table.rows,
     )
 
 
@@ -196,19 +228,95 @@ def _codec(path: Path, encoding: str) -> str:
     return info.name
 
 
-def _open_parquet(path: Path) -> InputTable:
+#: A Parquet input up to this size is read into memory once, hashed and parsed from the same bytes (by
+#: polars alone when it has few rows: no pyarrow import); a larger one is hashed, then streamed a row
+#: group at a time by pyarrow from the same open file.
+PARQUET_IN_MEMORY = 16 << 20
+#: Rows of an in-memory Parquet input polars parses whole (no pyarrow import); more are streamed.
+PARQUET_POLARS_ROWS = 65_536
+
+
+def _open_parquet(path: Path, digest: InputDigest, id_column: str | None, check_rows: int | None) -> InputTable:
+    """One open of the file: its digest, its shape (footer), its first ``check_rows`` rows parsed (None:
+    every row), and ``id_column``'s empty rows and hashes over every row."""
     try:
-        lf = pl.scan_parquet(path)
-        schema = lf.collect_schema()
-        rows = int(lf.select(pl.len()).collect().item())
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size <= PARQUET_IN_MEMORY:
+                data = f.read()
+                digest.update(memoryview(data))
+                digest.complete = True
+                source: Any = io.BytesIO(data)
+                schema = pl.read_parquet_schema(source)
+            else:
+                _hash_to_end(f, digest)
+                f.seek(0)
+                source = pq.ParquetFile(f, pre_buffer=False)
+                empty = pl.from_arrow(source.schema_arrow.empty_table())
+                assert isinstance(empty, pl.DataFrame)
+                schema = dict(empty.schema)
+            names = tuple(schema)
+            ids = IdScan(id_column) if id_column in names else None
+            rows, parsed = _parse_parquet(path, source, ids, check_rows)
     except (pl.exceptions.PolarsError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read parquet input: {first}") from None
-    return InputTable(path, "parquet", tuple(schema.names()), {k: str(v) for k, v in schema.items()}, rows)
+        raise InputError(f"{path}: cannot read parquet input: {_first_line(exc)}") from None
+    dtypes = {k: str(v) for k, v in schema.items()}
+    return InputTable(path, "parquet", names, dtypes, rows, ids=ids, parsed_rows=parsed)
 
 
-#: Rows named in an id error, at most.
-SHOWN_ROWS = 3
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _hash_to_end(f: Any, digest: InputDigest) -> None:
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        digest.update(view[:n])
+    digest.complete = True
+
+
+def _parse_parquet(path: Path, source: Any, ids: IdScan | None, check_rows: int | None) -> tuple[int, int]:
+    """(rows, rows parsed): every column of the first ``check_rows`` rows, the id column of every row.
+    ``source`` is the file's bytes (``io.BytesIO``) or a ``pq.ParquetFile``. Bytes of at most
+    ``PARQUET_POLARS_ROWS`` rows are parsed whole by polars; more are streamed by pyarrow, a row group at a
+    time, so memory stays bounded however well the file compressed."""
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+            rows = int(pl.scan_parquet(source).select(pl.len()).collect().item())  # the footer's count
+            if rows > PARQUET_POLARS_ROWS:
+                source.seek(0)
+                return _parse_parquet(path, pq.ParquetFile(source, pre_buffer=False), ids, check_rows)
+            wanted = rows if check_rows is None else min(check_rows, rows)
+            frame = pl.DataFrame()
+            if wanted:
+                source.seek(0)
+                frame = pl.read_parquet(source, n_rows=wanted)
+            if ids is not None:
+                if frame.height < rows:
+                    source.seek(0)
+                    frame = pl.read_parquet(source, columns=[ids.column])
+                ids.add_typed(0, frame.get_column(ids.column))
+            return rows, wanted
+        rows = int(source.metadata.num_rows)
+        wanted = rows if check_rows is None else min(check_rows, rows)
+        start = 0
+        whole = list(source.schema_arrow.names)
+        for group in range(source.metadata.num_row_groups):
+            columns = whole if start < wanted else [ids.column] if ids is not None else None
+            if columns is None:
+                break
+            for batch in source.iter_batches(batch_size=65_536, row_groups=[group], columns=columns):
+                decoded = pl.from_arrow(batch)
+                assert isinstance(decoded, pl.DataFrame)
+                if ids is not None:
+                    ids.add_typed(start, decoded.get_column(ids.column))
+                start += batch.num_rows
+        return rows, wanted
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: failed while reading: {_first_line(exc)}") from None
+
+
 #: Repeated id hashes whose rows are read again to compare their values, and rows read per hash, at most.
 SUSPECT_HASHES = 64
 ROWS_PER_HASH = 16
@@ -218,28 +326,20 @@ def check_ids(table: InputTable, column: str, why: str = " (each id names one ro
     """Every row has an id of its own: ids are how answers are joined back to rows, so a repeated or empty
     one stops the run before anything is sent, naming the first rows (lines) and values.
 
-    One streamed pass over the id column keeps a 64-bit hash per row (16 bytes a row with its sorted copy,
-    not the ids); rows whose hashes repeat are read again to compare their values, so a hash collision is
-    never an error.
+    A 64-bit hash per row is kept (16 bytes a row with its sorted copy, not the ids), taken by
+    ``open_input``'s pass when it was given the column (``ids``), else by a pass over the id column; rows
+    whose hashes repeat are read again to compare their values, so a hash collision is never an error.
     """
-    empty: list[int] = []
-    n_empty = 0
-    hashes: list[pl.Series] = []
-    for frame in _id_frames(table, column):
-        ids = frame.get_column(column)
-        blank = ids.is_null()
-        if ids.dtype == pl.String:
-            blank = blank | (ids.str.strip_chars() == "")
-        n = int(blank.sum())
-        if n:
-            n_empty += n
-            if len(empty) < SHOWN_ROWS:
-                empty += frame.get_column(ROW_NUMBER).filter(blank).head(SHOWN_ROWS - len(empty)).to_list()
-        if not n_empty:
-            hashes.append(ids.hash(seed=0))
-    if n_empty:
-        where = _where(table, empty)
-        more = f" ({n_empty:,} rows)" if n_empty > len(empty) else ""
+    scan = table.ids if table.ids is not None and table.ids.column == column else None
+    hashes = scan.hashes((table.schema or {}).get(column)) if scan is not None else None
+    if scan is None or hashes is None:
+        scan = IdScan(column)
+        for frame in _id_frames(table, column):
+            scan.add_typed(int(frame.get_column(ROW_NUMBER)[0]), frame.get_column(column))
+        hashes = scan.hashes(None)
+    if scan.n_empty:
+        where = _where(table, scan.empty)
+        more = f" ({scan.n_empty:,} rows)" if scan.n_empty > len(scan.empty) else ""
         raise InputError(
             f"{table.path}: job.id_column {column!r} is empty on {where}{more}; every row needs an id{why}"
         )
@@ -321,6 +421,14 @@ def selected_indices(total: int, selection: Selection) -> list[int] | None:
     return sorted(random.Random(selection.sample_seed).sample(range(total), n))
 
 
+def selected_stop(table: InputTable, selection: Selection) -> int:
+    """One past the last row number a selection keeps: the rows a pass over it reads."""
+    keep = selected_indices(table.rows, selection)
+    if keep is not None:
+        return keep[-1] + 1 if keep else 0
+    return min(selection.limit, table.rows) if selection.limit is not None else table.rows
+
+
 def selected_rows(table: InputTable, selection: Selection) -> int:
     if selection.sample is not None:
         return min(selection.sample, table.rows)
@@ -397,7 +505,11 @@ def _parquet_batches(path: Path, batch_size: int, columns: Sequence[str] | None)
     Without it, a pass holds one row group, and is no slower on a local file (inputs on object stores are
     read from a local copy).
     """
-    source = pq.ParquetFile(path, pre_buffer=False)
+    with open(path, "rb") as f:  # opened here, as every input file, so audit hooks see it
+        yield from _parquet_file_batches(pq.ParquetFile(f, pre_buffer=False), batch_size, columns)
+
+
+def _parquet_file_batches(source: pq.ParquetFile, batch_size: int, columns: Sequence[str] | None) -> Iterator[pa.Table]:
     names = list(columns) if columns is not None else None
     meta = source.metadata
     held: list[pa.RecordBatch] = []
@@ -455,7 +567,9 @@ def _parquet_chunks(
     small job never imports pyarrow (``pipeline.lazy``); a larger one streams through pyarrow's batches."""
     names = list(columns) if columns is not None else None
     if table.rows <= chunk_rows:
-        yield 0, pl.read_parquet(table.path, columns=names)
+        with open(table.path, "rb") as f:  # opened here, as every input file, so audit hooks see it
+            whole = pl.read_parquet(f, columns=names)
+        yield 0, whole
         return
     start = 0
     for batch in _parquet_batches(table.path, chunk_rows, columns):  # tables, chunk_rows rows each
@@ -469,7 +583,11 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
     """The rows numbered ``numbers`` (sorted) of a Parquet input, reading only the row groups that hold
     them: an incremental run's few changed rows cost a row group each, not a read of the whole file."""
     try:
-        source = pq.ParquetFile(table.path, pre_buffer=False)
+        f = open(table.path, "rb")  # noqa: SIM115 (held by the generator, closed below)
+    except OSError as exc:
+        raise InputError(f"{table.path}: failed while reading: {exc}") from None
+    try:
+        source = pq.ParquetFile(f, pre_buffer=False)
         start = 0
         for group in range(source.metadata.num_row_groups):
             size = source.metadata.row_group(group).num_rows
@@ -483,6 +601,8 @@ def _parquet_rows(table: InputTable, numbers: Sequence[int], columns: Sequence[s
             start += size
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{table.path}: failed while reading: {str(exc).splitlines()[0]}") from None
+    finally:
+        f.close()
 
 
 def read_rows(
@@ -529,17 +649,65 @@ def read_rows(
 # ----------------------------------------------------------------- bytes and text
 
 
-def _open_bytes(path: Path) -> BinaryIO:
+def _open_bytes(path: Path, digest: InputDigest | None = None) -> BinaryIO:
     """The one place input files are opened for streaming (tests wrap it to watch what is read): a .gz or
-    .zst file decompressed as it is read, so every reader and every line number sees the text."""
+    .zst file decompressed as it is read, so every reader and every line number sees the text. With
+    ``digest``, the bytes as stored feed it as they are read (``open_input``'s pass)."""
     compression = input_format(path)[1]
+    raw: io.RawIOBase = open(path, "rb", buffering=0)  # noqa: SIM115 (returned open: the caller closes it)
+    if digest is not None:
+        raw = _Digesting(raw, digest)
     if compression is None:
-        return open(path, "rb")
+        return io.BufferedReader(raw)
     try:
-        stream = pa.input_stream(str(path), compression=compression)
+        stream = pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
     except (pa.ArrowException, OSError) as exc:
+        raw.close()
         raise InputError(f"{path}: cannot open the {compression} file: {str(exc).splitlines()[0]}") from None
     return io.BufferedReader(_Decompressed(stream, path, compression), buffer_size=1 << 16)
+
+
+class InputDigest:
+    """xxh3-128 of a file's bytes, fed by the pass that reads them; known once that pass reached the end."""
+
+    def __init__(self) -> None:
+        self._hash = xxhash.xxh3_128()
+        self.complete = False
+
+    def reset(self) -> None:
+        """For a pass that starts over from the file's first byte."""
+        self._hash.reset()
+        self.complete = False
+
+    def update(self, data: memoryview) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str | None:
+        return self._hash.hexdigest() if self.complete else None
+
+
+class _Digesting(io.RawIOBase):
+    """A file whose bytes feed an ``InputDigest`` as they are read."""
+
+    def __init__(self, raw: io.RawIOBase, digest: InputDigest) -> None:
+        self._raw = raw
+        self._digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer) or 0
+        if n:
+            self._digest.update(memoryview(buffer)[:n])
+        else:
+            self._digest.complete = True
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 class _Decompressed(io.RawIOBase):
@@ -577,7 +745,7 @@ class _Tracked:
     accepts silently as one long last value; that is when the slow, exact check runs.
     """
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO | _Replay) -> None:
         self._raw = raw
         self.quotes = 0
         self.closed = False
@@ -596,6 +764,50 @@ class _Tracked:
     def close(self) -> None:
         self.closed = True
         self._raw.close()
+
+
+class _Replay:
+    """A binary file whose first bytes read are kept, to be read again after ``rewind``: the CSV header is
+    parsed from them, then the pass over the rows starts from the first byte without opening the file again.
+    ``close`` before ``rewind`` keeps the file open (the header's reader closes its source)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._kept: bytearray | None = bytearray()
+        self._replay = b""
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self._replay:
+            take = len(self._replay) if size < 0 else size
+            data, self._replay = self._replay[:take], self._replay[take:]
+            if size < 0:
+                data += self._raw.read()
+            return data
+        data = self._raw.read(size)
+        if self._kept is not None:
+            self._kept += data
+        return data
+
+    def rewind(self) -> None:
+        if self._kept is not None:
+            self._replay, self._kept = bytes(self._kept), None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._kept is None:
+            self.closed = True
+            self._raw.close()
+
+    def release(self) -> None:
+        """Close the file, whoever else holds it."""
+        self._kept = None
+        self.close()
 
 
 class _Undecodable(Exception):
@@ -617,12 +829,12 @@ def _decode_message(path: Path, codec: str, line: int, byte: int) -> str:
     )
 
 
-def _text_lines(path: Path, codec: str) -> Iterator[tuple[int, str]]:
+def _text_lines(path: Path, codec: str, digest: InputDigest | None = None) -> Iterator[tuple[int, str]]:
     """Decoded physical lines (with their ``\\n``) and their 1-based numbers; ``_Undecodable`` on bad bytes."""
     decoder = codecs.getincrementaldecoder(codec)("strict")
     line = 1
     pending = ""
-    with _open_bytes(path) as f:
+    with _open_bytes(path, digest) as f:
         for raw in f:
             try:
                 pending += decoder.decode(raw)
@@ -648,8 +860,13 @@ class _BlockTooSmall(Exception):
     """One row is longer than the read block: read again with a larger one."""
 
 
-def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
-    """One streamed pass over the whole file: header, row count, bad lines, and each column's type.
+def _open_csv(
+    path: Path, codec: str, sep: str, *, sniff: bool, digest: InputDigest, id_column: str | None = None
+) -> InputTable:
+    """One streamed pass over the whole file: header, row count, bad lines, each column's type, the digest.
+
+    The header is parsed from the first bytes read, which are then read again from memory by the pass
+    over the rows (``_Replay``): one open of the file.
 
     With ``sniff`` (no ``job.delimiter``), a header that reads as one column holding a tab, a semicolon, a
     comma or a bar is refused before any row is parsed: its rows would fail with a misleading field count,
@@ -657,13 +874,19 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
     """
     block = CSV_BLOCK
     while True:
+        digest.reset()
+        source = _Replay(_open_bytes(path, digest))
         try:
-            names = _csv_names(path, codec, block, sep)
+            names = _csv_names(path, source, codec, block, sep)
             if sniff and len(names) == 1:
                 _check_separator(path, names[0], sep)
             seen: dict[str, set[str] | None] = dict.fromkeys(names)
             rows = 0
-            for batch in _csv_batches(path, codec, block, names, None, sep):
+            ids = IdScan(id_column) if id_column in names else None
+            source.rewind()
+            for batch in _csv_batches(path, codec, block, names, None, sep, source):
+                if ids is not None:
+                    _scan_csv_ids(ids, rows, batch.column(id_column))
                 rows += batch.num_rows
                 for name, column in zip(names, batch.columns, strict=True):
                     seen[name] = _narrow(seen[name], column)
@@ -674,12 +897,24 @@ def _open_csv(path: Path, codec: str, sep: str, *, sniff: bool) -> InputTable:
                     f"{path}: a row is longer than {CSV_BLOCK_CAP >> 20} MB; split the file or convert it to Parquet"
                 ) from None
             block *= 4
+        finally:
+            source.release()
     schema: dict[str, pl.DataType] = {}
     for name, kinds in seen.items():
         kind = next((k for k in _CSV_TYPES if kinds and k in kinds), None)
         schema[name] = _CSV_TYPES[kind] if kind else pl.String()
     dtypes = {k: str(v) for k, v in schema.items()}
-    return InputTable(path, "csv", tuple(names), dtypes, rows, codec, schema, block, delimiter=sep)
+    return InputTable(path, "csv", tuple(names), dtypes, rows, codec, schema, block, delimiter=sep, ids=ids)
+
+
+def _scan_csv_ids(ids: IdScan, first_row: int, column: pa.Array) -> None:
+    """One batch of a CSV id column (text) into ``ids``, with its integers while every value is one."""
+    text = pl.Series(ids.column, column)
+    try:
+        integers: pl.Series | None = pl.Series(ids.column, pc.cast(column, pa.int64()))
+    except pa.ArrowInvalid:
+        integers = None
+    ids.add(first_row, text, integers)
 
 
 def _check_separator(path: Path, header: str, sep: str) -> None:
@@ -719,23 +954,22 @@ def _csv_read_options(codec: str, block: int) -> pcsv.ReadOptions:
     return pcsv.ReadOptions(encoding="utf8" if codec in _UTF8 else codec, block_size=block, use_threads=False)
 
 
-def _csv_names(path: Path, codec: str, block: int, sep: str) -> list[str]:
-    """The header's column names (pyarrow parses the first block to find them)."""
-    with _open_bytes(path) as raw:
-        try:
-            reader = pcsv.open_csv(
-                raw,
-                read_options=_csv_read_options(codec, block),
-                parse_options=pcsv.ParseOptions(
-                    delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
-                ),
-            )
-            names = list(reader.schema.names)
-            reader.close()
-        except (pa.ArrowException, UnicodeError) as exc:
-            if "Empty CSV file" in str(exc):
-                raise InputError(f"{path}: input is empty (no header, no rows)") from None
-            raise _csv_error(path, codec, sep, None, exc) from None
+def _csv_names(path: Path, raw: _Replay, codec: str, block: int, sep: str) -> list[str]:
+    """The header's column names (pyarrow parses the first block of ``raw`` to find them)."""
+    try:
+        reader = pcsv.open_csv(
+            raw,
+            read_options=_csv_read_options(codec, block),
+            parse_options=pcsv.ParseOptions(
+                delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda _: "skip"
+            ),
+        )
+        names = list(reader.schema.names)
+        reader.close()
+    except (pa.ArrowException, UnicodeError) as exc:
+        if "Empty CSV file" in str(exc):
+            raise InputError(f"{path}: input is empty (no header, no rows)") from None
+        raise _csv_error(path, codec, sep, None, exc) from None
     for i, name in enumerate(names):
         if not name.strip():
             raise InputError(
@@ -749,16 +983,23 @@ def _csv_names(path: Path, codec: str, block: int, sep: str) -> list[str]:
 
 
 def _csv_batches(
-    path: Path, codec: str, block: int, names: Sequence[str], columns: Sequence[str] | None, sep: str
+    path: Path,
+    codec: str,
+    block: int,
+    names: Sequence[str],
+    columns: Sequence[str] | None,
+    sep: str,
+    source: _Replay | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """The file as record batches of text columns, one block at a time; bad lines are InputErrors."""
+    """The file (or ``source``, the file opened already) as record batches of text columns, one block at a
+    time; bad lines are InputErrors."""
     bad: list[pcsv.InvalidRow] = []
 
     def on_invalid(row: pcsv.InvalidRow) -> str:
         bad.append(row)
         return "error"
 
-    raw = _Tracked(_open_bytes(path))
+    raw = _Tracked(source if source is not None else _open_bytes(path))
     reader: pcsv.CSVStreamingReader | None = None
     try:
         reader = pcsv.open_csv(
@@ -924,11 +1165,20 @@ def _row_lines(table: InputTable, numbers: Collection[int]) -> dict[int, int]:
 # ----------------------------------------------------------------- JSONL
 
 
-def _open_jsonl(path: Path, codec: str, json_columns: tuple[str, ...] = ()) -> InputTable:
-    """One pass over every line: row count, bad lines, and the column types of the whole file."""
+def _open_jsonl(
+    path: Path,
+    codec: str,
+    json_columns: tuple[str, ...] = (),
+    digest: InputDigest | None = None,
+    id_column: str | None = None,
+) -> InputTable:
+    """One pass over every line: row count, bad lines, the column types of the whole file, the digest."""
     schema: dict[str, pl.DataType] = {}
     rows = 0
-    for lines, records in _jsonl_batches(path, codec, json_columns):
+    ids = IdScan(id_column) if id_column is not None else None
+    for lines, records in _jsonl_batches(path, codec, json_columns, digest):
+        if ids is not None:
+            _scan_jsonl_ids(ids, rows, [r.get(ids.column) for r in records])
         rows += len(records)
         frame = _jsonl_frame(path, lines, records, None)
         _check_lossless(path, lines, records, frame)
@@ -944,7 +1194,15 @@ def _open_jsonl(path: Path, codec: str, json_columns: tuple[str, ...] = ()) -> I
                         raise InputError(_conflict_message(path, line, exc.name, record[exc.name])) from None
             raise InputError(_conflict_message(path, lines[0], exc.name, None)) from None
     dtypes = {k: str(v) for k, v in schema.items()}
-    return InputTable(path, "ndjson", tuple(schema), dtypes, rows, codec, schema, json_columns=json_columns)
+    return InputTable(path, "ndjson", tuple(schema), dtypes, rows, codec, schema, json_columns=json_columns, ids=ids)
+
+
+def _scan_jsonl_ids(ids: IdScan, first_row: int, values: list[Any]) -> None:
+    """One batch of a JSONL id field into ``ids``: as text (as ``_id_frames`` reads a text column), and
+    as integers when every value is one."""
+    text = pl.Series(ids.column, values, dtype=pl.String(), strict=False)
+    whole = all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values)
+    ids.add(first_row, text, pl.Series(ids.column, values, dtype=pl.Int64(), strict=False) if whole else None)
 
 
 class _Conflict(Exception):
@@ -1001,13 +1259,13 @@ def _conflict_message(path: Path, line: int, name: str, value: object) -> str:
 
 
 def _jsonl_batches(
-    path: Path, codec: str, json_columns: tuple[str, ...] = ()
+    path: Path, codec: str, json_columns: tuple[str, ...] = (), digest: InputDigest | None = None
 ) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
     """Objects of a JSONL file, ``JSONL_BATCH`` lines at a time, with their line numbers."""
     lines: list[int] = []
     records: list[dict[str, Any]] = []
     source: Iterator[tuple[int, bytes | str]]
-    source = _byte_lines(path) if codec in _UTF8 else iter(_text_lines(path, codec))
+    source = _byte_lines(path, digest) if codec in _UTF8 else iter(_text_lines(path, codec, digest))
     try:
         for line, text in source:
             if not text.strip():
@@ -1036,8 +1294,8 @@ def _jsonl_batches(
         yield lines, records
 
 
-def _byte_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with _open_bytes(path) as f:
+def _byte_lines(path: Path, digest: InputDigest | None = None) -> Iterator[tuple[int, bytes]]:
+    with _open_bytes(path, digest) as f:
         for line, raw in enumerate(f, 1):
             yield line, raw[3:] if line == 1 and raw.startswith(codecs.BOM_UTF8) else raw
 

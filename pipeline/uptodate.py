@@ -14,9 +14,10 @@ run writes its own file; the batch file is rebuilt from the output), jobs whose 
 (``s3://…``: the local copy says nothing of the object, and an upload may be owed) and CSV/JSONL outputs (the
 fast paths read Parquet). The input's bytes are hashed on every check: ``cp -p``, ``rsync -a`` and ``tar``
 replace a file keeping its size and mtime, so those two say nothing about its content. The hash is
-xxh3-128 (``xxhash``), streamed: it costs about what reading the file costs (a 1.27 GB CSV: 0.26-0.29 s,
-reading alone 0.24 s), where sha256 took 1.0 s and blake2b 2.2 s; nothing here needs a cryptographic
-hash (the user owns the input), and it keeps an up-to-date rerun of a 10M-row CSV job under a second.
+xxh3-128 (``xxhash``), streamed: it costs about what reading the file costs, and nothing here needs a
+cryptographic hash (the user owns the input). A run does not read its input for it: the input's check
+pass (``reader.open_input``) digests the bytes it reads; only an up-to-date check reads them itself.
+Which of up to date, patch or rebuild a run does is ``decision.decide``'s answer.
 """
 
 from __future__ import annotations
@@ -96,10 +97,17 @@ def _stat(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def input_fingerprint(path: Path) -> dict[str, Any]:
-    """Path, size, mtime and the digest of the input's bytes (always hashed: see the module docstring)."""
+def fingerprint_of(path: Path, stat: tuple[int, int] | None, digest: str | None) -> dict[str, Any]:
+    """Path, size, mtime and digest of the input's bytes, for ``built_from``.
+
+    ``stat`` (size, mtime_ns) and ``digest`` are what the input's check pass saw (``InputTable``): its
+    stat is taken before that pass opens the file, so a change while it reads makes the next run look
+    again. A pass that took no digest (None) has the file hashed here.
+    """
     fp = _stat(path)
-    fp[DIGEST] = _digest(path)
+    if stat is not None:
+        fp["size"], fp["mtime_ns"] = stat
+    fp[DIGEST] = digest if digest is not None else _digest(path)
     return fp
 
 
@@ -160,14 +168,11 @@ def read_manifest(spec: JobSpec) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def check(
-    spec: JobSpec, selection: Selection, *, content: bool = True, input_fp: dict[str, Any] | None = None
-) -> Verdict:
+def check(spec: JobSpec, selection: Selection, *, content: bool = True) -> Verdict:
     """Whether the output on disk is what a rerun with this input, job and ledger would write.
 
     The input's bytes are hashed last, once every other part holds; ``content=False`` checks everything
-    else (a cheap first look). ``input_fp`` is a fingerprint the caller just took: its digest is used when
-    the input's path, size and mtime are still the ones it was taken at, so a run hashes its input once.
+    else (a cheap first look, before the job's lock is taken).
     """
     data = read_manifest(spec)
     if data is None:
@@ -191,12 +196,11 @@ def check(
     if base.get("ledger") != ledger_state(spec):
         return Verdict(False, "the ledger changed")
     if content:
-        if input_fp is None or any(input_fp.get(k) != now[k] for k in now):
-            try:
-                input_fp = {**now, DIGEST: _digest(spec.job.input)}
-            except OSError:
-                return Verdict(False, "the input is missing")
-        if input_fp.get(DIGEST) != old.get(DIGEST):
+        try:
+            digest = _digest(spec.job.input)
+        except OSError:
+            return Verdict(False, "the input is missing")
+        if digest != old.get(DIGEST):
             same = " (same size and mtime)" if old.get("mtime_ns") == now["mtime_ns"] else ""
             return Verdict(False, f"the input's bytes changed{same}")
     return Verdict(True, "input, job and ledger unchanged since the output was written", data)
@@ -232,34 +236,7 @@ def patchable(
     return str(ledger["ledger_id"]), int(ledger["generation"])
 
 
-def skip(
-    spec: JobSpec,
-    selection: Selection,
-    *,
-    fresh: bool = False,
-    retry_errors: bool = False,
-    input_fp: dict[str, Any] | None = None,
-) -> RunSummary | None:
-    """A run's shortcut: the summary of a run with nothing to do when the output is up to date, else None.
-
-    Imports neither polars nor pyarrow (the CLI calls it before loading the runner), so an up-to-date
-    rerun costs an interpreter start, a manifest, two ``stat`` calls, one ledger query and one read of the
-    input (hashed). ``input_fp``: the fingerprint the run just took, if it did (see ``check``).
-    """
-    if not eligible(spec, fresh=fresh, retry_errors=retry_errors):
-        return None
-    # First without the lock and without hashing: a job that is not up to date (a bad one among them) must
-    # reach prepare's one-line errors before anything is created, the lock file included.
-    if not check(spec, selection, content=False).up_to_date:
-        return None
-    with JobLock(spec.lock_path):
-        verdict = check(spec, selection, input_fp=input_fp)
-    if not verdict.up_to_date or verdict.manifest is None:
-        return None
-    return _summary(spec, verdict.manifest)
-
-
-def _summary(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
+def summary_of(spec: JobSpec, manifest: dict[str, Any]) -> RunSummary:
     """The summary of a run that had nothing to do: the counts of the run that built the output."""
     now = time.time()
     summary = RunTally(

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "pure policy",
         {
+            "ids",
             "sending.pacing",
             "sending.retries",
             "sending.breaker",
@@ -73,8 +74,9 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"prepare", "sending.attempts", "uptodate", "shard_ledger", "patching", "evaluation.evaluate"},
     ),
     ("what changed since the last output", {"incremental"}),
+    ("what a run has to do, where it sends", {"decision", "local_endpoint"}),
     ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning", "starter", "voting"}),
+    ("composers", {"runner", "planning", "starter", "voting", "reports"}),
     ("the command", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]
