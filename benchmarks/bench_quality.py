@@ -214,6 +214,13 @@ def votes_of(outputs: list[Path]) -> dict[str, tuple[str | None, float]]:
     return result
 
 
+def escalated_rows(output: Path) -> int:
+    """Rows of a votes + escalation output that the stronger setting answered (its ``stage`` column)."""
+    import polars as pl
+
+    return int(pl.read_parquet(output, columns=["stage"]).filter(pl.col("stage") == "escalated").height)
+
+
 def gold_labels() -> dict[str, str]:
     with DATA.open(encoding="utf-8", newline="") as f:
         return {row["review_id"]: row[GOLD_COLUMN] for row in csv.DictReader(f)}
@@ -306,6 +313,7 @@ def measure(quick: bool, base_url: str) -> list[Setting]:
         job = job_copy(escalated.name, base, votes=sampling, escalation=overrides)
         run_job(job, base_url, escalated, limit)
         escalated.correct, escalated.rows = score(WORK / f"{escalated.name}.parquet", job)
+        escalated.escalated = escalated_rows(WORK / f"{escalated.name}.parquet")
         return [one, votes, escalated]
 
     majority = votes_of(emulated_votes(base, base_url, limit, votes))
