@@ -7,7 +7,8 @@ first), each scored against the written labels:
 (b) 3 votes: sample 0 the job's request, samples 1 and 2 ``seed = 1, 2`` at ``VOTE_TEMPERATURE``
     (greedy samples would agree by construction), majority per row;
 (c) (b), then the rows whose agreement is below 1 sent again with the stronger setting of
-    ``jobs/review_sentiment_fewshot.toml`` (a system prompt that defines the classes, and six examples).
+    ``jobs/review_sentiment_fewshot.toml`` (the same prompt with six examples);
+(d) that stronger setting alone on every row, one sample: what the escalation is to be compared with.
 
 When the job file takes ``[votes]`` and ``[escalation]`` (the votes feature), (b) and (c) are one
 ``seedbatch run`` each. Without it they are emulated with the same rules: one run per sample (its seed
@@ -302,6 +303,10 @@ def measure(quick: bool, base_url: str) -> list[Setting]:
     one = Setting("one_sample")
     run_job(job_copy(one.name, base), base_url, one, limit)
     one.correct, one.rows = score(WORK / f"{one.name}.parquet", WORK / f"{one.name}.toml")
+    # The stronger setting on every row: what escalation is compared with (same task, one sample).
+    fewshot = Setting("fewshot_alone")
+    run_job(job_copy(fewshot.name, strong), base_url, fewshot, limit)
+    fewshot.correct, fewshot.rows = score(WORK / f"{fewshot.name}.parquet", WORK / f"{fewshot.name}.toml")
 
     votes, escalated = Setting("votes3"), Setting("votes3_escalated")
     if has_feature("votes") and has_feature("escalation"):
@@ -314,7 +319,7 @@ def measure(quick: bool, base_url: str) -> list[Setting]:
         run_job(job, base_url, escalated, limit)
         escalated.correct, escalated.rows = score(WORK / f"{escalated.name}.parquet", job)
         escalated.escalated = escalated_rows(WORK / f"{escalated.name}.parquet")
-        return [one, votes, escalated]
+        return [one, votes, escalated, fewshot]
 
     majority = votes_of(emulated_votes(base, base_url, limit, votes))
     score_votes(majority, votes)
@@ -324,7 +329,7 @@ def measure(quick: bool, base_url: str) -> list[Setting]:
         setattr(escalated, name, getattr(votes, name))
     escalated.commands = [*votes.commands]
     score_votes(escalate(strong, base_url, majority, escalated), escalated)
-    return [one, votes, escalated]
+    return [one, votes, escalated, fewshot]
 
 
 def report(settings: list[Setting], result: BenchResult) -> None:
