@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline import uptodate
-from pipeline.ledger import JobLock, Ledger
+from pipeline.job_lock import JobLock
+from pipeline.ledger import Ledger
 from pipeline.records import RunSummary, Selection
 from pipeline.spec import JobSpec
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.records import RunSummary
 
 if TYPE_CHECKING:
-    from pipeline.planning import Plan, Status
+    from pipeline.planning import JobStatus, Plan
     from pipeline.spec import JobSpec
 
 
@@ -82,7 +82,7 @@ def plan_lines(spec: JobSpec, job: str, p: Plan) -> list[str]:
     return lines
 
 
-def status_lines(spec: JobSpec, job: str, s: Status) -> list[str]:
+def status_lines(spec: JobSpec, job: str, s: JobStatus) -> list[str]:
     """``seedbatch status``: rows by outcome, tokens, cost, the last run."""
     failed = ", ".join(f"{k}={v}" for k, v in sorted(s.failed_by_status.items()))
     return [

@@ -33,7 +33,6 @@ import orjson
 import xxhash
 
 from pipeline import __version__
-from pipeline.job_lock import JobLock
 from pipeline.ledger import Ledger
 from pipeline.records import RunSummary, RunTally, Selection, exit_code_for, is_transient
 from pipeline.spec import JobSpec
