@@ -107,7 +107,7 @@ def eval_score(output: Path, job: Path) -> tuple[int, int]:
 
 def has_feature(section: str) -> bool:
     """Whether this checkout's job files take ``[section]`` (evaluation, votes, escalation)."""
-    from pipeline.spec import JobSpec
+    from pipeline.job.spec import JobSpec
 
     return section in JobSpec.model_fields
 

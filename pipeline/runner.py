@@ -24,22 +24,25 @@ from typing import Any
 import orjson
 import polars as pl
 
-from pipeline import __version__, incremental, schema_types, storage, uptodate
-from pipeline.batch_output import write_batch_output
-from pipeline.decision import Decision, Patch, UpToDate, confirm, decide, input_fingerprint
+from pipeline import __version__
+from pipeline.answers.validator import parse_document
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
-from pipeline.job_lock import JobLock
-from pipeline.ledger import Ledger
-from pipeline.local_endpoint import endpoint_for
+from pipeline.job import schema_types
+from pipeline.job.spec import JobSpec
+from pipeline.localapi.endpoint import endpoint_for
 from pipeline.options import RunOptions, StopToken
-from pipeline.patching import patch_output
-from pipeline.prepare import Prepared
-from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
 from pipeline.records import NOT_SENT, ExitCode, RunSummary, RunTally, Selection, exit_code_for
-from pipeline.spec import JobSpec
-from pipeline.validator import parse_document
-from pipeline.writer import write_atomic, write_output
+from pipeline.requests.prepare import Prepared
+from pipeline.state import incremental, uptodate
+from pipeline.state.decision import Decision, Patch, UpToDate, confirm, decide, input_fingerprint
+from pipeline.state.job_lock import JobLock
+from pipeline.state.ledger import Ledger
+from pipeline.state.patching import patch_output
+from pipeline.tables import storage
+from pipeline.tables.batch_output import write_batch_output
+from pipeline.tables.reader import ROW_NUMBER, read_frames, selected_indices
+from pipeline.tables.writer import write_atomic, write_output
 
 __all__ = ["Decision", "ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "arun_job", "run_job"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import SpecError
-from pipeline.reader import COMPRESSED, DelimiterGuess, open_input
-from pipeline.spec import DEFAULT_MODEL
+from pipeline.job.spec import DEFAULT_MODEL
+from pipeline.tables.reader import COMPRESSED, DelimiterGuess, open_input
 
 #: Columns put in the user template at most; the rest are listed in a comment.
 TEMPLATE_COLUMNS = 8

@@ -14,15 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.answers.validator import judge
 from pipeline.errors import RetryableError, RowError
+from pipeline.job.schema_types import compile_validator
 from pipeline.records import Reply, Request, RunTally
-from pipeline.schema_types import compile_validator
 from pipeline.sending.attempts import AnswerPolicy, Attempts
 from pipeline.sending.buckets import Pacer
 from pipeline.sending.budget import Budget
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.retries import RetryPolicy
-from pipeline.validator import judge
 
 SCHEMA = {
     "type": "object",
@@ -213,7 +213,7 @@ def test_truncated_without_retries_is_not_sent_again() -> None:
 
 def test_budget_refusal_leaves_the_row_pending_and_stops_the_run() -> None:
     attempts, summary = make(Script(), budget=0.0)
-    attempts.price = __import__("pipeline.costs", fromlist=["Price"]).Price(1.0, 1.0)
+    attempts.price = __import__("pipeline.answers.costs", fromlist=["Price"]).Price(1.0, 1.0)
     out = answer(attempts)
     assert out is None
     assert attempts.budget_hit and attempts.stop.is_set()

@@ -10,10 +10,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.decision import Full, Patch, UpToDate, decide
+from pipeline.job.spec import load_spec
 from pipeline.localapi import LocalAPI
 from pipeline.records import Selection
-from pipeline.spec import load_spec
+from pipeline.state.decision import Full, Patch, UpToDate, decide
 from tests.helpers import reviews, write_job
 
 

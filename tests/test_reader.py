@@ -12,10 +12,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from pipeline import reader
 from pipeline.errors import InputError
-from pipeline.prepare import iter_requests, prepare
-from pipeline.reader import (
+from pipeline.job.spec import spec_from_dict
+from pipeline.requests.prepare import iter_requests, prepare
+from pipeline.tables import reader
+from pipeline.tables.reader import (
     ROW_NUMBER,
     InputTable,
     RowRange,
@@ -27,7 +28,6 @@ from pipeline.reader import (
     selected_indices,
     selected_rows,
 )
-from pipeline.spec import spec_from_dict
 
 N = 1_050
 

@@ -35,17 +35,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.client import ratelimit_of, wait_until
-from pipeline.costs import Price, fill_cost, worst_case_usd
+from pipeline.answers.costs import Price, fill_cost, worst_case_usd
+from pipeline.answers.validator import Judgement
 from pipeline.errors import FatalAPIError, RetryableError, RowError
-from pipeline.prompts import vary_sampling, with_changes
 from pipeline.records import Outcome, Reply, Request, RunTally, Usage, count_error
+from pipeline.requests.prompts import vary_sampling, with_changes
 from pipeline.sending.breaker import Circuit, SameRefusal, about_the_row
 from pipeline.sending.buckets import Pacer
 from pipeline.sending.budget import Budget
+from pipeline.sending.client import ratelimit_of, wait_until
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.retries import RetryPolicy, call_paced
-from pipeline.validator import Judgement
 
 #: POST one body. The second argument is the deadline learned from observed latency (None: the ceiling):
 #: a plain request must be answered within it; a streamed one (``AnswerPolicy.streaming``) must not fall
