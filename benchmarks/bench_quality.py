@@ -54,6 +54,8 @@ FIELD = "sentiment"
 SAMPLES = 3
 VOTE_TEMPERATURE = 1.0
 QUICK_ROWS = 90
+#: Rows a full run measures (of the 300): the issue's 200 at least, in the time one llama.cpp thread takes.
+BENCH_ROWS = 200
 #: What the issue asks the settings to show: votes cost about k times one sample, and escalation is
 #: worth its extra tokens only if it buys accuracy.
 VOTES_COST_RATIO_MAX = SAMPLES + 0.5
@@ -158,8 +160,16 @@ def load_job(job: Path) -> dict[str, Any]:
     return data
 
 
-def job_copy(name: str, base: dict[str, Any], *, input_path: Path | None = None, **changes: dict[str, Any]) -> Path:
-    """``base`` with sections updated, writing to ``WORK/<name>.parquet`` with its own, removed, ledger."""
+def job_copy(
+    name: str,
+    base: dict[str, Any],
+    *,
+    input_path: Path | None = None,
+    ledger: Path | None = None,
+    **changes: dict[str, Any],
+) -> Path:
+    """``base`` with sections updated, writing to ``WORK/<name>.parquet`` with its own, removed, ledger
+    (or ``ledger``: another setting's, whose answers it then reuses)."""
     data = json.loads(json.dumps(base))
     for section, values in changes.items():
         data.setdefault(section, {}).update(values)
@@ -168,10 +178,15 @@ def job_copy(name: str, base: dict[str, Any], *, input_path: Path | None = None,
     data["job"].pop("ledger", None)
     if input_path is not None:
         data["job"]["input"] = str(input_path)
+    if ledger is not None:
+        data["job"]["ledger"] = str(ledger)
     if has_feature("evaluation"):  # what `seedbatch eval` scores: the schema's field against the label
         data["evaluation"] = {"fields": {FIELD: GOLD_COLUMN}}
-    for stale in WORK.glob(f"{name}.parquet*"):  # output, manifest, ledger and its WAL: a clean start
-        stale.unlink()
+    for stale in WORK.glob(f"{name}.parquet*"):  # output, manifest, ledger, its WAL, sample outputs
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     return _write_job(data, WORK / f"{name}.toml")
 
 
@@ -213,6 +228,15 @@ def votes_of(outputs: list[Path]) -> dict[str, tuple[str | None, float]]:
         winner = next(v for v in values if v is not None and counts[v] == top)  # ties: the earliest sample
         result[rid] = (winner, top / len(values))
     return result
+
+
+def output_usage(output: Path) -> tuple[int, int, float]:
+    """(prompt tokens, completion tokens, usd) an output's rows cost: every sample and escalation they took."""
+    import polars as pl
+
+    sums = pl.read_parquet(output).select(pl.col("prompt_tokens", "completion_tokens", "usd_spent").fill_null(0).sum())
+    prompt, completion, usd = sums.row(0)
+    return int(prompt), int(completion), float(usd)
 
 
 def escalated_rows(output: Path) -> int:
@@ -297,7 +321,7 @@ def start_server(log_dir: Path) -> Any:
 
 
 def measure(quick: bool, base_url: str) -> list[Setting]:
-    limit = QUICK_ROWS if quick else None
+    limit = QUICK_ROWS if quick else BENCH_ROWS
     base, strong = load_job(JOB), load_job(STRONG_JOB)
     score = scorer()
     one = Setting("one_sample")
@@ -314,11 +338,19 @@ def measure(quick: bool, base_url: str) -> list[Setting]:
         job = job_copy(votes.name, base, votes=sampling)
         run_job(job, base_url, votes, limit)
         votes.correct, votes.rows = score(WORK / f"{votes.name}.parquet", job)
+        # The same three samples as votes3 (same requests): they come from votes3's ledger rather than
+        # being paid twice on one llama.cpp thread; the output's columns count their tokens and cost, and
+        # the wall time is votes3's plus the escalation run's.
         overrides = {"when_agreement_below": 1.0, "prompt": strong["prompt"]}
-        job = job_copy(escalated.name, base, votes=sampling, escalation=overrides)
+        shared = WORK / f"{votes.name}.parquet.ledger.sqlite"
+        job = job_copy(escalated.name, base, ledger=shared, votes=sampling, escalation=overrides)
         run_job(job, base_url, escalated, limit)
-        escalated.correct, escalated.rows = score(WORK / f"{escalated.name}.parquet", job)
-        escalated.escalated = escalated_rows(WORK / f"{escalated.name}.parquet")
+        out = WORK / f"{escalated.name}.parquet"
+        escalated.correct, escalated.rows = score(out, job)
+        escalated.escalated = escalated_rows(out)
+        escalated.prompt_tokens, escalated.completion_tokens, escalated.usd = output_usage(out)
+        escalated.requests += votes.requests
+        escalated.wall_s += votes.wall_s
         return [one, votes, escalated, fewshot]
 
     majority = votes_of(emulated_votes(base, base_url, limit, votes))
@@ -365,7 +397,7 @@ def run(quick: bool) -> BenchResult:
     result.settings.update(
         {
             "data": f"{rel(DATA)} ({sum(1 for _ in DATA.open()) - 1} rows, labels written with the text)",
-            "rows measured": str(QUICK_ROWS) if quick else "all",
+            "rows measured": str(QUICK_ROWS if quick else BENCH_ROWS),
             "one sample": f"{rel(JOB)}",
             "votes": f"{SAMPLES} samples: sample 0 the job's request, sample i seed i at temperature "
             f"{VOTE_TEMPERATURE:g}",
