@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -274,6 +274,11 @@ class EndpointSection(StrictModel):
     shorter once answers have been seen (the deadline learned from them, 3 × their p99, at least 10 s)."""
     local_latency_ms: float = Field(default=0.0, ge=0)
     """With preset 'local': simulated model latency of the built-in server."""
+    local_error_rates: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    """With preset 'local': the share of answers the built-in server gets wrong on purpose, per answer field
+    (``{ sentiment = 0.2 }``; ``text`` for a text job), for rows whose prompt carries the right answer as a
+    ``[[truth:FIELD=VALUE]]`` marker: what ``seedbatch eval`` should then measure. Answers already in the
+    ledger are kept; ``--fresh`` draws again."""
 
 
 class PricingSection(StrictModel):

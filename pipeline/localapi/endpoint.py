@@ -26,7 +26,11 @@ def endpoint_for(spec: JobSpec, options: RunOptions) -> Iterator[tuple[str, RunO
     # It stands in for the job's own server (``--endpoint local`` dry-runs an OpenAI job), so it serves the
     # job's model too; a LocalAPI on a base_url serves only the models it was given.
     models = tuple(dict.fromkeys((*KNOWN_MODELS, spec.model.name)))
-    config = ServerConfig(latency_ms=spec.endpoint.local_latency_ms, models=models)
+    config = ServerConfig(
+        latency_ms=spec.endpoint.local_latency_ms,
+        models=models,
+        field_error_rates=dict(spec.endpoint.local_error_rates),
+    )
     if spec.executor.kind == "ray":
         from pipeline.localapi import LocalAPI
 
