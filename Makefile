@@ -48,7 +48,7 @@ $(VENV)/.installed-ray: pyproject.toml $(STAMP)
 test-ray: $(VENV)/.installed-ray  ## the Ray executor on a 3-node Ray cluster on 127.0.0.1, losing a node and the driver (installs the ray extra once)
 	$(BIN)/pytest -q -m ray -p no:cacheprovider tests/test_ray.py
 
-bench: $(VENV)/.installed-ray  ## benchmarks against the local API (and 2 Ray workers); writes benchmarks/RESULTS.md
+bench: $(VENV)/.installed-ray $(VENV)/.installed-llm  ## benchmarks against the local API, 2 Ray workers and a real model (llama.cpp); writes benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)  ## ruff and mypy

@@ -89,7 +89,7 @@ def run(quick: bool) -> BenchResult:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     from ray.cluster_utils import Cluster
 
-    from pipeline.spec import load_spec
+    from pipeline.job.spec import load_spec
 
     rows = 1000 if quick else 3000
     result = BenchResult(NAME, TITLE)

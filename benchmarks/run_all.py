@@ -23,6 +23,7 @@ import bench_memory
 import bench_overhead
 import bench_pacing
 import bench_pool
+import bench_quality
 import bench_ray
 import bench_ray_nodes
 import bench_resume
@@ -44,6 +45,7 @@ BENCHMARKS: list[ModuleType] = [
     bench_failures,
     bench_ray_nodes,
     bench_scale,
+    bench_quality,
 ]
 NAMES = [m.NAME for m in BENCHMARKS]
 

@@ -22,8 +22,8 @@ from pipeline.options import RunOptions, StopToken
 from pipeline.records import ExitCode, RunSummary, Selection, Status, StopReason
 
 if TYPE_CHECKING:
+    from pipeline.job.spec import JobSpec, load_spec
     from pipeline.runner import arun_job, run_job
-    from pipeline.spec import JobSpec, load_spec
 
 __all__ = [
     "ExitCode",
@@ -45,8 +45,8 @@ __all__ = [
 _LAZY = {
     "run_job": "pipeline.runner",
     "arun_job": "pipeline.runner",
-    "JobSpec": "pipeline.spec",
-    "load_spec": "pipeline.spec",
+    "JobSpec": "pipeline.job.spec",
+    "load_spec": "pipeline.job.spec",
 }
 
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from pipeline import uptodate
-from pipeline.costs import Price
-from pipeline.grammar import enforceable, fit_warnings
-from pipeline.ledger import Ledger
-from pipeline.output_tables import output_totals
-from pipeline.prepare import Prepared, iter_requests, prepare
+from pipeline.answers.costs import Price
+from pipeline.job.spec import JobSpec
 from pipeline.records import Request, Selection, needs_sending
-from pipeline.seen_hashes import SeenHashes
-from pipeline.spec import JobSpec
+from pipeline.requests.grammar import enforceable, fit_warnings
+from pipeline.requests.prepare import Prepared, iter_requests, prepare
+from pipeline.state import uptodate
+from pipeline.state.ledger import Ledger
+from pipeline.state.seen_hashes import SeenHashes
+from pipeline.tables.output_tables import output_totals
 
 #: Answers measured at most: enough for stable means, and a plan of a 10M-row job that is mostly
 #: answered stops looking up usage (and remembering hashes) after them.
@@ -399,7 +399,7 @@ def _add_costs(values: list[float | None]) -> float | None:
 
 def plan_stages(spec: JobSpec, selection: Selection | None = None, *, retry_errors: bool = False) -> StagesPlan:
     """Price every sample still to send (each a ``plan_job`` of its own seed) and the escalation."""
-    from pipeline import voting
+    from pipeline.quality import voting
 
     plans = [plan_job(s, selection, retry_errors=retry_errors) for s in voting.sample_specs(spec)]
     out = StagesPlan(

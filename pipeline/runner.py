@@ -2,11 +2,13 @@
 
 Data flows one way::
 
-    spec ─prepare→ Prepared (every check, every row parsed) ─lock, ledger→ executor (reader → prompts
-    → ledger? → attempts(client → validator) → ledger) ─writer→ output + manifest ─→ RunSummary
+    spec ─decide→ UpToDate (its summary) | Patch(rows) | Full, with the Prepared job (every check, every
+    row parsed) ─lock: confirm, ledger→ executor (reader → prompts → ledger? → attempts(client →
+    validator) → ledger) ─writer→ output + manifest ─→ RunSummary
 
-What happens to one request lives in ``attempts``, the sending loop in ``executors``, the checks in
-``prepare``. Library code installs no signal handlers: a caller stops a run with ``RunOptions.stop``.
+What the run has to do is ``decision``'s answer, where it sends ``local_endpoint``'s, what happens to
+one request ``attempts``', the sending loop the ``executors``', the checks ``prepare``'s. Library code
+installs no signal handlers: a caller stops a run with ``RunOptions.stop``.
 """
 
 from __future__ import annotations
@@ -16,29 +18,33 @@ import datetime as dt
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
 
-from pipeline import __version__, incremental, schema_types, storage, uptodate
-from pipeline.batch_output import write_batch_output
+from pipeline import __version__
+from pipeline.answers.validator import parse_document
 from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
-from pipeline.job_lock import JobLock
-from pipeline.ledger import Ledger
+from pipeline.job import schema_types
+from pipeline.job.spec import JobSpec
+from pipeline.localapi.endpoint import endpoint_for
 from pipeline.options import RunOptions, StopToken
-from pipeline.patching import patch_output
-from pipeline.prepare import Prepared, prepare, read_all
-from pipeline.reader import ROW_NUMBER, read_frames, selected_indices
 from pipeline.records import NOT_SENT, ExitCode, RunSummary, RunTally, Selection, exit_code_for
-from pipeline.spec import JobSpec
-from pipeline.validator import parse_document
-from pipeline.writer import write_atomic, write_output
+from pipeline.requests.prepare import Prepared
+from pipeline.state import incremental, uptodate
+from pipeline.state.decision import Decision, Patch, UpToDate, confirm, decide, input_fingerprint
+from pipeline.state.job_lock import JobLock
+from pipeline.state.ledger import Ledger
+from pipeline.state.patching import patch_output
+from pipeline.tables import storage
+from pipeline.tables.batch_output import write_batch_output
+from pipeline.tables.reader import ROW_NUMBER, read_frames, selected_indices
+from pipeline.tables.writer import write_atomic, write_output
 
-__all__ = ["ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "arun_job", "run_job"]
+__all__ = ["Decision", "ExitCode", "RunOptions", "RunSummary", "Selection", "StopToken", "arun_job", "run_job"]
 
 
 def new_run_id() -> str:
@@ -145,30 +151,20 @@ def _upload(local: Path, uri: str | None) -> None:
         storage.upload(local, uri)
 
 
-async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
+async def arun_job(spec: JobSpec, options: RunOptions | None = None, decision: Decision | None = None) -> RunSummary:
     """Run a job to completion (or to a clean stop) on the running event loop; return what happened.
 
-    Usable inside a running loop (a notebook: ``await arun_job(spec)``). Raises ``SpecError`` or
-    ``InputError`` before anything is sent, ``LockedError`` when another run holds the job. A fatal API
-    answer mid-run does not raise: the summary says so, and output and manifest are written.
+    ``decision`` is what the run has to do (``decision.decide``), when the caller already asked; else it
+    is decided here. Usable inside a running loop (a notebook: ``await arun_job(spec)``). Raises
+    ``SpecError`` or ``InputError`` before anything is sent, ``LockedError`` when another run holds the
+    job. A fatal API answer mid-run does not raise: the summary says so, and output and manifest are written.
     """
     options = options or RunOptions()
-    try:  # taken before the input is read: a change while the run reads it makes the next run look again
-        input_fp: dict[str, Any] | None = uptodate.input_fingerprint(spec.job.input)
-    except OSError:
-        input_fp = None  # prepare says what is wrong with the input
-    skipped = uptodate.skip(
-        spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors, input_fp=input_fp
-    )
-    if skipped is not None:
-        return skipped
-    # Only the input changed since the output was built: redo the changed rows, patch the output.
-    base = uptodate.patchable(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
-    p = prepare(spec, options.selection, read_everything=base is None)
-    if base is not None:
-        p.only_rows = incremental.changed_rows(p)  # this pass parses every row, as read_all does
-        if p.only_rows is None:
-            read_all(p)
+    if decision is None:
+        decision = decide(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
+    if isinstance(decision, UpToDate):
+        return decision.summary
+    p = decision.prepared
     for warning in p.warnings or ():
         if options.log:
             options.log(warning)
@@ -176,42 +172,20 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     summary = RunTally(job=spec.name, run_id=new_run_id(), rows_total=p.rows, started_at=time.time())
     built_from: dict[str, Any] | None = None
     with JobLock(spec.lock_path):
-        ledger = Ledger(spec.ledger_path, spec.endpoint_key)
-        if spec.shards_dir.exists():  # a Ray run died before merging its shards: their answers are paid for
-            ledger.merge_leftovers(spec.shards_dir)
-        if p.only_rows is not None and ledger.state() != base:  # another run changed it since the check
-            p.only_rows = None
+        ledger, decision = confirm(spec, decision)
+        p.only_rows = decision.rows if isinstance(decision, Patch) else None
         ledger.start_run(summary.run_id, spec.name, summary.started_at)
-        server = None
         failure: int | None = None
         try:
-            url = spec.base_url
-            if url is None:  # preset "local" without a base_url: the built-in API, on this machine only
-                from pipeline.localapi import KNOWN_MODELS, ServerConfig
-
-                # It stands in for the job's own server (``--endpoint local`` dry-runs an OpenAI job), so it
-                # serves the job's model too; a LocalAPI on a base_url serves only the models it was given.
-                models = tuple(dict.fromkeys((*KNOWN_MODELS, spec.model.name)))
-                config = ServerConfig(latency_ms=spec.endpoint.local_latency_ms, models=models)
-                if spec.executor.kind == "ray":  # Ray's workers reach it over 127.0.0.1
-                    from pipeline.localapi import LocalAPI
-
-                    server = LocalAPI(config)
-                    url = server.start()
-                else:  # answered in this process (unless the caller brought a transport): no web server to start
-                    from pipeline.localapi.inprocess import BASE_URL, InProcessTransport
-
-                    url = BASE_URL
-                    if options.transport is None:
-                        options = replace(options, transport=InProcessTransport(config))
-            await execute(p, ledger, options, summary, url)
+            with endpoint_for(spec, options) as (url, send_options):
+                await execute(p, ledger, send_options, summary, url)
             ledger.flush()
             ledger_id, generation = ledger.state()  # before the output is read from it
             _write_outputs(p, ledger, summary)
             stopped = summary.stopped_by is not None
-            if input_fp is not None and uptodate.complete(summary.rows_by_status, summary.errors_by_kind, stopped):
+            if uptodate.complete(summary.rows_by_status, summary.errors_by_kind, stopped):
                 state = {"ledger_id": ledger_id, "generation": generation}
-                built_from = uptodate.built_from(spec, options.selection, input_fp, state)
+                built_from = uptodate.built_from(spec, options.selection, input_fingerprint(p), state)
         except SeedbatchError as exc:
             failure = exc.exit_code  # the manifest and `status` must say what the process exits with
             raise
@@ -219,8 +193,6 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
             failure = ExitCode.INTERNAL
             raise
         finally:
-            if server is not None:
-                server.stop()
             summary.ended_at = time.time()
             summary.exit_code = failure if failure is not None else exit_code_for(summary)
             try:
@@ -234,10 +206,10 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None) -> RunSumma
     return summary.snapshot()
 
 
-def run_job(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
+def run_job(spec: JobSpec, options: RunOptions | None = None, decision: Decision | None = None) -> RunSummary:
     """``arun_job`` for code without an event loop (scripts, the CLI). In a notebook, await ``arun_job``."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(arun_job(spec, options))
+        return asyncio.run(arun_job(spec, options, decision))
     raise SpecError("run_job was called inside a running event loop (a notebook?): use `await arun_job(spec)`")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import SpecError
-from pipeline.reader import COMPRESSED, DelimiterGuess, open_input
-from pipeline.spec import DEFAULT_MODEL
+from pipeline.job.spec import DEFAULT_MODEL
+from pipeline.tables.reader import COMPRESSED, DelimiterGuess, open_input
 
 #: Columns put in the user template at most; the rest are listed in a comment.
 TEMPLATE_COLUMNS = 8
@@ -69,6 +69,62 @@ def _messages_column(columns: dict[str, str]) -> str | None:
         if name.lower() in _MESSAGE_NAMES and dtype.startswith(("String", "List")):
             return name
     return None
+
+
+def _prompt_lines(input_path: Path, columns: dict[str, str], id_column: str | None, messages: str | None) -> list[str]:
+    """The ``[prompt]`` section: the message list column, or a template of the first placeable columns."""
+    lines: list[str] = []
+    lines.append("[prompt]")
+    lines.append('system = "You are a careful assistant. Answer briefly."')
+    if messages is not None:
+        lines.append("# Each row's whole message list; the system text above is joined to a row's own system message.")
+        lines.append(f"messages_column = {_q(messages)}")
+    else:
+        usable = [
+            c
+            for c, t in columns.items()
+            if c != id_column and not (set(c) & _NOT_PLACEABLE) and not t.startswith(("List", "Struct", "Binary"))
+        ]
+        chosen = usable[:TEMPLATE_COLUMNS] or [c for c in columns if not (set(c) & _NOT_PLACEABLE)][:1]
+        if not chosen:
+            raise SpecError(
+                f"{input_path}: no column can be a {{column}} placeholder (every name holds a brace); "
+                "rename a column or write the job by hand"
+            )
+        template = "\n".join(f"{c}: {{{c}}}" for c in chosen) if len(chosen) > 1 else f"{{{chosen[0]}}}"
+        lines.append(f"user = {_q(template)}")
+        left = [c for c in columns if c not in chosen and c != id_column]
+        if left:
+            lines.append(f"# Not in the template: {', '.join(left)}")
+    return lines
+
+
+def _write_schema_stub(schema_path: Path) -> None:
+    """A one-field schema to edit: its top-level properties become the output's typed columns."""
+    schema_path.parent.mkdir(parents=True, exist_ok=True)
+    stub = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "description": "Replace with the fields you want back."}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    schema_path.write_text(json.dumps(stub, indent=2) + "\n", encoding="utf-8")
+
+
+def _output_lines(schema_path: Path, columns: dict[str, str], job_dir: Path) -> list[str]:
+    """The ``[output]`` section of a job with a schema stub (a prefix when the input has an answer column)."""
+    lines: list[str] = []
+    taken = set(columns)
+    prefix = "ans_" if "answer" in taken else ""
+    lines += [
+        "[output]",
+        'format = "json_schema"',
+        f"schema = {_q(_rel(schema_path, job_dir))}  # its top-level properties become typed output columns",
+    ]
+    if prefix:
+        lines.append(f'column_prefix = "{prefix}"  # the input has an "answer" column already')
+    lines.append("")
+    return lines
 
 
 def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force: bool = False) -> Starter:
@@ -127,42 +183,10 @@ def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force
         "",
     ]
     if not is_batch:
-        lines.append("[prompt]")
-        lines.append('system = "You are a careful assistant. Answer briefly."')
-        if messages is not None:
-            lines.append(
-                "# Each row's whole message list; the system text above is joined to a row's own system message."
-            )
-            lines.append(f"messages_column = {_q(messages)}")
-        else:
-            usable = [
-                c
-                for c, t in columns.items()
-                if c != id_column and not (set(c) & _NOT_PLACEABLE) and not t.startswith(("List", "Struct", "Binary"))
-            ]
-            chosen = usable[:TEMPLATE_COLUMNS] or [c for c in columns if not (set(c) & _NOT_PLACEABLE)][:1]
-            if not chosen:
-                raise SpecError(
-                    f"{input_path}: no column can be a {{column}} placeholder (every name holds a brace); "
-                    "rename a column or write the job by hand"
-                )
-            template = "\n".join(f"{c}: {{{c}}}" for c in chosen) if len(chosen) > 1 else f"{{{chosen[0]}}}"
-            lines.append(f"user = {_q(template)}")
-            left = [c for c in columns if c not in chosen and c != id_column]
-            if left:
-                lines.append(f"# Not in the template: {', '.join(left)}")
+        lines += _prompt_lines(input_path, columns, id_column, messages)
         lines.append("")
     if schema_path is not None:
-        taken = set(columns)
-        prefix = "ans_" if "answer" in taken else ""
-        lines += [
-            "[output]",
-            'format = "json_schema"',
-            f"schema = {_q(_rel(schema_path, job_dir))}  # its top-level properties become typed output columns",
-        ]
-        if prefix:
-            lines.append(f'column_prefix = "{prefix}"  # the input has an "answer" column already')
-        lines.append("")
+        lines += _output_lines(schema_path, columns, job_dir)
     lines += [
         "[limits]",
         "# rpm = 600    # ceilings; unset, the run paces to the server's rate-limit headers",
@@ -174,13 +198,6 @@ def starter_job(input_path: Path, job_path: Path, *, schema: bool = False, force
     ]
     job_path.parent.mkdir(parents=True, exist_ok=True)
     if schema_path is not None:
-        schema_path.parent.mkdir(parents=True, exist_ok=True)
-        stub = {
-            "type": "object",
-            "properties": {"answer": {"type": "string", "description": "Replace with the fields you want back."}},
-            "required": ["answer"],
-            "additionalProperties": False,
-        }
-        schema_path.write_text(json.dumps(stub, indent=2) + "\n", encoding="utf-8")
+        _write_schema_stub(schema_path)
     job_path.write_text("\n".join(lines), encoding="utf-8")
     return Starter(job_path, schema_path, kind, columns)

@@ -17,9 +17,9 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.job.spec import JobSpec, spec_from_dict
 from pipeline.localapi import LocalAPI
 from pipeline.runner import RunOptions, run_job
-from pipeline.spec import JobSpec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,9 +6,10 @@ import dataclasses
 
 import polars as pl
 
-from pipeline import answer_record, writer
-from pipeline.answer_record import ANSWER_FIELDS, BATCH_COLUMNS, OUTPUT_COLUMNS, outcome_of, stored_values
+from pipeline.answers import record as answer_record
+from pipeline.answers.record import ANSWER_FIELDS, BATCH_COLUMNS, OUTPUT_COLUMNS, outcome_of, stored_values
 from pipeline.records import Outcome, ToolCall, Usage
+from pipeline.tables import writer
 
 EVERY_FIELD_SET = Outcome(
     request_hash="f" * 32,

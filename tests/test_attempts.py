@@ -14,15 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.answers.validator import judge
 from pipeline.errors import RetryableError, RowError
+from pipeline.job.schema_types import compile_validator
 from pipeline.records import Reply, Request, RunTally
-from pipeline.schema_types import compile_validator
 from pipeline.sending.attempts import AnswerPolicy, Attempts
 from pipeline.sending.buckets import Pacer
 from pipeline.sending.budget import Budget
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.retries import RetryPolicy
-from pipeline.validator import judge
 
 SCHEMA = {
     "type": "object",
@@ -149,6 +149,23 @@ def test_row_error_is_final_at_once() -> None:
     assert (out.status, out.error_kind, out.attempts) == ("error", "http_400", 1)
 
 
+def test_a_refusal_no_other_row_can_settle_is_a_row_error_without_the_hold() -> None:
+    """A refusal is held until it is known whether every row gets it; with no other row left to send or in
+    flight, nothing can tell, so the row ends at once (a ``--retry-errors`` rerun of two rows waited 10 s)."""
+    refused = RowError("HTTP 400: bad", status_code=400, kind="http_400")
+    sleeps: list[float] = []
+    attempts, _ = make(Script(refused), sleeps=sleeps)
+    out = answer(attempts)
+    assert out.status == "error" and sleeps == [attempts.hold_s], "while more rows may come, it is held"
+
+    sleeps.clear()
+    attempts, _ = make(Script(RowError("HTTP 400: bad", status_code=400, kind="http_400")), sleeps=sleeps)
+    attempts.no_more_rows()
+    out = answer(attempts)
+    assert (out.status, out.error_kind) == ("error", "http_400")
+    assert attempts.hold_s not in sleeps
+
+
 def test_reask_carries_the_error_and_differs() -> None:
     send = Script(reply('{"label": "maybe"}'), reply('{"label": "pos"}'))
     attempts, _ = make(send, invalid_retries=2, reask_with_error=True)
@@ -196,7 +213,7 @@ def test_truncated_without_retries_is_not_sent_again() -> None:
 
 def test_budget_refusal_leaves_the_row_pending_and_stops_the_run() -> None:
     attempts, summary = make(Script(), budget=0.0)
-    attempts.price = __import__("pipeline.costs", fromlist=["Price"]).Price(1.0, 1.0)
+    attempts.price = __import__("pipeline.answers.costs", fromlist=["Price"]).Price(1.0, 1.0)
     out = answer(attempts)
     assert out is None
     assert attempts.budget_hit and attempts.stop.is_set()

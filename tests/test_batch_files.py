@@ -22,11 +22,11 @@ from openai.types.chat import ChatCompletion
 from openai.types.shared import ErrorObject
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.batch_output import batch_line
 from pipeline.cli import main
+from pipeline.job.spec import load_spec
 from pipeline.localapi import REFUSE_MARKER, LocalAPI, ServerConfig
-from pipeline.prepare import iter_requests, prepare
-from pipeline.spec import load_spec
+from pipeline.requests.prepare import iter_requests, prepare
+from pipeline.tables.batch_output import batch_line
 from tests.helpers import ROOT, example_job, reviews, run, to_toml, write_job
 
 LINE_KEYS = {"id", "custom_id", "response", "error"}

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from pipeline.client import RateLimits
 from pipeline.sending.buckets import Pacer
+from pipeline.sending.client import RateLimits
 from pipeline.sending.pacing import Pacing
 from tests.fake_time import FakeTime
 

@@ -9,8 +9,15 @@ import math
 import httpx
 import pytest
 
-from pipeline.client import Client, RateLimits, parse_duration, parse_rate_limits, parse_retry_after, ratelimit_of
 from pipeline.errors import FatalAPIError, RetryableError, RowError
+from pipeline.sending.client import (
+    Client,
+    RateLimits,
+    parse_duration,
+    parse_rate_limits,
+    parse_retry_after,
+    ratelimit_of,
+)
 
 KEY = "sk-test-SECRET-4242"
 OK_BODY = {"id": "x", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "usage": {}}

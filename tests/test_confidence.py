@@ -12,15 +12,15 @@ import polars as pl
 import pytest
 from openai.types.chat import ChatCompletion
 
+from pipeline.answers.validator import confidence_of
 from pipeline.errors import SpecError
+from pipeline.job.spec import LOCAL_MODEL, spec_from_dict
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.localapi.handler import Handler, Reply
 from pipeline.localapi.truth import SURE, UNSURE
-from pipeline.patching import changed_positions
+from pipeline.quality.voting import combine, run_stages
 from pipeline.records import ExitCode
-from pipeline.spec import LOCAL_MODEL, spec_from_dict
-from pipeline.validator import confidence_of
-from pipeline.voting import combine, run_stages
+from pipeline.state.patching import changed_positions
 from tests.helpers import job_dict, quiet, run
 
 LABELS = {

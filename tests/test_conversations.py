@@ -16,9 +16,9 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.job.spec import load_spec
 from pipeline.localapi import LocalAPI
-from pipeline.prepare import iter_requests, prepare
-from pipeline.spec import load_spec
+from pipeline.requests.prepare import iter_requests, prepare
 from tests.helpers import ROOT, example_job, run, to_toml
 
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))

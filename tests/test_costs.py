@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.costs import CREDITS_PER_USD, DEFAULT_PRICES, Price, fill_cost, price_for, worst_case_usd
+from pipeline.answers.costs import CREDITS_PER_USD, DEFAULT_PRICES, Price, fill_cost, price_for, worst_case_usd
+from pipeline.answers.validator import parse_usage
+from pipeline.job.spec import DEFAULT_MODEL, JobSpec, spec_from_dict
 from pipeline.records import Usage
-from pipeline.spec import DEFAULT_MODEL, JobSpec, spec_from_dict
-from pipeline.validator import parse_usage
 
 REFERENCE_DOC = Path(__file__).resolve().parents[2] / "shared" / "api" / "dola-seed-2.0-lite.md"
 

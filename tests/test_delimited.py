@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from pipeline import reader
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.localapi import LocalAPI
-from pipeline.reader import DelimiterGuess, Selection, open_input, read_rows
 from pipeline.records import ExitCode
+from pipeline.tables import reader
+from pipeline.tables.reader import DelimiterGuess, Selection, open_input, read_rows
 
 ROWS = [("r-1", "Boils fast, and quietly."), ("r-2", 'Too "dim"; returned it.'), ("r-3", "Fine.\nTwo lines.")]
 

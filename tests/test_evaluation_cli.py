@@ -284,3 +284,18 @@ def test_each_stage_is_scored_on_its_own_rows(tmp_path: Path, api: LocalAPI) -> 
     assert escalated["cost_per_correct_usd"] == pytest.approx(0.012 / 2)
     shown = cli("eval", str(tmp_path / "staged.parquet"), "--job", str(job))
     assert "stage escalated (3 rows)" in shown.output
+
+
+def test_the_example_job_on_the_built_in_api_measures_the_error_rate_it_sets(tmp_path: Path) -> None:
+    """The README's first command as written: preset "local" in this process, ``local_error_rates`` 0.2."""
+    text = (ROOT / "jobs" / "sentiment_eval.toml").read_text(encoding="utf-8")
+    text = text.replace('"../data/reviews_labeled.csv"', json.dumps(str(ROOT / "data" / "reviews_labeled.csv")))
+    text = text.replace('"../out/sentiment_eval.parquet"', json.dumps(str(tmp_path / "out.parquet")))
+    job = tmp_path / "sentiment_eval.toml"
+    job.write_text(text, encoding="utf-8")
+    ran = cli("run", str(job), "--no-progress")
+    assert ran.exit_code == 0, ran.output
+    doc = json.loads(cli("eval", str(tmp_path / "out.parquet"), "--job", str(job), "--json").output)
+    sentiment = doc["fields"]["sentiment"]
+    assert sentiment["n"] == 300 and sentiment["n_without_answer"] == 0
+    assert within_binomial(sentiment["accuracy"], 300, 0.8), sentiment["accuracy"]

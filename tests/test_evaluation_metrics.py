@@ -14,7 +14,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from pipeline.evaluation.metrics import NO_ANSWER, classify, match_strings, normalise, number_errors
+from pipeline.quality.metrics import NO_ANSWER, classify, match_strings, normalise, number_errors
 
 CLASSES = ["positive", "negative", "neutral", "mixed"]
 

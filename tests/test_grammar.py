@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jsonschema.validators import Draft202012Validator
 
-from pipeline import prompts
-from pipeline.grammar import (
+from pipeline.job.schema_types import check_schema, resolve_ref
+from pipeline.requests import prompts
+from pipeline.requests.grammar import (
     ARRAY_CAP_ITEMS,
     ARRAY_MIN_ITEMS,
     CHARS_PER_TOKEN,
@@ -27,7 +28,6 @@ from pipeline.grammar import (
     enforceable,
     fit_warnings,
 )
-from pipeline.schema_types import check_schema, resolve_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = json.loads((ROOT / "jobs/schemas/ticket_triage.json").read_text(encoding="utf-8"))

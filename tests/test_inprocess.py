@@ -19,10 +19,10 @@ import httpx
 import polars as pl
 import pytest
 
+from pipeline.job.spec import JobSpec, spec_from_dict
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.localapi.inprocess import BASE_URL, InProcessTransport
 from pipeline.runner import RunOptions, run_job
-from pipeline.spec import JobSpec, spec_from_dict
 from tests.helpers import ROOT, job_dict, reviews
 
 #: Columns that differ between two runs by nature (ids are random, latency is measured).

@@ -1,7 +1,11 @@
-"""The import graph keeps ``../shared/DESIGN.md``'s one-way flow: layers only import downwards, no cycles.
+"""The import graph keeps ``../shared/DESIGN.md``'s one-way flow: stages only import stages below them.
 
-Run ``python tests/test_layers.py`` to print the graph (module → what it imports, by layer). Imports
-inside functions count (they run); imports under ``if TYPE_CHECKING:`` do not (they never run).
+A unit is a stage package (``pipeline/sending/``) or a top-level module (``pipeline/runner.py``). A unit
+imports only units of lower layers: there is no list of allowed exceptions. Inside a package, modules
+import each other freely but without cycles. Imports inside functions count (they run); imports under
+``if TYPE_CHECKING:`` do not (they never run).
+
+Run ``python tests/test_layers.py`` to print the graph (unit → the units it imports, by layer).
 """
 
 from __future__ import annotations
@@ -13,88 +17,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipeline"
 
-#: Lowest first. A module imports only from lower layers, plus the same-layer edges in ``ALLOWED``.
+#: Lowest first. A unit imports only from units of lower layers.
 LAYERS: list[tuple[str, set[str]]] = [
-    (
-        "data, and imports deferred to first use",
-        {"errors", "records", "lazy", "evaluation", "evaluation.settings", "votes", "sending"},
-    ),
-    (
-        "what the job builds on: objects' local copies, the job file's sections, JSON Schema checks",
-        {"storage", "job_sections", "schema_checks"},
-    ),
-    ("the job, the options, the package", {"spec", "options", "pipeline"}),
-    ("parts of pure policy", {"sending.rates", "sending.inflight", "sending.budget"}),
-    (
-        "pure policy",
-        {
-            "sending.pacing",
-            "sending.retries",
-            "sending.breaker",
-            "schema_types",
-            "grammar",
-            "costs",
-            "validator",
-            "conversations",
-            "tools",
-            "answer_record",
-            "evaluation.metrics",
-            "evaluation.tables",
-            "evaluation.report",
-            "sse",
-            "connection_causes",
-            "templates",
-        },
-    ),
-    (
-        "stages",
-        {
-            "reader",
-            "prompts",
-            "client",
-            "sending.retries",
-            "sending.buckets",
-            "sending.pool",
-            "ledger",
-            "writer",
-            "media",
-            "sending.shared_limits",
-            "progress",
-            "batch_output",
-            "output_tables",
-            "runs_log",
-            "job_lock",
-            "seen_hashes",
-            "evaluation.gold",
-        },
-    ),
-    (
-        "one request, one job's checks",
-        {"prepare", "sending.attempts", "uptodate", "shard_ledger", "patching", "evaluation.evaluate"},
-    ),
-    ("what changed since the last output", {"incremental"}),
-    ("executors", {"executors", "executors.local", "executors.ray"}),
-    ("composers", {"runner", "planning", "starter", "voting"}),
-    ("the command", {"cli"}),
+    ("data every stage shares, imports deferred to first use", {"errors", "records", "lazy"}),
+    ("how a caller runs a job", {"options"}),
+    ("the package's public face (its version, its names)", {"pipeline"}),
+    ("the job", {"job"}),
+    ("answers: their record, validation, costs", {"answers"}),
+    ("tables in and out, objects", {"tables"}),
+    ("requests built from rows, checked before paying", {"requests"}),
+    ("sending: client, pool, buckets, retries, pacing, attempts", {"sending"}),
+    ("state kept between runs: ledger, lock, what changed, the run's one decision", {"state"}),
+    ("the built-in API server", {"localapi"}),
+    ("executors", {"executors"}),
+    ("a run, a starter job", {"runner", "starter"}),
+    ("quality: votes and escalation in stages, evaluation against right answers", {"quality"}),
+    ("the plan of a job (its stages too)", {"planning"}),
+    ("the command line", {"cli"}),
     ("python -m pipeline", {"__main__"}),
 ]
-#: Same-layer edges, each with its reason. Anything else sideways is a design change: say so here.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("pipeline", "options"): "the package re-exports RunOptions and StopToken (its public API)",
-    ("ledger", "runs_log"): "the runs log shares the ledger's file and connection (one state file per job)",
-    ("sending.shared_limits", "sending.buckets"): "a shared bucket holds the same seconds of quota as the local pacer",
-    ("executors.ray", "executors.local"): "a Ray shard runs the local Dispatch: one sending code path",
-    ("executors", "executors.local"): "the package picks its executors (imported on demand)",
-    ("executors", "executors.ray"): "the package picks its executors (imported on demand)",
-    ("grammar", "schema_types"): "the grammar rewrite walks schemas with schema_types' $ref resolution",
-    ("tools", "schema_types"): "a function's parameters are JSON Schemas, checked and compiled like output.schema",
-    ("tools", "validator"): "the job's functions become the validator's rules for judging calls",
-    ("voting", "runner"): "each sample and the escalation of a voted job is an ordinary run",
-    ("planning", "voting"): "plan prices each sample's requests and the escalation share the stages measured",
-    ("validator", "schema_types"): "a request's own functions (a Batch line's tools) are compiled like output.schema",
-}
-#: The built-in server imitates the API: it may use the constants of the code it imitates (and its own modules).
-LOCALAPI_MAY_IMPORT = {"errors", "records", "spec", "prompts", "costs", "schema_types"}
+
+
+def unit_of(module: str) -> str:
+    """``sending.pool`` → ``sending``; a top-level module is its own unit."""
+    head = module.split(".", maxsplit=1)[0]
+    return head if (PACKAGE / head).is_dir() else module
 
 
 def _module_name(path: Path) -> str:
@@ -131,6 +78,7 @@ def _runtime_imports(tree: ast.AST) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
+    """Module → the modules it imports at run time."""
     graph: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         name = _module_name(path)
@@ -138,48 +86,38 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def layer_of(module: str) -> int:
-    if module.startswith("localapi"):
-        return 3  # a stage of its own (the server), see LOCALAPI_MAY_IMPORT
-    for index, (_, members) in enumerate(LAYERS):
-        if module in members:
-            return index
-    raise AssertionError(f"pipeline.{module} is in no layer: add it to LAYERS in tests/test_layers.py")
-
-
-def test_every_module_has_a_layer() -> None:
-    for module in import_graph():
-        layer_of(module)
-
-
-def test_imports_only_go_down() -> None:
-    problems = []
+def unit_graph() -> dict[str, set[str]]:
+    """Unit → the other units it imports."""
+    units: dict[str, set[str]] = {}
     for module, deps in import_graph().items():
-        if module.startswith("localapi"):
-            problems += [
-                f"{module} -> {d}" for d in deps if not d.startswith("localapi") and d not in LOCALAPI_MAY_IMPORT
-            ]
-            continue
-        for dep in deps:
-            if dep.startswith("localapi"):
-                if layer_of(module) < 6:  # only composers (and the cli's `serve`) start the built-in server
-                    problems.append(f"{module} -> {dep}")
-                continue
-            below = layer_of(dep) < layer_of(module)
-            if not below and (module, dep) not in ALLOWED:
-                problems.append(f"{module} ({LAYERS[layer_of(module)][0]}) -> {dep} ({LAYERS[layer_of(dep)][0]})")
+        unit = "pipeline" if module == "pipeline" else unit_of(module)
+        units.setdefault(unit, set()).update(unit_of(d) if d != "pipeline" else "pipeline" for d in deps)
+    return {unit: deps - {unit} for unit, deps in units.items()}
+
+
+def layer_of(unit: str) -> int:
+    for index, (_, members) in enumerate(LAYERS):
+        if unit in members:
+            return index
+    raise AssertionError(f"pipeline.{unit} is in no layer: add it to LAYERS in tests/test_layers.py")
+
+
+def test_every_unit_has_a_layer() -> None:
+    for unit in unit_graph():
+        layer_of(unit)
+
+
+def test_units_import_only_lower_layers() -> None:
+    problems = [
+        f"{unit} ({LAYERS[layer_of(unit)][0]}) -> {dep} ({LAYERS[layer_of(dep)][0]})"
+        for unit, deps in unit_graph().items()
+        for dep in sorted(deps)
+        if layer_of(dep) >= layer_of(unit)
+    ]
     assert not problems, "imports against the layers:\n" + "\n".join(problems)
 
 
-def test_nothing_imports_the_cli_or_the_composers_from_below() -> None:
-    for module, deps in import_graph().items():
-        if module not in ("__main__",):
-            assert "cli" not in deps, f"{module} imports the cli"
-        if layer_of(module) < 6 and module != "pipeline":
-            assert not deps & {"runner", "planning"}, f"{module} imports a composer"
-
-
-def test_no_cycles() -> None:
+def test_no_module_cycles() -> None:
     graph = import_graph()
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -201,16 +139,19 @@ def test_no_cycles() -> None:
             visit(node)
 
 
+def test_the_tree_shows_the_stages() -> None:
+    """Only the package's face, its shared data and the composers sit at the top; stages are folders."""
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert top <= set().union(*(members for _, members in LAYERS)), top
+    assert len(top) <= 10, f"{len(top)} modules at the top of pipeline/: put stage modules in their folder"
+
+
 def main() -> None:
-    graph = import_graph()
-    for index, (title, _) in reversed(list(enumerate(LAYERS))):
+    graph = unit_graph()
+    for index, (title, members) in reversed(list(enumerate(LAYERS))):
         print(f"── {index} {title}")
-        for module in sorted(m for m in graph if layer_of(m) == index and not m.startswith("localapi.")):
-            deps = ", ".join(sorted(graph[module])) or "-"
-            print(f"   {module:<18} → {deps}")
-    print("── localapi (the built-in server)")
-    for module in sorted(m for m in graph if m.startswith("localapi")):
-        print(f"   {module:<18} → {', '.join(sorted(graph[module])) or '-'}")
+        for unit in sorted(members & set(graph)):
+            print(f"   {unit:<10} → {', '.join(sorted(graph[unit])) or '-'}")
 
 
 if __name__ == "__main__":

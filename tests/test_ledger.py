@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import writer
-from pipeline.answer_record import ANSWER_COLUMNS, DETAIL_COLUMNS
+from pipeline.answers.record import ANSWER_COLUMNS, DETAIL_COLUMNS
 from pipeline.errors import LockedError, SpecError
-from pipeline.job_lock import JobLock
-from pipeline.ledger import Ledger, row_outcome
 from pipeline.records import STATUSES, Outcome, ToolCall, Usage
+from pipeline.state.job_lock import JobLock
+from pipeline.state.ledger import Ledger, row_outcome
+from pipeline.tables import writer
 
 FULL = Outcome(
     request_hash="a" * 32,
@@ -119,7 +119,7 @@ def test_a_committed_answer_survives_a_killed_process(tmp_path: Path) -> None:
         f"""
         import os
         from pathlib import Path
-        from pipeline.ledger import Ledger
+        from pipeline.state.ledger import Ledger
         from pipeline.records import Outcome
         led = Ledger(Path({str(path)!r}), "test")
         led.add(Outcome(request_hash="k" * 32, status="ok", content="kept"), "r")
@@ -330,7 +330,7 @@ def test_lock_held_by_another_process_is_refused(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from pipeline.job_lock import JobLock
+        from pipeline.state.job_lock import JobLock
         lock = JobLock(Path({str(path)!r}))
         lock.acquire()
         print("locked", flush=True)

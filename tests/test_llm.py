@@ -29,9 +29,9 @@ import jsonschema
 import polars as pl
 import pytest
 
-from pipeline.costs import price_for
-from pipeline.spec import PATH_KEYS, load_spec
-from pipeline.validator import parse_document
+from pipeline.answers.costs import price_for
+from pipeline.answers.validator import parse_document
+from pipeline.job.spec import PATH_KEYS, load_spec
 
 pytestmark = [pytest.mark.llm, pytest.mark.timeout(900)]
 

@@ -24,14 +24,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import media
 from pipeline.errors import InputError
+from pipeline.job.spec import OVERRIDES, JobSpec, MediaSection, spec_from_dict
 from pipeline.localapi import LocalAPI
-from pipeline.media import MediaBuilder, MediaProblem
-from pipeline.prepare import prepare
 from pipeline.records import Row
+from pipeline.requests import media
+from pipeline.requests.media import MediaBuilder, MediaProblem
+from pipeline.requests.prepare import prepare
 from pipeline.runner import RunOptions, run_job
-from pipeline.spec import OVERRIDES, JobSpec, MediaSection, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -326,7 +326,7 @@ def test_image_job_end_to_end(tmp_path: Path, api: LocalAPI) -> None:
 
 def test_example_job_runs_against_local_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """jobs/label_images.toml as committed, with its own built-in local API."""
-    from pipeline.spec import load_spec
+    from pipeline.job.spec import load_spec
 
     monkeypatch.chdir(ROOT)
     spec = load_spec(ROOT / "jobs/label_images.toml", {"output": tmp_path / "label_images.parquet"})
@@ -452,7 +452,7 @@ import json, resource, sys
 # start-up, not memory the images hold.
 import httpx_aiohttp, pyarrow.compute, pyarrow.parquet
 from pipeline.runner import RunOptions, run_job
-from pipeline.spec import load_spec
+from pipeline.job.spec import load_spec
 spec = load_spec(sys.argv[1])
 with open("/proc/self/statm") as f:  # resident now, in KiB like ru_maxrss below
     before = int(f.read().split()[1]) * resource.getpagesize() // 1024

@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.job.spec import load_spec
 from pipeline.localapi import KNOWN_MODELS, LocalAPI, ServerConfig
 from pipeline.planning import plan_job
 from pipeline.runner import ExitCode
-from pipeline.spec import load_spec
 from tests.helpers import ROOT, example_job, make_spec, reviews, run, write_job
 
 

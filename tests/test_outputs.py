@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import InputError, PartialOutputError, SpecError
+from pipeline.job.spec import spec_from_dict
 from pipeline.localapi import LocalAPI
 from pipeline.records import ExitCode
-from pipeline.spec import spec_from_dict
-from pipeline.writer import write_output
+from pipeline.tables.writer import write_output
 from tests.helpers import ROOT, example_job, make_spec, reviews, run
 
 

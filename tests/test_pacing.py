@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline.client import RateLimits
+from pipeline.sending.client import RateLimits
 from pipeline.sending.pacing import Deadline, InFlightLimit, Pacing, RateControl, Window
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import polars as pl
 from click.testing import CliRunner, Result
 
+from pipeline.answers.costs import Price
 from pipeline.cli import main
-from pipeline.costs import Price
+from pipeline.job.spec import load_spec
 from pipeline.localapi import LocalAPI
 from pipeline.planning import GUESSED, Measured, plan_job
 from pipeline.records import Request
-from pipeline.spec import load_spec
 from tests.helpers import write_job
 
 SHORT = ["ok", "so", "it", "no", "up", "me", "we", "is", "on", "my", "do", "go"]

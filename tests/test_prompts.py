@@ -14,7 +14,9 @@ import orjson
 import pytest
 
 from pipeline.errors import SpecError
-from pipeline.prompts import (
+from pipeline.job.spec import JobSpec, spec_from_dict
+from pipeline.records import Row, ToolCall
+from pipeline.requests.prompts import (
     CHARS_PER_TOKEN,
     TOKENS_PER_MESSAGE,
     TOKENS_PER_REQUEST,
@@ -22,9 +24,7 @@ from pipeline.prompts import (
     estimate_tokens,
     with_changes,
 )
-from pipeline.records import Row, ToolCall
-from pipeline.spec import JobSpec, spec_from_dict
-from pipeline.templates import template_fields
+from pipeline.requests.templates import template_fields
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -159,9 +159,9 @@ def test_hash_independent_of_dict_order() -> None:
 def test_hash_stable_across_processes(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
-        from pipeline.prompts import Renderer
+        from pipeline.requests.prompts import Renderer
         from pipeline.records import Row
-        from pipeline.spec import spec_from_dict
+        from pipeline.job.spec import spec_from_dict
         spec = spec_from_dict({"job": {"input": "in.csv", "output": "o.parquet"},
                                "prompt": {"system": "sys {name}", "user": "u {name} {x}"},
                                "model": {"temperature": 0.2, "seed": 3}})

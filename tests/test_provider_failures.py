@@ -16,9 +16,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.ledger import Ledger
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.records import ExitCode
+from pipeline.state.ledger import Ledger
 from tests.helpers import finish, make_spec, reviews, run, write_job
 
 NO_TRACEBACK = ("Traceback", "Task exception was never retrieved", "Error handling request")

@@ -132,7 +132,7 @@ def _fields_without_docstring(source: Path, name: str) -> list[str]:
         ("records.py", "Selection"),
         ("options.py", "RunOptions"),
         *(
-            ("job_sections.py", section)
+            ("job/sections.py", section)
             for section in (
                 "JobSection",
                 "ModelSection",

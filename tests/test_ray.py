@@ -26,10 +26,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.errors import SpecError
+from pipeline.job.spec import load_spec
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.records import Outcome, Usage
 from pipeline.runner import ExitCode, RunSummary
-from pipeline.spec import load_spec
 from tests.helpers import ROOT, TIMING, Poller, example_job, make_spec, reviews, run, start, write_job
 
 # Ray rewrites a 127.0.0.1 address to the machine's LAN address unless told this is a local-only
@@ -94,7 +94,7 @@ def test_missing_ray_is_a_one_line_spec_error(tmp_path: Path, api: LocalAPI, mon
 def test_answers_left_in_shard_ledgers_are_merged_by_the_next_run(tmp_path: Path, api: LocalAPI) -> None:
     """A Ray driver that died before merging: the next run (here a local one) pays none of those rows again."""
     from pipeline.executors.ray import shard_path
-    from pipeline.shard_ledger import ShardLedger
+    from pipeline.state.shard_ledger import ShardLedger
 
     frame = reviews(10)
     spec = make_spec(tmp_path, api, frame)
@@ -122,7 +122,7 @@ def test_shards_split_requests_by_hash_so_duplicates_share_a_shard(tmp_path: Pat
     from functools import partial
 
     from pipeline.executors.ray import _holds, shard_of
-    from pipeline.prepare import iter_requests, prepare
+    from pipeline.requests.prepare import iter_requests, prepare
 
     frame = with_copies(reviews(300))
     spec = make_spec(tmp_path, api, frame)

@@ -12,10 +12,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from pipeline import reader
 from pipeline.errors import InputError
-from pipeline.prepare import iter_requests, prepare
-from pipeline.reader import (
+from pipeline.job.spec import spec_from_dict
+from pipeline.requests.prepare import iter_requests, prepare
+from pipeline.tables import reader
+from pipeline.tables.reader import (
     ROW_NUMBER,
     InputTable,
     RowRange,
@@ -27,7 +28,6 @@ from pipeline.reader import (
     selected_indices,
     selected_rows,
 )
-from pipeline.spec import spec_from_dict
 
 N = 1_050
 
@@ -367,7 +367,10 @@ def test_corrupt_data_pages_are_an_input_error_while_reading(tmp_path: Path) -> 
     data[4:end] = b"\xff" * (end - 4)  # every page destroyed, footer (the table's shape) intact
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(bytes(data))
-    table = open_input(bad)
+    with pytest.raises(InputError) as info:
+        open_input(bad)  # its check pass parses every row
+    assert str(info.value).startswith(f"{bad}: failed while reading: ")
+    table = open_input(bad, check_rows=0)  # the footer alone
     assert table.rows == 600
     with pytest.raises(InputError) as info:
         for _ in read_rows(table, Selection(), 100, ["text"], None):
@@ -546,7 +549,7 @@ def test_chunks_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         def close(self) -> None:
             self.raw.close()
 
-    monkeypatch.setattr(reader, "_open_bytes", lambda path: Counting(opened(path)))
+    monkeypatch.setattr(reader, "_open_bytes", lambda path, *more: Counting(opened(path, *more)))
     chunks = read_rows(table, Selection(), 100, ["text"], "id")
     first = next(chunks)
     assert [r.key for r in first] == [f"id-{i}" for i in range(100)]
@@ -588,3 +591,65 @@ def test_a_short_first_chunk_doubles_up_to_chunk_rows_and_keeps_every_request(tm
     assert [len(c) for c in whole] == [1_000, 1_000, 500]
     assert [len(c) for c in cut] == [64, 128, 256, 512, 40, 1_000, 500]  # then whole chunks again
     assert [r.request_hash for c in cut for r in c] == [r.request_hash for c in whole for r in c]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("int_ids_one_value.csv", "id,x\n7,a\n07,b\n"),
+        ("text_ids.csv", "id,x\nr1,a\n r1,b\nr2,c\n"),
+        ("empty_id.csv", "id,x\n1,a\n,b\n3,c\n"),
+        ("blank_id.csv", 'id,x\nr1,a\n"  ",b\n'),
+        ("float_ids.csv", "id,x\n1.5,a\n1.50,b\n"),
+        ("distinct.csv", "id,x\n1,a\n2,b\n"),
+        ("mixed.jsonl", '{"id": 1, "x": "a"}\n{"id": "1", "x": "b"}\n'),
+        ("ints.jsonl", '{"id": 1, "x": "a"}\n{"id": 2, "x": "b"}\n{"id": 1, "x": "c"}\n'),
+        ("null.jsonl", '{"id": "a", "x": "a"}\n{"id": null, "x": "b"}\n'),
+        ("distinct.jsonl", '{"id": "a"}\n{"id": "b"}\n'),
+    ],
+)
+def test_ids_checked_by_the_input_pass_are_judged_as_by_a_pass_of_their_own(
+    tmp_path: Path, name: str, content: str
+) -> None:
+    """``open_input`` gathers the id column's hashes as it reads (one open of the file); the verdict, and
+    its message, are those of a separate pass over the typed column."""
+    path = tmp_path / name
+    path.write_text(content)
+
+    def verdict(table: reader.InputTable) -> str | None:
+        try:
+            check_ids(table, "id")
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    gathered = open_input(path, id_column="id")
+    assert gathered.ids is not None
+    judged_from_pass = gathered.ids.hashes((gathered.schema or {})["id"]) is not None
+    assert judged_from_pass == ("float" not in name)  # float ids are read once more, with their type
+    assert verdict(gathered) == verdict(open_input(path))
+
+
+@pytest.mark.parametrize("way", ["polars from memory", "pyarrow from memory", "pyarrow from the file"])
+def test_a_parquet_input_is_opened_once_to_hash_shape_parse_and_gather_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """Small files are read into memory and parsed by polars (by pyarrow when they hold many rows); larger
+    ones streamed by pyarrow from the same open file. Each way: one digest of the bytes, the same shape,
+    the same id verdict."""
+    import xxhash
+
+    if way == "pyarrow from memory":
+        monkeypatch.setattr(reader, "PARQUET_POLARS_ROWS", 100)
+    if way == "pyarrow from the file":
+        monkeypatch.setattr(reader, "PARQUET_IN_MEMORY", 0)
+    path = tmp_path / "ids.parquet"
+    ids = [f"r{i}" for i in range(2_500)] + ["r7"]
+    pl.DataFrame({"id": ids, "n": list(range(len(ids)))}).write_parquet(path, row_group_size=500)
+    table = open_input(path, id_column="id")
+    assert (table.rows, table.columns, table.parsed_rows) == (len(ids), ("id", "n"), len(ids))
+    assert table.dtypes == {"id": "String", "n": "Int64"}
+    assert table.digest == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    with pytest.raises(InputError, match="repeats 'r7' on rows 8 and 2,501"):
+        check_ids(table, "id")
+    assert open_input(path, check_rows=10).parsed_rows == 10

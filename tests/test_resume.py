@@ -142,7 +142,7 @@ def test_second_run_is_locked_out_and_a_dead_holder_is_taken_over(tmp_path: Path
 
 
 def test_lock_in_process_raises_locked(tmp_path: Path, api: LocalAPI) -> None:
-    from pipeline.job_lock import JobLock
+    from pipeline.state.job_lock import JobLock
 
     spec = make_spec(tmp_path, api, reviews(3))
     with JobLock(spec.lock_path), pytest.raises(LockedError):

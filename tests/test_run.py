@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.client import FEW_REQUESTS
 from pipeline.localapi import KNOWN_MODELS, LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
-from pipeline.writer import OUTPUT_COLUMNS
+from pipeline.sending.client import FEW_REQUESTS
+from pipeline.tables.writer import OUTPUT_COLUMNS
 from tests.helpers import ROOT, example_job, make_spec, reviews, run, write_job
 
 

@@ -20,11 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.ledger import Ledger
+from pipeline.job.spec import LOCAL_ENDPOINT, load_spec
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job
 from pipeline.runner import ExitCode, RunOptions, run_job
-from pipeline.spec import LOCAL_ENDPOINT, load_spec
+from pipeline.state.ledger import Ledger
 from tests.helpers import ROOT, make_spec, reviews, run, to_toml, write_job
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import SpecError
-from pipeline.schema_types import (
+from pipeline.job.schema_types import (
     check_column_clash,
     check_schema,
     column_dtypes,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SpecError
-from pipeline.spec import load_spec, spec_from_dict
+from pipeline.job.spec import load_spec, spec_from_dict
 
 BASE = {"job": {"input": "in.csv", "output": "out.parquet"}, "prompt": {"user": "{text}"}}
 

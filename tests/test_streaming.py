@@ -16,11 +16,11 @@ import orjson
 import polars as pl
 import pytest
 
-from pipeline.client import Client
 from pipeline.errors import RetryableError
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.localapi.streaming import events
-from pipeline.sse import next_piece
+from pipeline.sending.client import Client
+from pipeline.sending.sse import next_piece
 from tests.helpers import make_spec, run
 
 COMPARED = [

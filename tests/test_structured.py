@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.job.schema_types import column_dtypes
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
-from pipeline.schema_types import column_dtypes
 from tests.helpers import ROOT, example_job, make_spec, reviews, run
 
 REVIEW_SCHEMA = json.loads((ROOT / "jobs/schemas/review_label.json").read_text())

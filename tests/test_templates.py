@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.job.spec import JobSpec, spec_from_dict
 from pipeline.localapi import LocalAPI
-from pipeline.prepare import iter_requests, prepare
 from pipeline.records import ExitCode
-from pipeline.spec import JobSpec, spec_from_dict
+from pipeline.requests.prepare import iter_requests, prepare
 from tests.helpers import run
 
 

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
+from pipeline.job.schema_types import column_dtypes
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.runner import ExitCode
-from pipeline.schema_types import column_dtypes
-from pipeline.writer import OUTPUT_COLUMNS, TOOL_CALLS_DTYPE
+from pipeline.tables.writer import OUTPUT_COLUMNS, TOOL_CALLS_DTYPE
 from tests.helpers import ROOT
 
 TOOLS = json.loads((ROOT / "jobs/tools/invoice_tools.json").read_text())

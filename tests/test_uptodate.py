@@ -17,12 +17,12 @@ import polars as pl
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
-from pipeline.ledger import Ledger
+from pipeline.job.spec import load_spec
 from pipeline.localapi import LocalAPI
 from pipeline.planning import job_status, plan_job
 from pipeline.records import ExitCode
-from pipeline.seen_hashes import SeenHashes
-from pipeline.spec import load_spec
+from pipeline.state.ledger import Ledger
+from pipeline.state.seen_hashes import SeenHashes
 from tests.helpers import reviews, write_job
 
 OUTPUT = ("out", "result.parquet")
@@ -323,7 +323,7 @@ def _rebuilt(tmp_path: Path, job: Path) -> pl.DataFrame:
 
 def _watch(monkeypatch: Any) -> list[frozenset[int] | None]:
     """Record what each run's incremental pass decided (the real function runs)."""
-    from pipeline import incremental
+    from pipeline.state import incremental
 
     seen: list[frozenset[int] | None] = []
     real = incremental.changed_rows
@@ -439,7 +439,7 @@ def test_a_changed_row_asking_another_row_s_request_is_patched_exactly(
 def test_one_changed_row_of_a_tiled_input_sends_one_request_and_patches_its_copies(
     tmp_path: Path, api: LocalAPI, monkeypatch: Any
 ) -> None:
-    from pipeline import incremental
+    from pipeline.state import incremental
 
     seen = _watch(monkeypatch)
     monkeypatch.setattr(incremental, "PATCH_CHUNK_ROWS", 64)  # the patch crosses many chunks
@@ -503,7 +503,7 @@ def test_removed_rows_rebuild_the_output(tmp_path: Path, api: LocalAPI, monkeypa
 
 
 def test_retries_that_ended_ok_leave_a_complete_output() -> None:
-    from pipeline.uptodate import complete
+    from pipeline.state.uptodate import complete
 
     # Every failed attempt is counted, also those a retry then answered: no row left to send by itself.
     assert complete({"ok": 10}, {"http_429": 3, "connection": 1}, stopped=False)

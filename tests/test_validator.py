@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from pipeline.answers.validator import CallRules, judge, parse_document, parse_usage, request_rules, strip_fence
+from pipeline.job.schema_types import compile_validator
 from pipeline.records import Reply, ToolCall, Usage
-from pipeline.schema_types import compile_validator
-from pipeline.validator import CallRules, judge, parse_document, parse_usage, request_rules, strip_fence
 
 #: The reference's example response (shared/api/dola-seed-2.0-lite.md), content shortened.
 REFERENCE: dict[str, Any] = {

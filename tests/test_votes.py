@@ -12,13 +12,14 @@ from typing import Any
 import polars as pl
 import pytest
 
+from pipeline.answers.votes import majority, sample_overrides
 from pipeline.errors import SpecError
+from pipeline.job.spec import spec_from_dict
+from pipeline.job.stages import VotesSection
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job, plan_stages
+from pipeline.quality.voting import run_stages, sample_specs
 from pipeline.records import ExitCode, Selection
-from pipeline.spec import spec_from_dict
-from pipeline.votes import VotesSection, majority, sample_overrides
-from pipeline.voting import run_stages, sample_specs
 from tests.helpers import finish, job_dict, quiet, run, start
 from tests.seeded_answers import SCHEMA, script
 

@@ -10,11 +10,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import writer
 from pipeline.errors import InputError, SpecError
-from pipeline.ledger import Ledger
 from pipeline.records import Outcome, Usage
-from pipeline.writer import OUTPUT_COLUMNS, check_output_path, write_output
+from pipeline.state.ledger import Ledger
+from pipeline.tables import writer
+from pipeline.tables.writer import OUTPUT_COLUMNS, check_output_path, write_output
 
 RN = "__row"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from pipeline.ledger import Ledger
+from pipeline.job.spec import JobSpec
 from pipeline.options import RunOptions
-from pipeline.prepare import Prepared
 from pipeline.records import RunTally
-from pipeline.spec import JobSpec
+from pipeline.requests.prepare import Prepared
+from pipeline.state.ledger import Ledger
 
 
 class Executor(Protocol):

@@ -13,21 +13,21 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
-from pipeline import schema_types
-from pipeline.client import FEW_REQUESTS, Client
-from pipeline.ledger import Ledger
+from pipeline.answers.validator import judge
+from pipeline.job import schema_types
+from pipeline.job.spec import JobSpec
 from pipeline.options import RunOptions
-from pipeline.prepare import Prepared, iter_requests
 from pipeline.records import NOT_SENT, Outcome, Reply, Request, RunTally, StopReason, count_error, needs_sending
+from pipeline.requests.prepare import Prepared, iter_requests
 from pipeline.sending.attempts import AnswerPolicy, Attempts, Send
 from pipeline.sending.breaker import Circuit, SameRefusal
 from pipeline.sending.buckets import Pacer, Quota
 from pipeline.sending.budget import Budget
+from pipeline.sending.client import FEW_REQUESTS, Client
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.pool import run_all
 from pipeline.sending.retries import RetryPolicy
-from pipeline.spec import JobSpec
-from pipeline.validator import judge
+from pipeline.state.ledger import Ledger
 
 #: Seconds between progress reports and stop checks (answers are committed every loop turn, not on this).
 TICK_S = 0.2
@@ -148,6 +148,8 @@ class Dispatch:
                     if prior is not None and req.not_sent is None and prior[0] not in NOT_SENT:
                         self.resending.add(h)
                     yield req
+        if self.attempts is not None:
+            self.attempts.no_more_rows()
 
     async def answer(self, req: Request) -> Outcome | None:
         ns = req.not_sent

@@ -39,14 +39,14 @@ from typing import Any
 
 from pipeline.errors import SpecError
 from pipeline.executors.local import Dispatch
-from pipeline.ledger import Ledger
 from pipeline.options import RunOptions
-from pipeline.prepare import Prepared, prepare
 from pipeline.records import RunTally, Selection, StopReason
+from pipeline.requests.prepare import Prepared, prepare
 from pipeline.sending.buckets import BUCKET_SECONDS, TOKEN_BUCKET_SECONDS
 from pipeline.sending.budget import Budget
 from pipeline.sending.shared_limits import ReservationBucket, ReservingQuota, reserve
-from pipeline.shard_ledger import ShardLedger
+from pipeline.state.ledger import Ledger
+from pipeline.state.shard_ledger import ShardLedger
 
 INSTALL_HINT = "pip install 'seedbatch[ray]'"
 #: Ray retries of a shard whose worker died (killed, OOM, node lost); each resumes from the shard ledger.

@@ -5,7 +5,7 @@ messages only, never on timing, attempt or order: the label, the sentence and th
 are all drawn from the hash ``validation.parse`` computed. Media parts are echoed as ``[image:<id>]``
 tokens so a test can check which file reached which row. ``max_tokens`` is applied the way reasoning
 models spend it (reasoning first, then content), and ``meta.usage`` carries credits and USD in the
-AIML API's shape, with credits per dollar from ``pipeline.costs``.
+AIML API's shape, with credits per dollar from ``pipeline.answers.costs``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.costs import CREDITS_PER_USD
+from pipeline.answers.costs import CREDITS_PER_USD
 from pipeline.localapi.documents import SchemaDocuments
 from pipeline.localapi.validation import EFFORTS, TOKEN_RE, Parsed, count_tokens
 

@@ -6,7 +6,7 @@ numbers, sized arrays, formats) and be a pure function of the request, so a retr
 the same document. ``off_schema`` is the other half: a well-formed document that fails the schema the
 way models really fail (a required key missing, an enum value invented), for the fault injector.
 
-``$ref`` resolution is ``pipeline.schema_types.resolve_ref``, the one the job's schema check uses, so a
+``$ref`` resolution is ``pipeline.job.schema_types.resolve_ref``, the one the job's schema check uses, so a
 reference the check accepts is one the server follows. ``schema_types`` imports polars and pyarrow at
 module level (it maps schemas to dtypes); importing it lazily, on the first ``$ref`` the server meets,
 keeps ``import pipeline.localapi`` free of them. ``seedbatch serve`` and in-process servers have them
@@ -42,7 +42,7 @@ class DocGen:
 
     def ref(self, ref: str) -> Any:
         """The target of a local ``$ref``; ``{}`` (anything) for one that points nowhere, as models do."""
-        from pipeline.schema_types import resolve_ref  # see the module docstring: polars stays unimported
+        from pipeline.job.schema_types import resolve_ref  # see the module docstring: polars stays unimported
 
         try:
             return resolve_ref(ref, self.root)

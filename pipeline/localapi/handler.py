@@ -29,12 +29,12 @@ from typing import Any
 
 import orjson
 
+from pipeline.job.spec import DEFAULT_MODEL, LOCAL_MODEL
 from pipeline.localapi import streaming, truth
 from pipeline.localapi.answers import Answer, Answerer, completion, refusal, truncate, usd_for
 from pipeline.localapi.faults import Fault, Faults, Hangs, Systematic, marker_status, wants_refusal
 from pipeline.localapi.limits import Clock, RateLimits, Verdict, request_tokens
 from pipeline.localapi.validation import BadRequest, Parsed, parse
-from pipeline.spec import DEFAULT_MODEL, LOCAL_MODEL
 
 #: Request headers as either front end has them (both look names up case-insensitively).
 Headers = Mapping[str, str]

@@ -8,7 +8,7 @@ one walk over the messages, one regex count of tokens, one hash.
 
 Prompt tokens are counted as the provider bills them: the text's tokens plus the chat template's
 overhead per request and per message and a flat charge per image or video. Those overheads are the
-constants ``pipeline.prompts`` uses for its pre-send estimate, imported from there so the estimate and
+constants ``pipeline.requests.prompts`` uses for its pre-send estimate, imported from there so the estimate and
 the bill cannot drift apart.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.prompts import (
+from pipeline.requests.prompts import (
     CHARS_PER_TOKEN,
     TOKENS_PER_IMAGE,
     TOKENS_PER_MESSAGE,
@@ -31,7 +31,7 @@ from pipeline.prompts import (
     TOKENS_PER_VIDEO,
 )
 
-#: The chat template's own tokens per request (see ``pipeline.prompts.TOKENS_PER_REQUEST``).
+#: The chat template's own tokens per request (see ``pipeline.requests.prompts.TOKENS_PER_REQUEST``).
 PRIMING_TOKENS = TOKENS_PER_REQUEST
 #: The local API's tokenizer: a word or one punctuation mark is one token.
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")

@@ -35,17 +35,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.client import ratelimit_of, wait_until
-from pipeline.costs import Price, fill_cost, worst_case_usd
+from pipeline.answers.costs import Price, fill_cost, worst_case_usd
+from pipeline.answers.validator import Judgement
 from pipeline.errors import FatalAPIError, RetryableError, RowError
-from pipeline.prompts import vary_sampling, with_changes
 from pipeline.records import Outcome, Reply, Request, RunTally, Usage, count_error
+from pipeline.requests.prompts import vary_sampling, with_changes
 from pipeline.sending.breaker import Circuit, SameRefusal, about_the_row
 from pipeline.sending.buckets import Pacer
 from pipeline.sending.budget import Budget
+from pipeline.sending.client import ratelimit_of, wait_until
 from pipeline.sending.pacing import Pacing
 from pipeline.sending.retries import RetryPolicy, call_paced
-from pipeline.validator import Judgement
 
 #: POST one body. The second argument is the deadline learned from observed latency (None: the ceiling):
 #: a plain request must be answered within it; a streamed one (``AnswerPolicy.streaming``) must not fall
@@ -166,6 +166,9 @@ class Attempts:
         self.idle.set()
         self._closed = asyncio.Event()
         self._verdict: asyncio.Future[bool] | None = None
+        self._active = 0  # rows inside ``answer``
+        self._held = 0  # of those, rows waiting for a verdict on their refusal
+        self._no_more_rows = False
 
     # -- what stops the run
 
@@ -204,6 +207,16 @@ class Attempts:
         self.same_refusal.on_success()
         self._release(False)
 
+    def no_more_rows(self) -> None:
+        """Every row to send has been handed to ``answer``: a held refusal that only held rows could settle
+        is a row error now, not after ``hold_s``."""
+        self._no_more_rows = True
+        self._release_if_unresolvable()
+
+    def _release_if_unresolvable(self) -> None:
+        if self._no_more_rows and self._held and self._held == self._active:
+            self._release(False)
+
     def _release(self, setup_error: bool) -> None:
         if self._verdict is not None:
             if not self._verdict.done():
@@ -227,7 +240,13 @@ class Attempts:
         if self._verdict is None:
             self._verdict = asyncio.get_running_loop().create_future()
         held = self._verdict
-        await _first(asyncio.shield(held), self.sleep(self.hold_s))
+        self._held += 1
+        try:
+            self._release_if_unresolvable()
+            if not held.done():
+                await _first(asyncio.shield(held), self.sleep(self.hold_s))
+        finally:
+            self._held -= 1
         return held.done() and not held.cancelled() and held.result()
 
     async def answer(self, req: Request, prior: Outcome | None = None) -> Outcome | None:
@@ -235,6 +254,14 @@ class Attempts:
 
         ``prior`` is the row's earlier failed answer in the ledger: its usage and attempts add up.
         """
+        self._active += 1
+        try:
+            return await self._answer(req, prior)
+        finally:
+            self._active -= 1
+            self._release_if_unresolvable()
+
+    async def _answer(self, req: Request, prior: Outcome | None) -> Outcome | None:
         row = _Row.start(req, prior, self.policy)
 
         def on_retry(exc: BaseException, wait: float) -> None:
