@@ -3,7 +3,7 @@
 pyarrow (with numpy) is ~55 MB of memory and ~0.15 s of start-up, as much as polars again, and a job
 that reads a small Parquet file and writes a small output does it all in polars. Modules that need
 pyarrow only on their large-file or rerun paths name it through ``lazy("pyarrow.parquet")``: the code
-reads ``pq.ParquetFile(...)`` as before, and the import happens on the first attribute looked up.
+reads ``pq.ParquetFile(...)`` as with a plain import, and the import happens on the first attribute looked up.
 
 Not ``importlib.util.LazyLoader``: finding the spec of ``pyarrow.parquet`` already imports ``pyarrow``.
 """

@@ -2,7 +2,7 @@
 
 A run that does not patch (``patching``) writes its output whole from the input and the ledger, so it
 always matches the ledger; a crash mid-write leaves the previous output untouched (temp file, then
-``os.replace``). The answer columns and their types are ``answer_record``'s.
+``os.replace``). The answer columns and their types are ``answers.record``'s.
 The format follows the file's extension (``spec.OUTPUT_FORMATS``): Parquet keeps every type; CSV has
 no nested values, so list and struct columns are written there as JSON text (``json.loads`` gives the
 value back); JSONL keeps nesting. Binary cells (images read from a Parquet input) are base64 text in
