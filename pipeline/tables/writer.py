@@ -252,7 +252,7 @@ def write_output(
                 except StopIteration:
                     break
                 except InputError as exc:
-                    # The input changed or broke after the pre-pass: keep the rows read so far (their answers
+                    # The input changed or broke after its check pass: keep the rows read so far (their answers
                     # are paid for) as a partial output, then say so.
                     if not sink.started:
                         raise
