@@ -1,9 +1,9 @@
 """Modules imported on first use, for what a small job never touches.
 
-pyarrow (with numpy) is ~55 MB of memory and ~0.15 s of start-up, as much as polars again, and a job
+pyarrow (with numpy) costs about as much memory and start-up time as polars again, and a job
 that reads a small Parquet file and writes a small output does it all in polars. Modules that need
 pyarrow only on their large-file or rerun paths name it through ``lazy("pyarrow.parquet")``: the code
-reads ``pq.ParquetFile(...)`` as before, and the import happens on the first attribute looked up.
+reads ``pq.ParquetFile(...)`` as with a plain import, and the import happens on the first attribute looked up.
 
 Not ``importlib.util.LazyLoader``: finding the spec of ``pyarrow.parquet`` already imports ``pyarrow``.
 """

@@ -71,6 +71,7 @@ class RunOptions:
     progress_interval_s: float = 1.0
     """Seconds between ``progress`` calls (the CLI's ``--progress-interval``)."""
     transport: httpx.AsyncBaseTransport | None = None
-    """An httpx transport for every request (``httpx.MockTransport`` in tests); default: aiohttp's pool."""
+    """An httpx transport for every request (``httpx.MockTransport`` in tests); default: aiohttp's pool,
+    httpx's own for a small job (``client.default_transport``)."""
     log: Callable[[str], None] | None = None
     """Where one-time notices go (e.g. "the server's limit is below the job's")."""

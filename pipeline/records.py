@@ -221,7 +221,7 @@ class ToolCall:
 class Outcome:
     """The final, ledger-worthy result of one request (all attempts folded in).
 
-    ``answer_record.ANSWER_FIELDS`` maps each field to its ledger and output column: a new field is added
+    ``answers.record.ANSWER_FIELDS`` maps each field to its ledger and output column: a new field is added
     there too, or it is neither kept nor written.
     """
 

@@ -4,9 +4,9 @@ Data flows one way::
 
     spec ─decide→ UpToDate (its summary) | Patch(rows) | Full, with the Prepared job (every check, every
     row parsed) ─lock: confirm, ledger→ executor (reader → prompts → ledger? → attempts(client →
-    validator) → ledger) ─writer→ output + manifest ─→ RunSummary
+    validator) → ledger) ─writer or patching→ output + manifest ─→ RunSummary
 
-What the run has to do is ``decision``'s answer, where it sends ``local_endpoint``'s, what happens to
+What the run has to do is ``decision``'s answer, where it sends ``localapi.endpoint``'s, what happens to
 one request ``attempts``', the sending loop the ``executors``', the checks ``prepare``'s. Library code
 installs no signal handlers: a caller stops a run with ``RunOptions.stop``.
 """
@@ -88,7 +88,9 @@ def write_manifest(spec: JobSpec, summary: RunTally, built_from: dict[str, Any] 
 
 
 def _write_outputs(p: Prepared, ledger: Ledger, summary: RunTally) -> None:
-    """The output (and ``run_output``) rebuilt from the input and the ledger: it always matches the ledger.
+    """The output rebuilt from the input and the ledger, or patched (``Patch``: only the rows to redo
+    rewritten, every other row copied), so it always matches the ledger; then ``run_output`` and the Batch
+    file when the job asks for them (a patched run has neither: ``uptodate.eligible``).
 
     An object output is written to its local copy, then uploaded whole (``storage``).
     """

@@ -176,7 +176,8 @@ class Dispatch:
         self.uncommitted.append(outcome)
         # Group commit once per event-loop turn: every answer that arrived in this turn is committed
         # before the loop waits on the network again, so a SIGKILL loses only answers still in flight.
-        # (A commit per answer cost ~10% CPU at 2,000 answers/s; one per turn is the same guarantee.)
+        # A commit per answer would give no stronger guarantee and spend a transaction per answer, CPU a
+        # fast run needs for sending.
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -245,7 +246,7 @@ class Dispatch:
                 self.todo(),
                 self.answer,
                 self.record,
-                # A worker per row at most: 10 rows need not start 4,096 idle tasks (0.2 s of start-up).
+                # A worker per row at most: a worker beyond the row count could never have a request to send.
                 concurrency=max(1, min(spec.limits.concurrency, self.p.rows)),
                 limit=self.pacing.in_flight_limit,
                 changes=self.pacing,

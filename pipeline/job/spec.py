@@ -44,7 +44,7 @@ from pipeline.job.sections import (
     StrictModel,
 )
 
-#: The job, its loader and its sections (defined in ``job_sections``): callers import them all from here.
+#: The job, its loader and its sections (defined in ``sections``): callers import them all from here.
 __all__ = [
     "DEFAULT_MODEL",
     "LOCAL_ENDPOINT",
@@ -141,9 +141,10 @@ class JobSpec(StrictModel):
     """Price table override; a bundled table is used for known models."""
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     evaluation: EvaluationSpec | None = None
-    """Right answers to score the output against (``pipeline.evaluation``); printed at the end of a run."""
-    # Left out of dumps (``exclude``): the digest of a job without them stays what it was, and a job with
-    # them is never skipped as up to date (``pipeline.quality.voting`` rebuilds its output from its stages).
+    """Right answers to score the output against (``pipeline.quality.evaluate``); printed at the end of a run."""
+    # Left out of dumps (``exclude``): a job without them digests the same as if these keys did not exist,
+    # and a job with them is never skipped as up to date (``pipeline.quality.voting`` rebuilds its output
+    # from its stages).
     votes: VotesSection | None = Field(default=None, exclude=True)
     """k samples per row and their majority (``pipeline.answers.votes``)."""
     escalation: EscalationSection | None = Field(default=None, exclude=True)

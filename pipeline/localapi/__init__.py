@@ -6,8 +6,10 @@ every failure a provider can produce (429 with headers, 5xx, dropped connections
 off-schema JSON, refusals, truncation) can be switched on at a chosen rate.
 
 One module per job: ``validation`` (what a 400 is; prompt tokens), ``answers`` and ``documents``
-(what a 200 says), ``limits`` (RPM/TPM over 1-second windows, with an injectable clock), ``faults``
-(what goes wrong, and when), ``handler`` (one request in, one outcome out), and its two front ends:
+(what a 200 says), ``truth`` (right answers, and wrong ones at a set rate, for evaluations),
+``streaming`` (a 200 as server-sent events), ``limits`` (RPM/TPM over 1-second windows, with an
+injectable clock), ``faults`` (what goes wrong, and when), ``handler`` (one request in, one outcome
+out), ``endpoint`` (where a run sends: the job's server or this API), and the handler's two front ends:
 ``server`` (aiohttp on 127.0.0.1: ``seedbatch serve``, ``LocalAPI`` in tests) and ``inprocess`` (an
 httpx transport: a ``preset = "local"`` run in this process). Neither imports polars; only ``server``
 imports aiohttp, and it loads on first use of ``LocalAPI`` or ``run_server``.

@@ -7,10 +7,10 @@ the same document. ``off_schema`` is the other half: a well-formed document that
 way models really fail (a required key missing, an enum value invented), for the fault injector.
 
 ``$ref`` resolution is ``pipeline.job.schema_types.resolve_ref``, the one the job's schema check uses, so a
-reference the check accepts is one the server follows. ``schema_types`` imports polars and pyarrow at
-module level (it maps schemas to dtypes); importing it lazily, on the first ``$ref`` the server meets,
-keeps ``import pipeline.localapi`` free of them. ``seedbatch serve`` and in-process servers have them
-loaded already, so the deferred import costs nothing in practice.
+reference the check accepts is one the server follows. ``schema_types`` imports polars at module level
+(it maps schemas to dtypes); importing it lazily, on the first ``$ref`` the server meets, keeps
+``import pipeline.localapi`` free of it. ``seedbatch serve`` and in-process servers have it loaded
+already, so the deferred import costs nothing in practice.
 """
 
 from __future__ import annotations

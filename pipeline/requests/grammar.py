@@ -3,8 +3,8 @@
 A server that turns the schema into a grammar (llama.cpp's ``json_object`` + ``schema``) keeps answers
 well-formed, but only enforces the keywords its converter knows: ``enum``/``const``, ``maxLength``/
 ``minLength`` on strings, ``minItems``/``maxItems``, ``pattern``, a few ``format`` values, ``$ref``,
-``anyOf``/``oneOf``. It ignores ``minimum``/``maximum`` (``urgency`` came back as 1546984444) and lets an
-open string run until ``max_tokens`` (a 270M model fills it with "1000000000..."). It also reads a type
+``anyOf``/``oneOf``. It ignores ``minimum``/``maximum`` (a bounded integer may come back as any integer) and
+lets an open string run until ``max_tokens`` (a small model may fill it with one run of digits). It also reads a type
 list (``["integer", "null"]``) as bare types and drops every other keyword of that node.
 
 ``enforceable`` rewrites a schema into a *tighter* one such servers do enforce:
@@ -52,8 +52,8 @@ __all__ = ["CHARS_PER_TOKEN", "document_size_tokens", "enforceable", "fit_warnin
 
 #: Same estimate as ``prompts.CHARS_PER_TOKEN`` (not imported: prompts is the caller of this module).
 CHARS_PER_TOKEN = 4.0
-#: Tokens per character of string content when sizing bounds: a model filling a string with digits spends
-#: about one token per character (measured on Gemma 3 270M: 94-digit notes, 200 tokens for ~2 of them).
+#: Tokens per character of string content when sizing bounds: the runaway a bound must stop is a run of
+#: digits, which tokenizers split into one or two digits per token, not four characters of prose per token.
 STRING_TOKENS_PER_CHAR = 1.0
 #: Integer ranges with at most this many values become an ``enum``.
 MAX_ENUM_INTEGERS = 64

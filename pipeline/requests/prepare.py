@@ -291,8 +291,8 @@ def iter_requests(
 
     ``first_chunk_rows`` is for a caller that sends as it goes: the first chunk has that many rows and
     each next one twice as many, up to ``chunk_rows``. Its first requests then wait for rendering and
-    a ledger lookup of a few rows, not of a whole chunk (2,000 rows: ~50 ms of CPU that the event
-    loop spends before the first request and again before the second).
+    a ledger lookup of a few rows, not of a whole chunk: that work holds the event loop, which would
+    otherwise spend a whole chunk's worth of it before the first request and again before the second.
     """
     columns = [*p.renderer.fields, *p.spec.media.image_columns, *p.spec.media.video_columns]
     size = chunk_rows or p.spec.job.chunk_rows

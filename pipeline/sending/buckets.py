@@ -23,7 +23,7 @@ Sleep = Callable[[float], Awaitable[Any]]
 BUCKET_SECONDS = 1.0
 #: Token buckets hold one second too: a longer bucket lets a run burst that many seconds of tokens after
 #: any pause, which a server enforcing TPM over 1-second windows refuses. A request needing more than a
-#: second of TPM still passes: it takes the whole bucket (see ``Pacer.acquire``).
+#: second of TPM still passes: it takes the whole bucket (see ``LeakyBucket.acquire``).
 TOKEN_BUCKET_SECONDS = 1.0
 
 

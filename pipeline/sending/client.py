@@ -4,7 +4,7 @@ The transport is injectable (``httpx.MockTransport`` in unit tests). By default 
 httpx's API on aiohttp's connection pool (``httpx-aiohttp``, the route the OpenAI SDK offers for high
 concurrency): httpx's own pool costs several times more CPU per request once hundreds are in flight.
 A job of at most ``FEW_REQUESTS`` rows uses httpx's own pool instead: at that size its CPU per request
-does not matter, and importing aiohttp (~0.1 s of CPU, 8 MB) would be most of a small job's start-up.
+does not matter, and importing aiohttp would be most of a small job's start-up time and memory.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class _Pool:
                 if self.stop is not None and self.stop.is_set():
                     break
                 await self.queue.put(item)
-                if first:  # a worker sends it before the items behind it are made (a chunk: ~20 ms)
+                if first:  # a worker sends it now: making the items behind it holds the event loop
                     first = False
                     await asyncio.sleep(0)
         self.finished = True

@@ -17,7 +17,7 @@ request's askers and gives its usage to the same first row a full rebuild would;
 a request no changed row asks, before or now, and keeps its cells. The redone unchanged rows are
 answered from the ledger (nothing is sent for them). When that set is larger than
 ``MAX_CHANGED_FRACTION`` of the rows (and ``MIN_LIMIT``), rows were removed, or the columns changed,
-the run rebuilds the whole output as before.
+the run rebuilds the whole output from the input and the ledger.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It is the one source of truth for paid work: the output is rebuilt (or patched) 
 every run. WAL mode with ``synchronous=NORMAL`` survives a killed process (SIGKILL, OOM) without losing
 a committed answer. Answers are buffered by ``add`` and committed by ``flush``, which the local executor
 calls once per event-loop turn; a row counts as done only once its answer is committed. What an answer
-holds is ``answer_record``'s; the runs log in the same file is ``runs_log``'s.
+holds is ``answers.record``'s; the runs log in the same file is ``runs_log``'s.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pipeline.state.runs_log import RunsLog
 
 __all__ = ["ALL_COLUMNS", "ANSWER_COLUMNS", "DETAIL_COLUMNS", "Ledger", "row_outcome"]
 
-#: Columns of ``answers`` typed as ``answer_record`` says; a ledger from before the types has them untyped.
+#: Columns of ``answers`` typed as ``answers.record`` says; a ledger from before the types has them untyped.
 _TYPED = ",\n    ".join(f"{f.name} {f.sql}" for f in STORED_FIELDS)
 _ANSWERS = f"""
 CREATE TABLE IF NOT EXISTS answers (

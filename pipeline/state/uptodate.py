@@ -133,8 +133,8 @@ def complete(rows_by_status: dict[str, int], errors_by_kind: dict[str, int], sto
     """Whether a rerun of the same job would send nothing: no pending row, no error it retries by itself.
 
     ``errors_by_kind`` counts every failed attempt, also those a retry then answered: a run with one 429 or
-    dropped connection on the way is still complete when no row ended in an error (a 10M-row run's 92
-    retried requests made every rerun redo the whole job).
+    dropped connection on the way is still complete when no row ended in an error (else a large run, where
+    a few retried requests are the norm, would never be up to date and every rerun would redo the whole job).
     """
     if stopped or rows_by_status.get("pending"):
         return False

@@ -38,7 +38,7 @@ else:  # only openai_batch jobs write Batch files (see lazy)
 
 #: Statuses of rows the server answered with a 200.
 ANSWERED = frozenset({"ok", "invalid_output", "refused", "truncated"})
-#: ``created``, ``refusal``, ``request_id``, ``server_error`` of an answer (``answer_record.DETAIL_COLUMNS``).
+#: ``created``, ``refusal``, ``request_id``, ``server_error`` of an answer (``answers.record.DETAIL_COLUMNS``).
 Details = tuple[int | None, str | None, str | None, str | None]
 #: Request hashes → the details of those answered (``Ledger.details``).
 DetailLookup = Callable[[Sequence[str]], dict[str, Details]]

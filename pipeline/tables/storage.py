@@ -166,8 +166,8 @@ def upload(local: Path, uri: str) -> None:
     """Put the finished local file at ``uri`` in one go: readers see the old object or the new one.
 
     Written through an explicit stream and ``close``, then checked with one HEAD: ``pyarrow.fs.copy_files``
-    ignores an error raised when it closes the stream (a delayed-open PUT fails only then), so a missing
-    bucket looked like a successful upload.
+    ignores an error raised when it closes the stream (a delayed-open PUT fails only then), so through it a
+    missing bucket would look like a successful upload.
     """
     fs, path = open_object(uri)
     size = local.stat().st_size

@@ -2,7 +2,7 @@
 
 A run that does not patch (``patching``) writes its output whole from the input and the ledger, so it
 always matches the ledger; a crash mid-write leaves the previous output untouched (temp file, then
-``os.replace``). The answer columns and their types are ``answer_record``'s.
+``os.replace``). The answer columns and their types are ``answers.record``'s.
 The format follows the file's extension (``spec.OUTPUT_FORMATS``): Parquet keeps every type; CSV has
 no nested values, so list and struct columns are written there as JSON text (``json.loads`` gives the
 value back); JSONL keeps nesting. Binary cells (images read from a Parquet input) are base64 text in
@@ -270,7 +270,7 @@ def write_output(
                 except StopIteration:
                     break
                 except InputError as exc:
-                    # The input changed or broke after the pre-pass: keep the rows read so far (their answers
+                    # The input changed or broke after its check pass: keep the rows read so far (their answers
                     # are paid for) as a partial output, then say so.
                     if not sink.started:
                         raise
