@@ -34,7 +34,7 @@ SchemaCheck = Callable[[object], "str | None"]
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
-    """One attempt's verdict; the runner folds attempts into an ``Outcome``."""
+    """One attempt's verdict; ``sending.attempts.Attempts`` folds a row's attempts into its ``Outcome``."""
 
     status: str
     content: str | None
