@@ -255,14 +255,9 @@ class Handler:
     async def _chat(self, headers_in: Headers, raw: bytes) -> Outcome:
         self.received += 1
         cfg = self.config
-        denied = self._auth(headers_in) or self._revoked(cfg)
+        denied = self._before_reading(headers_in, cfg)
         if denied is not None:
-            self._count(401)
             return denied
-        failing = self.systematic.failing(cfg)
-        if failing is not None:
-            self._count(failing[0])
-            return Reply(failing[0], failing[1], {"Content-Type": failing[2]})
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -280,84 +275,117 @@ class Handler:
         answer: Answer | None = None
         headers: dict[str, str] | None = None
         if cfg.rpm is not None or cfg.tpm is not None:
-            if parsed is not None and cfg.tpm is not None and parsed.max_tokens is None:
-                answer = self.answerer.answer(parsed)  # TPM counts the real completion: build it first
-            verdict = self._limit(cfg, parsed, answer, len(raw))
-            headers = verdict.headers
-            if not verdict.admitted:
-                self._count(429)
-                self.rate_limited += 1
-                return _error(
-                    429,
-                    f"Rate limit reached for {verdict.limit} on the local API; "
-                    f"retry after {math.ceil(verdict.wait_s)}s.",
-                    verdict.limit,
-                    None,
-                    "rate_limit_exceeded",
-                    headers,
-                )
+            limited, answer, headers = self._rate_limit(cfg, parsed, len(raw))
+            if limited is not None:
+                return limited
         if parsed is None:
             assert bad is not None
             self._count(400)
             return _error(400, bad.message, "invalid_request_error", bad.param, headers=headers)
-        status = marker_status(parsed.last_user)
-        if status is not None:
-            self._count(status)
-            if status == 429:
-                self.rate_limited += 1
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            return _error(
-                status,
-                f"Simulated HTTP {status} requested by a [[status:{status}]] marker.",
-                kind,
-                headers={**(headers or {}), "Retry-After": "1"} if status in (429, 503) else headers,
-            )
-
-        roll = self.faults.roll(cfg.drop_rate, cfg.hang_rate, cfg.fail_5xx_rate)
-        stall = False
-        if roll.fault is Fault.DROP:
-            self.dropped += 1
-            return Dropped()
-        elif roll.fault is Fault.HANG:
-            self.hung += 1
-            if parsed.stream:
-                stall = True  # a stream stalls after its first chunk, as a stuck generation does
-            else:
-                await self.hangs.hang(cfg.hang_s)  # a finite hang then answers normally
-        elif roll.fault is Fault.SERVER_ERROR:
-            self._count(roll.status)
-            message = "The local API simulated a server error; retry the request."
-            return _error(roll.status, message, "server_error", headers=headers)
-
+        marked = self._marker_error(parsed, headers)
+        if marked is not None:
+            return marked
+        faulted, stall = await self._fault(cfg, parsed, headers)
+        if faulted is not None:
+            return faulted
         if cfg.latency_ms > 0 or cfg.latency_jitter_ms > 0:
             jitter = self.jitter_rng.uniform(-cfg.latency_jitter_ms, cfg.latency_jitter_ms)
             await asyncio.sleep(max(cfg.latency_ms + jitter, 0.0) / 1000.0)
-
         body_hash = hashlib.sha256(raw).digest()
-        if wants_refusal(parsed.last_user):
-            answer = refusal()
-        else:
-            if answer is None:
-                answer = self.answerer.answer(parsed)
-            truth.apply(answer, parsed, body_hash, cfg.field_error_rates)
-            if parsed.fmt != "text" and cfg.invalid_json_rate > 0:
-                broken = self.faults.corrupt(answer.content or "", parsed.schema, body_hash, cfg.invalid_json_rate)
-                if broken is not None:
-                    answer.set_content(broken)
-            if answer.tool_calls and parsed.tools and cfg.invalid_arguments_rate > 0:
-                call = answer.tool_calls[0]
-                schema = parsed.tools[call["name"]]
-                broken = self.faults.corrupt(call["arguments"], schema, body_hash, cfg.invalid_arguments_rate)
-                if broken is not None:
-                    answer.set_arguments(0, broken)
-            truncate(answer, parsed.max_tokens)
-        data = self._ok(cfg, parsed, answer, body_hash)
+        data = self._ok(cfg, parsed, self._answer(cfg, parsed, answer, body_hash), body_hash)
         if parsed.stream:
             events = streaming.events(data, parsed.include_usage)
             return Stream(
                 events, {**(headers or {}), "Content-Type": "text/event-stream"}, cfg.hang_s if stall else 0.0
             )
         return Reply(200, orjson.dumps(data), headers)
+
+    def _before_reading(self, headers_in: Headers, cfg: ServerConfig) -> Reply | None:
+        """A 401 (no key, the wrong key, a revoked key) or the failure every request gets (``--fail-status``)."""
+        denied = self._auth(headers_in) or self._revoked(cfg)
+        if denied is not None:
+            self._count(401)
+            return denied
+        failing = self.systematic.failing(cfg)
+        if failing is not None:
+            self._count(failing[0])
+            return Reply(failing[0], failing[1], {"Content-Type": failing[2]})
+        return None
+
+    def _rate_limit(
+        self, cfg: ServerConfig, parsed: Parsed | None, raw_len: int
+    ) -> tuple[Reply | None, Answer | None, dict[str, str]]:
+        """A 429 when the request is over RPM/TPM, else None; the answer when TPM needed it built; the headers.
+
+        Checked before the body's validity: an invalid request uses up a request too.
+        """
+        answer: Answer | None = None
+        if parsed is not None and cfg.tpm is not None and parsed.max_tokens is None:
+            answer = self.answerer.answer(parsed)  # TPM counts the real completion: build it first
+        verdict = self._limit(cfg, parsed, answer, raw_len)
+        headers = verdict.headers
+        if verdict.admitted:
+            return None, answer, headers
+        self._count(429)
+        self.rate_limited += 1
+        message = f"Rate limit reached for {verdict.limit} on the local API; retry after {math.ceil(verdict.wait_s)}s."
+        return _error(429, message, verdict.limit, None, "rate_limit_exceeded", headers), answer, headers
+
+    def _marker_error(self, parsed: Parsed, headers: dict[str, str] | None) -> Reply | None:
+        """The status a ``[[status:NNN]]`` marker in the last user message asks for, else None."""
+        status = marker_status(parsed.last_user)
+        if status is None:
+            return None
+        self._count(status)
+        if status == 429:
+            self.rate_limited += 1
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return _error(
+            status,
+            f"Simulated HTTP {status} requested by a [[status:{status}]] marker.",
+            kind,
+            headers={**(headers or {}), "Retry-After": "1"} if status in (429, 503) else headers,
+        )
+
+    async def _fault(
+        self, cfg: ServerConfig, parsed: Parsed, headers: dict[str, str] | None
+    ) -> tuple[Outcome | None, bool]:
+        """The random faults: a dropped connection or a 5xx (returned), a hang (waited out here; a stream
+        instead stalls after its first chunk, as a stuck generation does: the second value)."""
+        roll = self.faults.roll(cfg.drop_rate, cfg.hang_rate, cfg.fail_5xx_rate)
+        if roll.fault is Fault.DROP:
+            self.dropped += 1
+            return Dropped(), False
+        if roll.fault is Fault.HANG:
+            self.hung += 1
+            if parsed.stream:
+                return None, True
+            await self.hangs.hang(cfg.hang_s)  # a finite hang then answers normally
+        elif roll.fault is Fault.SERVER_ERROR:
+            self._count(roll.status)
+            message = "The local API simulated a server error; retry the request."
+            return _error(roll.status, message, "server_error", headers=headers), False
+        return None, False
+
+    def _answer(self, cfg: ServerConfig, parsed: Parsed, built: Answer | None, body_hash: bytes) -> Answer:
+        """The answer to send: a refusal when asked for one, else the deterministic answer (``built`` when
+        the rate limit already built it) with the wrong fields, broken JSON and truncation asked for."""
+        if wants_refusal(parsed.last_user):
+            return refusal()
+        answer = built if built is not None else self.answerer.answer(parsed)
+        truth.apply(answer, parsed, body_hash, cfg.field_error_rates)
+        if parsed.fmt != "text" and cfg.invalid_json_rate > 0:
+            broken = self.faults.corrupt(answer.content or "", parsed.schema, body_hash, cfg.invalid_json_rate)
+            if broken is not None:
+                answer.set_content(broken)
+        if answer.tool_calls and parsed.tools and cfg.invalid_arguments_rate > 0:
+            call = answer.tool_calls[0]
+            schema = parsed.tools[call["name"]]
+            broken = self.faults.corrupt(call["arguments"], schema, body_hash, cfg.invalid_arguments_rate)
+            if broken is not None:
+                answer.set_arguments(0, broken)
+        truncate(answer, parsed.max_tokens)
+        return answer
 
     async def events(self, stream: Stream) -> AsyncIterator[bytes]:
         """``stream``'s events in order; a stalled stream holds after its first, as a stuck generation does."""

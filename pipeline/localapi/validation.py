@@ -18,7 +18,7 @@ import base64
 import binascii
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -119,20 +119,74 @@ def _media_key(url: Any, kind: str, param: str) -> str:
 
 
 def parse(body: Any) -> Parsed:
-    """Validate like the real endpoint and collect everything the answer needs in one pass."""
+    """Validate like the real endpoint and collect everything the answer needs in one pass.
+
+    The steps run in the order the fields are checked, so a body with several mistakes gets the same
+    first error every time.
+    """
     if not isinstance(body, dict):
         raise BadRequest("We could not parse the JSON body of your request: expected a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("You must provide a model parameter (a string).", "model")
-    messages = body.get("messages")
+    prompt = _messages(body.get("messages"))
+    max_tokens = _max_tokens(body)
+    effort = _sampling(body)
+    stream, include_usage = _streaming(body)
+    logprobs, top_logprobs = _logprobs(body)
+    fmt, schema = response_format(body.get("response_format"))
+    _pass_through(body)
+    tools = _tools(body.get("tools"))
+    choice, forced = _tool_choice(body.get("tool_choice"), tools)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise BadRequest("Invalid 'parallel_tool_calls': expected a boolean.", "parallel_tool_calls")
+
+    joined = "\n".join(prompt.texts)
+    prompt_tokens = len(TOKEN_RE.findall(joined)) + prompt.extra_tokens
+    if tools is not None:
+        # Providers render function definitions into the prompt in a compact form, not as JSON punctuation
+        # (each a token here): billed at a token per CHARS_PER_TOKEN characters of their JSON.
+        prompt_tokens += int(len(orjson.dumps(body["tools"])) / CHARS_PER_TOKEN + 0.5)
+    digest = hashlib.sha256("\x1f".join(prompt.keys).encode() + b"\x1e" + joined.encode()).digest()
+    return Parsed(
+        prompt_tokens,
+        digest,
+        prompt.last_user,
+        prompt.media,
+        max_tokens,
+        effort,
+        fmt,
+        schema,
+        stream=stream,
+        include_usage=include_usage,
+        tools=tools,
+        tool_choice=choice,
+        forced=forced,
+        parallel=parallel is not False,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+@dataclass(slots=True)
+class _Prompt:
+    """The messages as the answer and the bill see them, gathered in one walk."""
+
+    texts: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    """Roles and media tokens in order: with the texts, what the answer's digest is taken of."""
+    media: list[str] = field(default_factory=list)
+    extra_tokens: int = TOKENS_PER_REQUEST
+    """Billed beyond the texts' tokens: the chat template per request and per message, each image or video."""
+    last_user: str = ""
+
+
+def _messages(messages: Any) -> _Prompt:
+    """``messages``: a non-empty array of messages with a known role and a string or an array of parts."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array.", "messages")
-    texts: list[str] = []
-    keys: list[str] = []
-    media: list[str] = []
-    extra = TOKENS_PER_REQUEST
-    last_user = ""
+    prompt = _Prompt()
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise BadRequest(f"Invalid 'messages[{i}]': expected an object.", f"messages[{i}]")
@@ -143,58 +197,73 @@ def parse(body: Any) -> Parsed:
                 "Supported values are: 'system', 'user', 'assistant' and 'tool'.",
                 f"messages[{i}].role",
             )
-        extra += TOKENS_PER_MESSAGE
-        keys.append(role)
+        prompt.extra_tokens += TOKENS_PER_MESSAGE
+        prompt.keys.append(role)
         content = msg.get("content")
         if isinstance(content, str):
-            texts.append(content)
+            prompt.texts.append(content)
             if role == "user":
-                last_user = content
+                prompt.last_user = content
         elif isinstance(content, list):
-            own: list[str] = []
-            for j, part in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
-                if not isinstance(part, dict):
-                    raise BadRequest(f"Invalid '{where}': expected an object.", where)
-                ptype = part.get("type")
-                if ptype == "text":
-                    text = part.get("text")
-                    if not isinstance(text, str):
-                        raise BadRequest(f"Invalid '{where}.text': expected a string.", f"{where}.text")
-                    own.append(text)
-                elif ptype in ("image_url", "video_url"):
-                    kind = ptype[:5]
-                    spec = part.get(ptype)
-                    if not isinstance(spec, dict):
-                        raise BadRequest(f"Invalid '{where}.{ptype}': expected an object.", f"{where}.{ptype}")
-                    key = _media_key(spec.get("url"), kind, f"{where}.{ptype}.url")
-                    detail = spec.get("detail")
-                    if kind == "image" and detail is not None and detail not in ("low", "high", "auto"):
-                        raise BadRequest(
-                            f"Invalid '{where}.image_url.detail': {detail!r}; expected 'low', 'high' or 'auto'.",
-                            f"{where}.image_url.detail",
-                        )
-                    token = f"[{kind}:{key}]"
-                    media.append(token)
-                    keys.append(token)
-                    extra += TOKENS_PER_IMAGE if kind == "image" else TOKENS_PER_VIDEO
-                elif ptype == "refusal" and role == "assistant" and isinstance(part.get("refusal"), str):
-                    own.append(part["refusal"])
-                else:
-                    raise BadRequest(
-                        f"Invalid value for '{where}.type': {ptype!r}. "
-                        "Supported values are: 'text', 'image_url' and 'video_url'.",
-                        f"{where}.type",
-                    )
-            texts.extend(own)
+            own = _content_parts(content, f"messages[{i}].content", role, prompt)
+            prompt.texts.extend(own)
             if role == "user":
-                last_user = "\n".join(own)
+                prompt.last_user = "\n".join(own)
         elif not (content is None and role == "assistant" and msg.get("tool_calls")):
             raise BadRequest(
                 f"Invalid 'messages[{i}].content': expected a string or an array of content parts.",
                 f"messages[{i}].content",
             )
+    return prompt
 
+
+def _content_parts(content: list[Any], at: str, role: str, prompt: _Prompt) -> list[str]:
+    """The texts of one message's content parts; its images and videos are added to ``prompt``."""
+    own: list[str] = []
+    for j, part in enumerate(content):
+        where = f"{at}[{j}]"
+        if not isinstance(part, dict):
+            raise BadRequest(f"Invalid '{where}': expected an object.", where)
+        ptype = part.get("type")
+        if ptype == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise BadRequest(f"Invalid '{where}.text': expected a string.", f"{where}.text")
+            own.append(text)
+        elif ptype in ("image_url", "video_url"):
+            _media_part(part, ptype, where, prompt)
+        elif ptype == "refusal" and role == "assistant" and isinstance(part.get("refusal"), str):
+            own.append(part["refusal"])
+        else:
+            raise BadRequest(
+                f"Invalid value for '{where}.type': {ptype!r}. "
+                "Supported values are: 'text', 'image_url' and 'video_url'.",
+                f"{where}.type",
+            )
+    return own
+
+
+def _media_part(part: dict[str, Any], ptype: str, where: str, prompt: _Prompt) -> None:
+    """One ``image_url`` or ``video_url`` part: its echo token, its place in the digest, its flat charge."""
+    kind = ptype[:5]
+    spec = part.get(ptype)
+    if not isinstance(spec, dict):
+        raise BadRequest(f"Invalid '{where}.{ptype}': expected an object.", f"{where}.{ptype}")
+    key = _media_key(spec.get("url"), kind, f"{where}.{ptype}.url")
+    detail = spec.get("detail")
+    if kind == "image" and detail is not None and detail not in ("low", "high", "auto"):
+        raise BadRequest(
+            f"Invalid '{where}.image_url.detail': {detail!r}; expected 'low', 'high' or 'auto'.",
+            f"{where}.image_url.detail",
+        )
+    token = f"[{kind}:{key}]"
+    prompt.media.append(token)
+    prompt.keys.append(token)
+    prompt.extra_tokens += TOKENS_PER_IMAGE if kind == "image" else TOKENS_PER_VIDEO
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """``max_tokens`` (or ``max_completion_tokens``): an integer >= 1, given as an int or a whole float."""
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_completion_tokens")
@@ -202,6 +271,11 @@ def parse(body: Any) -> Parsed:
         if type(max_tokens) not in (int, float) or max_tokens < 1 or max_tokens != int(max_tokens):
             raise BadRequest(f"Invalid 'max_tokens': {max_tokens!r}; expected an integer >= 1.", "max_tokens")
         max_tokens = int(max_tokens)
+    return max_tokens
+
+
+def _sampling(body: dict[str, Any]) -> str | None:
+    """The sampling options in the provider's ranges; the ``reasoning_effort`` asked for."""
     _number(body, "temperature", 0.0, 2.0)
     _number(body, "top_p", 0.01, 1.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
@@ -214,6 +288,11 @@ def parse(body: Any) -> Parsed:
         raise BadRequest(
             f"Invalid 'reasoning_effort': {effort!r}; expected 'low', 'medium' or 'high'.", "reasoning_effort"
         )
+    return effort
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the answer streams, and whether its last chunk carries the usage (``stream_options``)."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("Invalid 'stream': expected a boolean.", "stream")
@@ -225,6 +304,11 @@ def parse(body: Any) -> Parsed:
         if not stream:
             raise BadRequest("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         include_usage = options["include_usage"]
+    return bool(stream), include_usage
+
+
+def _logprobs(body: dict[str, Any]) -> tuple[bool, int]:
+    """``logprobs`` (a boolean) and ``top_logprobs`` (0–20, only with ``logprobs``), as OpenAI checks them."""
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise BadRequest("Invalid 'logprobs': expected a boolean.", "logprobs")
@@ -236,40 +320,7 @@ def parse(body: Any) -> Parsed:
             )
         if logprobs is not True:
             raise BadRequest("'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
-    fmt, schema = response_format(body.get("response_format"))
-    _pass_through(body)
-    tools = _tools(body.get("tools"))
-    choice, forced = _tool_choice(body.get("tool_choice"), tools)
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise BadRequest("Invalid 'parallel_tool_calls': expected a boolean.", "parallel_tool_calls")
-
-    joined = "\n".join(texts)
-    prompt_tokens = len(TOKEN_RE.findall(joined)) + extra
-    if tools is not None:
-        # Providers render function definitions into the prompt in a compact form, not as JSON punctuation
-        # (each a token here): billed at a token per CHARS_PER_TOKEN characters of their JSON.
-        prompt_tokens += int(len(orjson.dumps(body["tools"])) / CHARS_PER_TOKEN + 0.5)
-    digest = hashlib.sha256("\x1f".join(keys).encode() + b"\x1e" + joined.encode()).digest()
-    parallel_ok = parallel is not False
-    return Parsed(
-        prompt_tokens,
-        digest,
-        last_user,
-        media,
-        max_tokens,
-        effort,
-        fmt,
-        schema,
-        stream=bool(stream),
-        include_usage=include_usage,
-        tools=tools,
-        tool_choice=choice,
-        forced=forced,
-        parallel=parallel_ok,
-        logprobs=bool(logprobs),
-        top_logprobs=top_logprobs or 0,
-    )
+    return bool(logprobs), top_logprobs or 0
 
 
 def _pass_through(body: dict[str, Any]) -> None:

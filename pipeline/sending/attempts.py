@@ -15,7 +15,8 @@ Per attempt::
       429            → pacing signal; retried within ``rate_limit_wait_s``, never uses up an attempt
       timeout/5xx/…  → retried quickly once, then with backoff (``max_attempts``); feeds the circuit
       401/403/404    → fatal: no new sends, the row stays pending, answers in flight are kept
-      400/413/422    → the row's error, unless several rows get the same refusal (a setup error: fatal)
+      400/413/422    → the row's error, unless several rows get the same refusal (a setup error: fatal;
+                       ``refusal_hold`` keeps the row until that is known)
     judge(reply)     → ok | invalid_output (re-ask) | truncated (more max_tokens) | refused
 
 Whatever stops the run, an answer that arrived is returned (a re-asked row's earlier paid answer too:
@@ -45,6 +46,7 @@ from pipeline.sending.buckets import Pacer
 from pipeline.sending.budget import Budget
 from pipeline.sending.client import ratelimit_of, wait_until
 from pipeline.sending.pacing import Pacing
+from pipeline.sending.refusal_hold import RefusalHold, first_of
 from pipeline.sending.retries import RetryPolicy, call_paced
 
 #: POST one body. The second argument is the deadline learned from observed latency (None: the ceiling):
@@ -109,16 +111,6 @@ class _Row:
         self.tried.add(_digest(body))
 
 
-async def _first(*waits: Awaitable[Any]) -> None:
-    """Wait for the first of ``waits``; the others are cancelled."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 class Attempts:
     """The per-request policy of one run (or one Ray shard); ``in_flight`` and ``budget_hit`` are read outside."""
 
@@ -152,9 +144,7 @@ class Attempts:
         self.in_flight = 0
         self.budget_hit = False
         self.circuit = circuit or Circuit()
-        self.same_refusal = same_refusal or SameRefusal()
-        self.hold_s = hold_s
-        """The longest a refused row is held while it is not known whether every row gets that refusal."""
+        self.refusals = RefusalHold(same_refusal or SameRefusal(), hold_s, sleep)
         self.fatal: FatalAPIError | None = None
         """What stopped the run as fatal (a 401, the same refusal for every row); the first one."""
         self.gave_up: str | None = None
@@ -165,10 +155,11 @@ class Attempts:
         """Set while no request is in flight: a stopping run waits for it before dropping what only waits."""
         self.idle.set()
         self._closed = asyncio.Event()
-        self._verdict: asyncio.Future[bool] | None = None
-        self._active = 0  # rows inside ``answer``
-        self._held = 0  # of those, rows waiting for a verdict on their refusal
-        self._no_more_rows = False
+
+    @property
+    def hold_s(self) -> float:
+        """The longest a refused row is held while it is not known whether every row gets that refusal."""
+        return self.refusals.hold_s
 
     # -- what stops the run
 
@@ -196,7 +187,7 @@ class Attempts:
             if wait <= 0:
                 return True
             closed = self._closed
-            await _first(self.sleep(min(wait, circuit.until_give_up_s(), 60.0)), closed.wait(), self.stop.wait())
+            await first_of(self.sleep(min(wait, circuit.until_give_up_s(), 60.0)), closed.wait(), self.stop.wait())
         return False
 
     def _on_answered(self) -> None:
@@ -204,62 +195,30 @@ class Attempts:
         if self.circuit.on_success():
             self._closed.set()
             self._closed = asyncio.Event()
-        self.same_refusal.on_success()
-        self._release(False)
+        self.refusals.on_success()
 
     def no_more_rows(self) -> None:
         """Every row to send has been handed to ``answer``: a held refusal that only held rows could settle
         is a row error now, not after ``hold_s``."""
-        self._no_more_rows = True
-        self._release_if_unresolvable()
-
-    def _release_if_unresolvable(self) -> None:
-        if self._no_more_rows and self._held and self._held == self._active:
-            self._release(False)
-
-    def _release(self, setup_error: bool) -> None:
-        if self._verdict is not None:
-            if not self._verdict.done():
-                self._verdict.set_result(setup_error)
-            self._verdict = None
+        self.refusals.no_more_rows()
 
     async def _is_setup_error(self, req: Request, exc: RowError) -> bool:
         """Whether this refusal is one every row gets (hold the row until that is known, ``hold_s`` at most)."""
-        message = str(exc)
-        if about_the_row(exc.status_code, message):
+        if about_the_row(exc.status_code, str(exc)):
             self._on_answered()
             return False
-        same = self.same_refusal
-        episode = same.episode
-        verdict = same.add(req.request_hash, exc.status_code, message)
-        if same.episode != episode:
-            self._release(False)
-        if verdict:
-            self._release(True)
-            return True
-        if self._verdict is None:
-            self._verdict = asyncio.get_running_loop().create_future()
-        held = self._verdict
-        self._held += 1
-        try:
-            self._release_if_unresolvable()
-            if not held.done():
-                await _first(asyncio.shield(held), self.sleep(self.hold_s))
-        finally:
-            self._held -= 1
-        return held.done() and not held.cancelled() and held.result()
+        return await self.refusals.is_setup_error(req.request_hash, exc)
 
     async def answer(self, req: Request, prior: Outcome | None = None) -> Outcome | None:
         """The row's outcome, all attempts folded in; None when it was never sent (it stays pending).
 
         ``prior`` is the row's earlier failed answer in the ledger: its usage and attempts add up.
         """
-        self._active += 1
+        self.refusals.row_started()
         try:
             return await self._answer(req, prior)
         finally:
-            self._active -= 1
-            self._release_if_unresolvable()
+            self.refusals.row_ended()
 
     async def _answer(self, req: Request, prior: Outcome | None) -> Outcome | None:
         row = _Row.start(req, prior, self.policy)
@@ -268,7 +227,7 @@ class Attempts:
             self.summary.retries += 1
 
         async def nap(seconds: float) -> None:  # a wait between tries ends early when the run stops
-            await _first(self.sleep(seconds), self.stop.wait())
+            await first_of(self.sleep(seconds), self.stop.wait())
 
         async def attempt() -> tuple[Reply, float]:  # tenacity runs coroutine functions, not lambdas
             return await self._attempt(req, row)

@@ -97,7 +97,7 @@ class LeakyBucket:
 class Quota(Protocol):
     """RPM/TPM held outside this event loop: shared by processes (a SQLite file) or a cluster (a Ray actor).
 
-    ``pipeline.sending.shared_limits.SqliteQuota`` and ``pipeline.executors.ray.RayQuota`` implement it.
+    ``pipeline.sending.shared_limits.SqliteQuota`` and ``pipeline.executors.ray_limits.RayQuota`` implement it.
     """
 
     async def take(self, tokens: float) -> None:

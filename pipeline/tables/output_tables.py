@@ -46,6 +46,25 @@ def read_output(path: Path, only_status: str | None, rows: int) -> tuple[pl.Data
     return df, counts
 
 
+def read_output_at(output: str, only_status: str | None, rows: int) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
+    """``read_output`` of an output named by a path or an object URI (fetched into a temporary folder that is
+    gone when this returns)."""
+    import tempfile
+
+    from pipeline.job.spec import is_object_uri
+
+    with tempfile.TemporaryDirectory(prefix="seedbatch-show-") as tmp:
+        if is_object_uri(output):
+            from pipeline.tables import storage
+
+            path = storage.download(output, Path(tmp) / Path(output.split("?", 1)[0]).name, what="the OUTPUT argument")
+        else:
+            path = Path(output)
+            if not path.exists():
+                raise InputError(f"{output}: no such output file (run the job first)")
+        return read_output(path, only_status, rows)
+
+
 def output_totals(path: Path) -> tuple[dict[str, int], int, int, float]:
     """Rows by status and the prompt tokens, completion tokens and USD an output's rows carry.
 
