@@ -40,12 +40,12 @@ def entry() -> None:
     """
     code = 1
     # httpx's own command-line tool (httpx._main) loads rich's syntax highlighting and pygments when
-    # httpx is imported: 6 MB and ~50 ms of every seedbatch process, for a tool seedbatch never calls.
+    # httpx is imported: memory and start-up time in every seedbatch process, for a tool it never calls.
     # A None entry makes that one import fail, which httpx handles by defining a stub ``httpx.main``.
     sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     # Start-up imports ~1M long-lived objects (polars, pydantic, httpx); with the default thresholds the
-    # cyclic GC ran 132 times over them, 52 ms of a 10-row job's ~0.5 s. A young generation of 50,000
-    # objects (as long-lived servers set it) keeps that to one collection; garbage still goes.
+    # cyclic GC walks them again and again, a visible share of a small job's wall time. A young generation
+    # of 50,000 objects (as long-lived servers set it) keeps that to one collection; garbage still goes.
     gc.set_threshold(50_000, 20, 20)
     try:
         main.main(standalone_mode=True)

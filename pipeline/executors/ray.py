@@ -7,7 +7,8 @@ sending is different (``execute_ray``):
   rows land in the same shard and are paid once for the whole cluster, as in a local run. Each shard is
   one Ray task (``run_shard``) running the same ``Dispatch`` as a local run, so pacing, retries,
   validation and the ledger discipline are one code path. A shard renders every selected row to learn
-  which requests are its own (no list of rows crosses the cluster; rendering is ~25 µs a row).
+  which requests are its own: rendering a row costs less than shipping it, so no list of rows crosses
+  the cluster.
   Shards are spread over the nodes (``SPREAD``).
 - Each shard commits to its own SQLite file, ``<ledger>.shards/<k>.sqlite`` (one writer per file, no
   lock contention across nodes), and counts answers already in the main ledger as known. It also keeps

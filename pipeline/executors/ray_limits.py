@@ -111,8 +111,8 @@ class LeasedBudget(Budget):
         super().__init__(limit=0.0)
         self.actor = actor
         self.chunk = total * LEASE_FRACTION
-        # One lease at a time: ten requests starting together each leased a tenth, so the first shard took
-        # the whole budget and the others stopped on "budget" after a handful of rows.
+        # One lease at a time: requests starting together would each lease a chunk, so one shard could take
+        # the whole budget and the others stop on "budget" with rows left.
         self._leasing = asyncio.Lock()
 
     async def reserve(self, amount: float) -> bool:

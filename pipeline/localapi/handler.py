@@ -9,8 +9,8 @@ heavier than one ``orjson`` parse, one regex pass and one hash.
 
 Two front ends serve it: ``server`` over real HTTP with aiohttp (``seedbatch serve``, ``LocalAPI`` in
 tests, Ray runs), and ``inprocess`` as an httpx transport for a ``preset = "local"`` run in this
-process: a dry run then needs no web server, whose import and thread were a third of a 10-row job's
-start-up. Nothing here imports aiohttp.
+process: a dry run then needs no web server, whose import and thread would outweigh a small job's
+own work. Nothing here imports aiohttp.
 """
 
 from __future__ import annotations
