@@ -36,13 +36,13 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
-else:  # imported on first use, as everywhere in tables/ (see lazy)
+else:  # pyarrow loads with the first CSV read, not when the package is imported (see lazy)
     pa, pc, pcsv = lazy("pyarrow"), lazy("pyarrow.compute"), lazy("pyarrow.csv")
 
 #: Separators a one-column CSV header is checked for, with the word for them (see ``open_csv``).
 _SEPARATORS = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "vertical bar"}
 
-#: Bytes pyarrow's CSV reader parses at a time; doubled (up to the cap) when one row is longer.
+#: Bytes pyarrow's CSV reader parses at a time; made 4 times larger (up to the cap) when one row is longer.
 CSV_BLOCK = 1 << 20
 CSV_BLOCK_CAP = 1 << 30
 #: What polars' CSV type inference accepts (RE2 syntax); a column takes the narrowest type that every

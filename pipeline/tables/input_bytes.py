@@ -262,7 +262,7 @@ def text_lines(path: Path, codec: str, digest: InputDigest | None = None) -> Ite
 
 def byte_lines(path: Path, digest: InputDigest | None = None) -> Iterator[tuple[int, bytes]]:
     """Undecoded physical lines of a UTF-8 file and their 1-based numbers, a leading BOM removed: orjson
-    parses the bytes, so no line is decoded twice."""
+    parses (and checks) UTF-8 bytes itself, so JSONL lines need no decoding first."""
     with open_bytes(path, digest) as f:
         for line, raw in enumerate(f, 1):
             yield line, raw[3:] if line == 1 and raw.startswith(codecs.BOM_UTF8) else raw

@@ -76,6 +76,8 @@ def _scan_jsonl_ids(ids: IdScan, first_row: int, values: list[Any]) -> None:
 
 
 class _Conflict(Exception):
+    """Field ``name`` holds values of two kinds no one type holds (raised by ``_merge``)."""
+
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
@@ -217,10 +219,12 @@ def _jsonl_frame(
 
 
 def _nulls(schema: dict[str, pl.DataType], n: int) -> pl.DataFrame:
+    """``n`` rows of nulls typed as ``schema``: a batch of empty objects."""
     return pl.DataFrame([pl.Series(k, [None] * n, dtype=v) for k, v in schema.items()])
 
 
 def jsonl_frames(table: InputTable, columns: Sequence[str] | None) -> Iterator[pl.DataFrame]:
+    """The JSONL file as polars frames, one per ``JSONL_BATCH`` lines, with the types ``open_input`` found."""
     schema = table.schema or {}
     for lines, records in _jsonl_batches(table.path, text_codec(table.path, table.encoding), table.json_columns):
         frame = _jsonl_frame(table.path, lines, records, schema)

@@ -127,6 +127,7 @@ def _parquet_batches(path: Path, batch_size: int, columns: Sequence[str] | None)
 
 
 def _parquet_file_batches(source: pq.ParquetFile, batch_size: int, columns: Sequence[str] | None) -> Iterator[pa.Table]:
+    """``_parquet_batches`` of a file opened already: windows of row groups, batches carried over."""
     names = list(columns) if columns is not None else None
     meta = source.metadata
     held: list[pa.RecordBatch] = []
@@ -155,9 +156,10 @@ def _parquet_file_batches(source: pq.ParquetFile, batch_size: int, columns: Sequ
 def parquet_frames(
     table: InputTable, selection: Selection, chunk_rows: int, columns: Sequence[str] | None
 ) -> Iterator[pl.DataFrame]:
-    """Parquet through pyarrow's batch reader: memory stays at a row group plus one chunk.
+    """The rows ``selection`` keeps, in chunks with ``ROW_NUMBER`` (``reader.read_frames`` for Parquet):
+    memory stays at a row group plus one chunk.
 
-    polars' ``collect_batches`` ran the whole scan ahead of a slow consumer: the 1M-row benchmark
+    Not polars' ``collect_batches``: it ran the whole scan ahead of a slow consumer: the 1M-row benchmark
     input sat in memory (~280 MB) while requests were built from its first chunks.
     """
     keep = selected_indices(table.rows, selection)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,30 +70,15 @@ def open_input(
 
     The file is opened once: CSV and JSONL are read whole and streamed, to digest the bytes, count rows,
     infer types and find any bad line before anything is sent; a Parquet file is digested, its shape taken
-    from its footer and its rows parsed (see ``check_rows``). ``json_columns`` of a JSONL
-    file are read as JSON text (see ``InputTable.json_columns``). ``delimiter`` is ``job.delimiter``: unset,
-    a .tsv file is tab-separated and any other CSV comma-separated, and a header that reads as one column
-    holding another separator is refused with the setting to use (``DelimiterGuess``). ``id_column``'s
-    empty rows and hashes are gathered by the same pass (``InputTable.ids``, for ``check_ids``).
-    ``check_rows``: a Parquet file's rows parsed by the pass (None: all; the rest are parsed when read),
-    so a run of its first rows does not decode a large file whole.
+    from its footer and its rows parsed (see ``check_rows``). ``json_columns`` of a JSONL file are read as
+    JSON text (see ``InputTable.json_columns``). ``delimiter`` is ``job.delimiter``: unset, a .tsv file is
+    tab-separated and any other CSV comma-separated, and a header that reads as one column holding another
+    separator is refused with the setting to use (``DelimiterGuess``). ``id_column``'s empty rows and
+    hashes are gathered by the same pass (``InputTable.ids``, for ``check_ids``). ``check_rows``: a Parquet
+    file's rows parsed by the pass (None: all; the rest are parsed when read), so a run of its first rows
+    does not decode a large file whole.
     """
-    if not path.exists():
-        raise InputError(f"{path}: input file not found (set job.input or pass --input)")
-    if path.is_dir():
-        raise InputError(f"{path}: input is a directory; give one .parquet, .csv, .tsv or .jsonl file")
-    fmt, compression, inner = input_format(path)
-    if fmt is None:
-        shown = "".join(path.suffixes[-2:]) if compression else path.suffix
-        raise InputError(
-            f"{path}: unknown input format {shown!r}; use .parquet, .csv, .tsv or .jsonl "
-            "(the text ones may be compressed: .gz, .zst)"
-        )
-    if fmt == "parquet" and compression:
-        raise InputError(f"{path}: a compressed Parquet file; decompress it (Parquet compresses its own columns)")
-    if delimiter is not None and fmt != "csv":
-        kind = "JSONL" if fmt == "ndjson" else "Parquet"
-        raise InputError(f"{path}: job.delimiter is for CSV and TSV input; remove it for a {kind} file")
+    fmt, inner = _readable_format(path, delimiter)
     codec = text_codec(path, encoding)
     st = path.stat()
     digest = InputDigest()
@@ -111,22 +97,34 @@ def open_input(
         raise InputError(f"{path}: input has columns but no rows")
     if ROW_NUMBER in table.columns:
         raise InputError(f"{path}: column name {ROW_NUMBER!r} is reserved")
-    return InputTable(
-        path,
-        fmt,
-        table.columns,
-        table.dtypes,
-        table.rows,
-        encoding,
-        table.schema,
-        table.block_size,
-        table.json_columns,
-        table.delimiter,
-        (st.st_size, st.st_mtime_ns),
-        table.ids,
-        digest.hexdigest(),
-        table.parsed_rows if fmt == "parquet" else table.rows,
+    return replace(
+        table,
+        encoding=encoding,
+        stat=(st.st_size, st.st_mtime_ns),
+        digest=digest.hexdigest(),
+        parsed_rows=table.parsed_rows if fmt == "parquet" else table.rows,
     )
+
+
+def _readable_format(path: Path, delimiter: str | None) -> tuple[str, str]:
+    """(format, the format's suffix) of an input file that exists and can be read with these settings."""
+    if not path.exists():
+        raise InputError(f"{path}: input file not found (set job.input or pass --input)")
+    if path.is_dir():
+        raise InputError(f"{path}: input is a directory; give one .parquet, .csv, .tsv or .jsonl file")
+    fmt, compression, inner = input_format(path)
+    if fmt is None:
+        shown = "".join(path.suffixes[-2:]) if compression else path.suffix
+        raise InputError(
+            f"{path}: unknown input format {shown!r}; use .parquet, .csv, .tsv or .jsonl "
+            "(the text ones may be compressed: .gz, .zst)"
+        )
+    if fmt == "parquet" and compression:
+        raise InputError(f"{path}: a compressed Parquet file; decompress it (Parquet compresses its own columns)")
+    if delimiter is not None and fmt != "csv":
+        kind = "JSONL" if fmt == "ndjson" else "Parquet"
+        raise InputError(f"{path}: job.delimiter is for CSV and TSV input; remove it for a {kind} file")
+    return fmt, inner
 
 
 #: Repeated id hashes whose rows are read again to compare their values, and rows read per hash, at most.
