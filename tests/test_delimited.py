@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.localapi import LocalAPI
-from pipeline.records import ExitCode
-from pipeline.tables import reader
-from pipeline.tables.reader import DelimiterGuess, Selection, open_input, read_rows
+from pipeline.records import ExitCode, Selection
+from pipeline.tables import delimited, input_bytes
+from pipeline.tables.reader import DelimiterGuess, open_input, read_rows
 
 ROWS = [("r-1", "Boils fast, and quietly."), ("r-2", 'Too "dim"; returned it.'), ("r-3", "Fine.\nTwo lines.")]
 
@@ -88,7 +88,7 @@ def test_compressed_inputs_read_as_they_stream(tmp_path: Path, suffix: str) -> N
 
 def test_compressed_inputs_are_never_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first chunk of a large .csv.gz comes before most of it was decompressed."""
-    monkeypatch.setattr(reader, "CSV_BLOCK", 1 << 14)
+    monkeypatch.setattr(delimited, "CSV_BLOCK", 1 << 14)
     n = 200_000
     raw = "id,text\n" + "".join(f"id-{i},row {i} row {i}\n" for i in range(n))
     path = compress(raw.encode(), tmp_path / "big.csv.gz")
@@ -96,13 +96,13 @@ def test_compressed_inputs_are_never_read_whole(tmp_path: Path, monkeypatch: pyt
     assert table.rows == n
     read = [0]
 
-    class Counting(reader._Decompressed):
+    class Counting(input_bytes._Decompressed):
         def readinto(self, buffer: object) -> int:
             got = super().readinto(buffer)
             read[0] += got
             return got
 
-    monkeypatch.setattr(reader, "_Decompressed", Counting)
+    monkeypatch.setattr(input_bytes, "_Decompressed", Counting)
     chunks = read_rows(table, Selection(), 100, ["text"], "id")
     assert [r.key for r in next(chunks)] == [f"id-{i}" for i in range(100)]
     assert 0 < read[0] < len(raw) / 4

@@ -14,13 +14,12 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.job.spec import spec_from_dict
+from pipeline.records import RowRange, Selection
 from pipeline.requests.prepare import iter_requests, prepare
-from pipeline.tables import reader
+from pipeline.tables import delimited, input_bytes, parquet_input
 from pipeline.tables.reader import (
     ROW_NUMBER,
     InputTable,
-    RowRange,
-    Selection,
     check_ids,
     open_input,
     read_frames,
@@ -502,7 +501,7 @@ def test_csv_types_match_polars_and_hold_for_the_whole_file(tmp_path: Path) -> N
 
 
 def test_row_longer_than_a_read_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reader, "CSV_BLOCK", 1 << 12)
+    monkeypatch.setattr(delimited, "CSV_BLOCK", 1 << 12)
     p = tmp_path / "long.csv"
     p.write_text('a,b\n1,"' + "x\n" * 10_000 + '"\n2,y\n')
     rows = [r for c in read_rows(open_input(p), Selection(), 10, ["a", "b"], None) for r in c]
@@ -517,14 +516,14 @@ def test_chunks_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     pyarrow's CSV reader reads up to 32 blocks ahead on an I/O thread: a bounded amount, which a
     small block makes small next to this file.
     """
-    monkeypatch.setattr(reader, "CSV_BLOCK", 1 << 14)
+    monkeypatch.setattr(delimited, "CSV_BLOCK", 1 << 14)
     big = tmp_path / f"big.{fmt}"
     n = 200_000
     df = pl.DataFrame({"id": [f"id-{i}" for i in range(n)], "text": [f"row {i} " * 3 for i in range(n)]})
     df.write_csv(big) if fmt == "csv" else df.write_ndjson(big)
     table = open_input(big)
     read = [0]
-    opened = reader._open_bytes
+    opened = input_bytes.open_bytes
 
     class Counting:
         def __init__(self, raw: BinaryIO) -> None:
@@ -549,7 +548,7 @@ def test_chunks_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         def close(self) -> None:
             self.raw.close()
 
-    monkeypatch.setattr(reader, "_open_bytes", lambda path, *more: Counting(opened(path, *more)))
+    monkeypatch.setattr(input_bytes, "open_bytes", lambda path, *more: Counting(opened(path, *more)))
     chunks = read_rows(table, Selection(), 100, ["text"], "id")
     first = next(chunks)
     assert [r.key for r in first] == [f"id-{i}" for i in range(100)]
@@ -616,7 +615,7 @@ def test_ids_checked_by_the_input_pass_are_judged_as_by_a_pass_of_their_own(
     path = tmp_path / name
     path.write_text(content)
 
-    def verdict(table: reader.InputTable) -> str | None:
+    def verdict(table: InputTable) -> str | None:
         try:
             check_ids(table, "id")
         except InputError as exc:
@@ -640,9 +639,9 @@ def test_a_parquet_input_is_opened_once_to_hash_shape_parse_and_gather_ids(
     import xxhash
 
     if way == "pyarrow from memory":
-        monkeypatch.setattr(reader, "PARQUET_POLARS_ROWS", 100)
+        monkeypatch.setattr(parquet_input, "PARQUET_POLARS_ROWS", 100)
     if way == "pyarrow from the file":
-        monkeypatch.setattr(reader, "PARQUET_IN_MEMORY", 0)
+        monkeypatch.setattr(parquet_input, "PARQUET_IN_MEMORY", 0)
     path = tmp_path / "ids.parquet"
     ids = [f"r{i}" for i in range(2_500)] + ["r7"]
     pl.DataFrame({"id": ids, "n": list(range(len(ids)))}).write_parquet(path, row_group_size=500)

@@ -1,4 +1,5 @@
-"""The id column's empty rows and per-row hashes, gathered chunk by chunk (``reader.check_ids`` judges them).
+"""The id column's empty rows and per-row hashes, gathered chunk by chunk by the input's check pass in each
+format's reader (``delimited``, ``jsonl_input``, ``parquet_input``); ``reader.check_ids`` judges them.
 
 A CSV or JSONL column's type is known only once its whole file was read, and the hashes must be those
 of the typed values (``"7"`` and ``"07"`` are one id in an integer column, two in a text one). So the
