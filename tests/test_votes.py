@@ -79,6 +79,17 @@ def test_bad_sections_are_one_line_errors(tmp_path: Path, api: LocalAPI) -> None
     with pytest.raises(SpecError, match=r"escalation\.max_tokens"):
         run_stages(spec_from_dict(bad_override, tmp_path / "j.toml"), quiet())
     assert not (tmp_path / "out" / "result.parquet").exists()
+    clashing = voted_job(tmp_path, api, TEXTS, votes={"samples": 3, "temperature": 0.7})
+    clashing["output"]["schema"] = {
+        "type": "object",
+        "properties": {"stage": {"type": "string"}},
+        "required": ["stage"],
+        "additionalProperties": False,
+    }
+    with pytest.raises(SpecError, match="schema field 'stage' would be written as column 'stage'"):
+        sample_specs(spec_from_dict(clashing, tmp_path / "j.toml"))
+    clashing["output"]["column_prefix"] = "answer_"
+    assert len(sample_specs(spec_from_dict(clashing, tmp_path / "j.toml"))) == 3
 
 
 def test_k_samples_are_sent_recorded_and_voted(tmp_path: Path, api: LocalAPI) -> None:

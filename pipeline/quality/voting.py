@@ -96,6 +96,7 @@ def sample_specs(spec: JobSpec) -> list[JobSpec]:
             raise SpecError(
                 f"{spec.source or '<job>'}: job.{key} is not written for a job with [votes] or [escalation]"
             )
+    _check_stage_columns(spec)
     if votes.samples == 1:
         return [spec]
     return [
@@ -121,6 +122,26 @@ def escalation_spec(spec: JobSpec, *, every_row: bool = False) -> JobSpec | None
     out = derived.model_copy(update={"job": job})
     out._objects = {}
     return out
+
+
+#: Columns a job in stages adds to its output (plus ``agreement_<field>`` per schema field).
+STAGE_COLUMNS = ("agreement", "samples", "stage")
+
+
+def _check_stage_columns(spec: JobSpec) -> None:
+    """A schema field whose column would be one the stages write is refused before anything is sent: the
+    stage's column would silently replace the answer's."""
+    from pipeline.requests.prepare import load_schema
+
+    schema = load_schema(spec)
+    prefix = spec.output.column_prefix
+    for name in (schema or {}).get("properties", {}):
+        column = prefix + name
+        if column in STAGE_COLUMNS or column.startswith("agreement_"):
+            raise SpecError(
+                f"{spec.source or '<job>'}: the schema field {name!r} would be written as column {column!r}, "
+                "which a job with [votes] or [escalation] writes itself; set output.column_prefix"
+            )
 
 
 def _check_field(spec: JobSpec, name: str) -> None:
