@@ -116,3 +116,26 @@ def test_a_limit_learned_mid_run_starts_its_bucket_holding_the_last_second_of_se
         return pacer.requests.level()
 
     assert asyncio.run(go()) == pytest.approx(40.0, abs=0.5)  # 10 more may go at once, not 50
+
+
+def test_a_request_larger_than_the_bucket_still_passes_when_a_429_shrinks_the_bucket_under_it() -> None:
+    """tpm 60,000 is a 1,000-token bucket: a 1,500-token request takes all of it; a 429 that halves the
+    rate while it waits makes the bucket 500 tokens, and the request must take those, not wait forever."""
+    from pipeline.sending.buckets import LeakyBucket
+
+    time = FakeTime()
+
+    async def sleep(seconds: float) -> None:  # fake time passes, and the loop lets others run meanwhile
+        await time.sleep(seconds)
+        await asyncio.sleep(0)
+
+    async def go() -> float:
+        bucket = LeakyBucket(1000, 1.0, clock=time, sleep=sleep)
+        await bucket.acquire(1000)
+        waiting = asyncio.ensure_future(bucket.acquire(1500))
+        await asyncio.sleep(0)  # it is waiting for the first 1,000 to drain
+        bucket.set_rate(500)
+        await asyncio.wait_for(waiting, timeout=2)
+        return time.now
+
+    assert asyncio.run(go()) <= 2.0, "it passed once the shrunk bucket had drained"

@@ -86,11 +86,12 @@ class LeakyBucket:
         return over / self.rate if self.rate > 0 else 1.0
 
     async def acquire(self, amount: float = 1.0) -> None:
-        amount = min(amount, self.capacity)
-        if not self._turn.locked() and self._take(amount) == 0.0:
+        """Wait until ``amount`` fits. An amount larger than the bucket takes the whole bucket, capped again
+        at every turn: a rate lowered while it waits (a 429) shrinks the bucket under it."""
+        if not self._turn.locked() and self._take(min(amount, self.capacity)) == 0.0:
             return
         async with self._turn:
-            while (wait := self._take(amount)) > 0.0:
+            while (wait := self._take(min(amount, self.capacity))) > 0.0:
                 await self.sleep(wait)
 
 
