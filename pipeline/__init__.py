@@ -23,6 +23,7 @@ from pipeline.records import ExitCode, RunSummary, Selection, Status, StopReason
 
 if TYPE_CHECKING:
     from pipeline.job.spec import JobSpec, load_spec
+    from pipeline.quality.voting import run_stages
     from pipeline.runner import arun_job, run_job
 
 __all__ = [
@@ -39,12 +40,14 @@ __all__ = [
     "arun_job",
     "load_spec",
     "run_job",
+    "run_stages",
 ]
 
 
 _LAZY = {
     "run_job": "pipeline.runner",
     "arun_job": "pipeline.runner",
+    "run_stages": "pipeline.quality.voting",
     "JobSpec": "pipeline.job.spec",
     "load_spec": "pipeline.job.spec",
 }

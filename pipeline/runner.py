@@ -30,6 +30,7 @@ from pipeline.errors import PartialOutputError, SeedbatchError, SpecError
 from pipeline.executors import executor_for
 from pipeline.job import schema_types
 from pipeline.job.spec import JobSpec
+from pipeline.job.stages import uses_stages
 from pipeline.localapi.endpoint import endpoint_for
 from pipeline.options import RunOptions, StopToken
 from pipeline.records import NOT_SENT, ExitCode, RunSummary, RunTally, Selection, exit_code_for
@@ -162,6 +163,11 @@ async def arun_job(spec: JobSpec, options: RunOptions | None = None, decision: D
     job. A fatal API answer mid-run does not raise: the summary says so, and output and manifest are written.
     """
     options = options or RunOptions()
+    if uses_stages(spec.votes, spec.escalation):  # one plain run would write sample 0's answers as the output
+        raise SpecError(
+            f"{spec.source or '<job>'}: a job with [votes] or [escalation] runs in stages: "
+            "use pipeline.run_stages(spec, options) (seedbatch run does)"
+        )
     if decision is None:
         decision = decide(spec, options.selection, fresh=options.fresh, retry_errors=options.retry_errors)
     if isinstance(decision, UpToDate):

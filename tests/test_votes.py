@@ -18,7 +18,7 @@ from pipeline.job.spec import spec_from_dict
 from pipeline.job.stages import VotesSection
 from pipeline.localapi import LocalAPI, ServerConfig
 from pipeline.planning import plan_job, plan_stages
-from pipeline.quality.voting import run_stages, sample_specs
+from pipeline.quality.voting import escalation_spec, run_stages, sample_specs
 from pipeline.records import ExitCode, Selection
 from tests.helpers import finish, job_dict, quiet, run, start
 from tests.seeded_answers import SCHEMA, script
@@ -320,3 +320,53 @@ def test_max_cost_holds_for_every_stage_together(tmp_path: Path, api: LocalAPI) 
     assert summary.usd_spent <= cap
     assert len(received) - 5 < 15
     assert not (tmp_path / "out" / "result.parquet").exists()  # no majority of samples not all paid
+
+
+def test_what_only_a_later_stage_needs_is_checked_before_the_first_sample_is_paid(
+    tmp_path: Path, api: LocalAPI
+) -> None:
+    """The escalation's templates, its price and the input's column names fail before any request."""
+    sampling = {"samples": 3, "temperature": 0.7}
+    missing_column = voted_job(
+        tmp_path, api, TEXTS, votes=sampling, escalation={"when_agreement_below": 1.0, "prompt": {"user": "{review}"}}
+    )
+    with pytest.raises(SpecError, match="review"):
+        run_stages(spec_from_dict(missing_column, tmp_path / "j.toml"), quiet())
+
+    stronger = {"when_agreement_below": 1.0, "model": {"name": "a-stronger-model"}}
+    priced = voted_job(
+        tmp_path,
+        api,
+        TEXTS,
+        votes=sampling,
+        escalation=stronger,
+        pricing={"input_per_million": 0.1, "output_per_million": 0.4},
+    )
+    with pytest.raises(SpecError, match=r"set \[escalation.pricing\]"):
+        run_stages(spec_from_dict(priced, tmp_path / "j.toml"), quiet())
+    priced["escalation"]["pricing"] = {"input_per_million": 2.5, "output_per_million": 10.0}
+    escalated = escalation_spec(spec_from_dict(priced, tmp_path / "j.toml"))
+    assert escalated is not None and escalated.pricing is not None
+    assert (escalated.pricing.input_per_million, escalated.pricing.output_per_million) == (2.5, 10.0)
+
+    frame = pl.DataFrame({"review_id": ["r0", "r1"], "text": TEXTS[:2], "stage": ["draft", "final"]})
+    frame.write_csv(tmp_path / "staged.csv")
+    clashing = voted_job(tmp_path, api, TEXTS, votes=sampling)
+    clashing["job"]["input"] = str(tmp_path / "staged.csv")
+    with pytest.raises(SpecError, match="input column 'stage'"):
+        run_stages(spec_from_dict(clashing, tmp_path / "j.toml"), quiet())
+    assert api.stats()["received"] == 0, "nothing was sent"
+
+
+def test_run_job_refuses_a_job_in_stages_instead_of_writing_sample_zero_as_its_output(
+    tmp_path: Path, api: LocalAPI
+) -> None:
+    import pipeline
+
+    spec = spec_from_dict(
+        voted_job(tmp_path, api, TEXTS, votes={"samples": 3, "temperature": 0.7}), tmp_path / "j.toml"
+    )
+    with pytest.raises(SpecError, match=r"pipeline.run_stages"):
+        pipeline.run_job(spec, quiet())
+    assert pipeline.run_stages is run_stages
+    assert api.stats()["received"] == 0

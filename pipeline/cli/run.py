@@ -94,7 +94,8 @@ def run(
         )
         summary = _send(spec, options, decision, stages)
     _print_summary(reporter, summary)
-    if spec.evaluation is not None:
+    # A job in stages that stopped early wrote no output this run: the file there is an older run's.
+    if spec.evaluation is not None and summary.output_path is not None:
         from pipeline.quality.evaluate import after_run
 
         after_run(spec, reporter.log, log_format == "json")

@@ -43,6 +43,9 @@ class EscalationSection(_Strict):
     ``reasoning_effort``, ``temperature``, ``extra``…); every other key is the job's."""
     prompt: dict[str, Any] = Field(default_factory=dict)
     """Overrides of ``[prompt]`` keys for the escalated requests (``system``, ``user``, ``few_shot``…)."""
+    pricing: dict[str, float] = Field(default_factory=dict)
+    """Overrides of ``[pricing]`` keys for the escalated requests: needed when ``model.name`` changes in a
+    job with ``[pricing]`` (that table is the job's model's price, not the stronger one's)."""
 
     @model_validator(mode="after")
     def _checked(self) -> EscalationSection:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from pipeline.answers.votes import majority, mean_confidence, sample_overrides, voting_key
 from pipeline.errors import SpecError
-from pipeline.job.spec import JobSpec, ModelSection, PromptSection, output_format
+from pipeline.job.spec import JobSpec, ModelSection, PricingSection, PromptSection, output_format
 from pipeline.job.stages import EscalationSection, VotesSection
 from pipeline.job.stages import uses_stages as _named_stages
 from pipeline.options import RunOptions
@@ -116,12 +116,54 @@ def escalation_spec(spec: JobSpec, *, every_row: bool = False) -> JobSpec | None
     if esc.when_field is not None:
         _check_field(spec, esc.when_field)
     derived = _derived(spec, stage_dir(spec) / "escalated.parquet", esc.model, esc.prompt, "escalation")
+    derived = _priced(spec, derived, esc)
     if every_row:
         return derived
     job = derived.job.model_copy(update={"input": stage_dir(spec) / "escalate-input.parquet", "delimiter": None})
     out = derived.model_copy(update={"job": job})
     out._objects = {}
     return out
+
+
+def _priced(spec: JobSpec, derived: JobSpec, esc: EscalationSection) -> JobSpec:
+    """The escalation's price: the job's ``[pricing]`` with ``[escalation.pricing]`` over it. A stronger
+    model priced with the job's table would make the budget and the cost columns wrong, so a changed
+    ``model.name`` in a job with ``[pricing]`` needs ``[escalation.pricing]``."""
+    if esc.pricing:
+        try:
+            pricing = PricingSection.model_validate(
+                {**(spec.pricing.model_dump() if spec.pricing else {}), **esc.pricing}
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise SpecError(f"{spec.source or '<job>'}: escalation.pricing.{loc}: {first['msg']}") from None
+        out = derived.model_copy(update={"pricing": pricing})
+        out._objects = dict(derived.objects)
+        return out
+    if spec.pricing is not None and derived.model.name != spec.model.name:
+        raise SpecError(
+            f"{spec.source or '<job>'}: escalation.model.name = {derived.model.name!r} would be priced with the "
+            f"job's [pricing] (for {spec.model.name!r}): set [escalation.pricing] input_per_million and "
+            "output_per_million for it"
+        )
+    return derived
+
+
+def check_stages(spec: JobSpec, selection: Selection) -> None:
+    """Everything the stages need, checked before the first sample is paid: the escalation's own request
+    settings against the input (its templates' columns, a price for a budget) and the input's column names
+    against the columns the stages write."""
+    from pipeline.requests.prepare import prepare
+
+    esc_spec = escalation_spec(spec, every_row=True)
+    p = prepare(esc_spec if esc_spec is not None else spec, selection, read_everything=False)
+    for column in p.table.columns:
+        if column in STAGE_COLUMNS or column.startswith("agreement_"):
+            raise SpecError(
+                f"{spec.source or '<job>'}: the input column {column!r} is one a job with [votes] or [escalation] "
+                "writes itself: rename it in the input"
+            )
 
 
 #: Columns a job in stages adds to its output (plus ``agreement_<field>`` per schema field).
@@ -352,7 +394,8 @@ def run_stages(spec: JobSpec, options: RunOptions | None = None) -> RunSummary:
 
     options = options or RunOptions()
     samples = sample_specs(spec)
-    esc_spec = escalation_spec(spec)  # checked before anything is sent
+    esc_spec = escalation_spec(spec)
+    check_stages(spec, options.selection)  # before the first sample is paid
     started = time.time()
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
     total = RunTally(job=spec.name, run_id=run_id, started_at=started)
