@@ -198,8 +198,9 @@ class Attempts:
         self.refusals.on_success()
 
     def no_more_rows(self) -> None:
-        """Every row to send has been handed to ``answer``: a held refusal that only held rows could settle
-        is a row error now, not after ``hold_s``."""
+        """Every row to send has been queued (Dispatch's feed ended): once every row inside ``answer`` is
+        held, no other answer can settle the refusal, so the held rows are row errors now, not after
+        ``hold_s``. A row still queued cannot start while held rows fill the workers either."""
         self.refusals.no_more_rows()
 
     async def _is_setup_error(self, req: Request, exc: RowError) -> bool:

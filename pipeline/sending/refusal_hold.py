@@ -50,8 +50,8 @@ class RefusalHold:
         self._release_if_unresolvable()
 
     def no_more_rows(self) -> None:
-        """Every row to send has been started: a held refusal that only held rows could settle is a row
-        error now, not after ``hold_s``."""
+        """Every row to send has been queued: from now on, when every active row is held, the held rows
+        are row errors (``Attempts.no_more_rows``)."""
         self._no_more_rows = True
         self._release_if_unresolvable()
 
