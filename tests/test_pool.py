@@ -216,3 +216,55 @@ def test_a_cap_change_told_while_requests_are_in_flight_lets_waiters_in_at_once(
         )
     )
     assert peak[0] == 4
+
+
+def test_a_cap_that_doubles_with_time_is_followed_all_the_way_while_nothing_finishes() -> None:
+    """A slow model: nothing answers while the start-up ramp doubles the cap 4 → 128. Each doubling must
+    let requests in, including waiters a newly started worker overtook (they wait again and need the
+    timer too): the pool stalled at 32 for a whole latency before this was so."""
+    cap = [4]
+    target = 128
+    waits: list[float] = []
+
+    class Doubling:
+        def add_listener(self, listener: Callable[[], None]) -> None:
+            pass
+
+        def next_change_s(self) -> float | None:
+            return 0.2 if cap[0] < target else None
+
+    async def sleep(seconds: float) -> None:  # each timer the pool sets is one doubling of the cap
+        waits.append(seconds)
+        await asyncio.sleep(0)
+        cap[0] = min(target, cap[0] * 2)
+
+    active, peak = [0], [0]
+    all_in = asyncio.Event()
+
+    async def handle(i: int) -> int:  # nothing answers until the whole ramp is in flight
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        if active[0] >= target:
+            all_in.set()
+        await all_in.wait()
+        return i
+
+    done: list[int] = []
+
+    async def go() -> None:
+        await asyncio.wait_for(
+            run_all(
+                range(target),
+                handle,
+                lambda i, r: done.append(r),
+                concurrency=target,
+                limit=lambda: cap[0],
+                changes=Doubling(),
+                sleep=sleep,
+            ),
+            timeout=5,
+        )
+
+    asyncio.run(go())
+    assert peak[0] == target and sorted(done) == list(range(target))
+    assert len(waits) == 5, waits  # 4 → 8 → 16 → 32 → 64 → 128: one timer per doubling

@@ -35,9 +35,12 @@ class CapChanges(Protocol):
 class Gate:
     """At most ``limit()`` holders at once; waiters are let in, oldest first, when ``open`` finds room."""
 
-    def __init__(self, limit: Callable[[], int]) -> None:
+    def __init__(self, limit: Callable[[], int], on_wait: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.active = 0
+        self.on_wait = on_wait
+        """Called each time a holder starts or resumes waiting: the pool arms its timer for a cap that
+        grows with time (a waiter woken but overtaken by a newcomer waits again, and needs it too)."""
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def room(self) -> int:
@@ -59,6 +62,8 @@ class Gate:
             else:
                 self._waiters.append(turn)
             queued_before = True
+            if self.on_wait is not None:
+                self.on_wait()
             try:
                 await turn
             except asyncio.CancelledError:
@@ -129,7 +134,7 @@ class _Pool:
         # A short queue keeps the workers fed (rendering is far faster than answering) without holding
         # thousands of rendered bodies (images included) when the cap is in the thousands.
         self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(64, min(2 * concurrency, 512)))
-        self.gate = Gate(limit) if limit is not None else None
+        self.gate = Gate(limit, on_wait=lambda: self._schedule(waiting=True)) if limit is not None else None
         self.workers = 0
         self.finished = False  # every item is queued
         self.group: asyncio.TaskGroup | None = None
