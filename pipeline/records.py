@@ -7,7 +7,7 @@ of paid work, ``row_key`` the identity of an input row, ``status`` one of ``STAT
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
@@ -385,35 +385,17 @@ class RunTally:
             self.stop_reason = message
 
     def snapshot(self) -> RunSummary:
-        """The counters as they are now, as a frozen ``RunSummary`` with its own copies of the dicts."""
-        return RunSummary(
-            job=self.job,
-            run_id=self.run_id,
-            rows_total=self.rows_total,
+        """The counters as they are now, as a frozen ``RunSummary`` with its own copies of the dicts.
+
+        Field by field by name, so a counter added to both classes needs no line here."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(
             rows_by_status={Status(k): v for k, v in self.rows_by_status.items()},
-            rows_from_ledger=self.rows_from_ledger,
-            rows_deduplicated=self.rows_deduplicated,
-            requests_sent=self.requests_sent,
-            retries=self.retries,
-            http_429=self.http_429,
             errors_by_kind=dict(self.errors_by_kind),
             error_examples=dict(self.error_examples),
-            null_cells=self.null_cells,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            usd_spent=self.usd_spent,
-            credits_used=self.credits_used,
-            started_at=self.started_at,
-            ended_at=self.ended_at,
-            interrupted=self.interrupted,
-            stopped_by=self.stopped_by,
-            stop_reason=self.stop_reason,
-            output_path=self.output_path,
-            manifest_path=self.manifest_path,
             exit_code=ExitCode(self.exit_code),
-            up_to_date=self.up_to_date,
-            output_action=self.output_action,
         )
+        return RunSummary(**values)
 
 
 def count_error(summary: RunTally, kind: str, message: str) -> None:
